@@ -1,0 +1,1 @@
+"""Pieces every program of the pipeline shares: settings, errors, logging, connections."""

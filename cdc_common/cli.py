@@ -1,0 +1,43 @@
+"""How every program starts and ends: logging set up, settings validated, expected errors printed
+as one line without a stack trace, Ctrl-C turned into a quiet exit."""
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+
+from cdc_common.dsn import mask
+from cdc_common.errors import CdcError
+from cdc_common.logs import setup_logging, use_json
+from cdc_common.settings import Settings, settings_from
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def fail(program: str, message: str, json_lines: bool) -> None:
+    """Print an expected failure as one line on stderr."""
+    line = mask(" ".join(message.split()))
+    if json_lines:
+        sys.stderr.write(orjson.dumps({"level": "error", "component": program, "msg": line}).decode() + "\n")
+    else:
+        sys.stderr.write(f"{program}: error: {line}\n")
+    sys.stderr.flush()
+
+
+@contextmanager
+def program(name: str, kwargs: dict[str, Any]) -> Iterator[Settings]:
+    """Run a command body: yields the shared settings; turns CdcError into one line and exit 1."""
+    log_format = kwargs.get("log_format", "auto")
+    setup_logging(name, log_format, kwargs.get("log_level", "info"))
+    try:
+        yield settings_from(kwargs)
+    except CdcError as exc:
+        logging.getLogger(name).debug("fatal", exc_info=True)
+        fail(name, str(exc), use_json(log_format))
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)

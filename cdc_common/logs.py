@@ -1,0 +1,78 @@
+"""Logging: readable lines on a terminal, JSON lines for machines; passwords masked in both.
+
+Context such as the table or the position goes in `extra` (`log.info("...", extra={"table": t})`)
+and is printed as key=value pairs in text, as fields in JSON.
+"""
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from cdc_common.dsn import mask
+
+CONTEXT_FIELDS = ("table", "topic", "partition", "offset", "lsn", "slot", "group", "xid")
+
+
+def _context(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: getattr(record, k) for k in CONTEXT_FIELDS if getattr(record, k, None) is not None}
+
+
+class TextFormatter(logging.Formatter):
+    """`14:02:03.123 INFO  source  message  table=public.person lsn=0/16B3748`."""
+
+    def __init__(self, component: str) -> None:
+        super().__init__()
+        self.component = component
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
+        context = " ".join(f"{k}={v}" for k, v in _context(record).items())
+        line = f"{stamp} {record.levelname:<7} {self.component}  {record.getMessage()}"
+        if context:
+            line += f"  {context}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return mask(line)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, component, logger, msg and the context fields."""
+
+    def __init__(self, component: str) -> None:
+        super().__init__()
+        self.component = component
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "component": self.component,
+            "logger": record.name,
+            "msg": mask(record.getMessage()),
+            **{k: mask(str(v)) if isinstance(v, str) else v for k, v in _context(record).items()},
+        }
+        if record.exc_info:
+            doc["exc"] = mask(self.formatException(record.exc_info))
+        return orjson.dumps(doc, default=str).decode()
+
+
+def use_json(log_format: str) -> bool:
+    """`auto` means text on a terminal and JSON lines otherwise (a service manager, a file, a pipe)."""
+    if log_format == "auto":
+        return not sys.stderr.isatty()
+    return log_format == "json"
+
+
+def setup_logging(component: str, log_format: str = "auto", level: str = "info") -> None:
+    """Route all logging to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(component) if use_json(log_format) else TextFormatter(component))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("faker", "kafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,185 @@
+"""Settings shared by every program: each a flag and an environment variable, defaulting to the
+local stack, so one environment file configures the whole pipeline."""
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import click
+
+from cdc_common.dsn import mask, parse
+from cdc_common.errors import ConfigError
+from cdc_common.tables import TableName, parse_tables
+
+DEFAULT_SOURCE_DSN = "postgresql://postgres:postgres@127.0.0.1:5432/testdb"
+DEFAULT_TARGET_DSN = "postgresql://postgres:postgres@127.0.0.1:5433/testdb"
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+DEFAULT_TOPIC_PREFIX = "cdc"
+
+# Environment variables passed through to librdkafka: KAFKA_SASL_USERNAME -> sasl.username.
+KAFKA_PASSTHROUGH_PREFIXES = ("KAFKA_SECURITY_", "KAFKA_SASL_", "KAFKA_SSL_", "KAFKA_CLIENT_ID")
+SECRET_KAFKA_KEYS = frozenset({"sasl.password", "ssl.key.password", "ssl.keystore.password"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every program needs to find the pipeline's three services and its topics."""
+
+    source_dsn: str = field(repr=False)
+    target_dsn: str = field(repr=False)
+    bootstrap_servers: str
+    topic_prefix: str
+    tables: tuple[TableName, ...]
+    kafka: Mapping[str, str] = field(repr=False, default_factory=dict)
+
+    def kafka_config(self, **extra: Any) -> dict[str, Any]:
+        """librdkafka configuration: bootstrap servers, pass-through security settings, then `extra`."""
+        return {"bootstrap.servers": self.bootstrap_servers, **self.kafka, **extra}
+
+    def describe(self) -> dict[str, str]:
+        """The settings as printable text, secrets masked."""
+        return {
+            "source_dsn": mask(self.source_dsn),
+            "target_dsn": mask(self.target_dsn),
+            "bootstrap_servers": self.bootstrap_servers,
+            "topic_prefix": self.topic_prefix,
+            "tables": ",".join(map(str, self.tables)) or "(all)",
+            **{k: ("***" if k in SECRET_KAFKA_KEYS else v) for k, v in self.kafka.items()},
+        }
+
+
+def read_properties(path: str) -> dict[str, str]:
+    """A Java-style properties file (key=value, # comments), as librdkafka settings."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the Kafka properties file {path}: {exc.strerror}") from None
+    props: dict[str, str] = {}
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ConfigError(f"{path}:{number}: expected key=value, got {line!r}")
+        props[key.strip()] = value.strip()
+    return props
+
+
+def kafka_from_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """librdkafka security settings from KAFKA_SECURITY_*, KAFKA_SASL_*, KAFKA_SSL_* variables."""
+    return {
+        name[len("KAFKA_") :].lower().replace("_", "."): value
+        for name, value in environ.items()
+        if name.startswith(KAFKA_PASSTHROUGH_PREFIXES) and value != ""
+    }
+
+
+def build_settings(
+    source_dsn: str,
+    target_dsn: str,
+    bootstrap_servers: str,
+    topic_prefix: str,
+    tables: str | None,
+    kafka_config: str | None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Validate the shared flags into a Settings object (a ConfigError names the bad setting)."""
+    parse(source_dsn, "--source-dsn / SOURCE_DSN")
+    parse(target_dsn, "--target-dsn / TARGET_DSN")
+    if not bootstrap_servers.strip():
+        raise ConfigError("--bootstrap-servers / KAFKA_BOOTSTRAP_SERVERS is empty")
+    prefix = topic_prefix.strip()
+    if not prefix or any(not (c.isascii() and (c.isalnum() or c in "._-")) for c in prefix):
+        raise ConfigError(
+            f"--topic-prefix / TOPIC_PREFIX must be letters, digits, '.', '_' or '-': {prefix!r}"
+        )
+    kafka = kafka_from_environment(os.environ if environ is None else environ)
+    if kafka_config:
+        kafka.update(read_properties(kafka_config))
+    kafka.pop("bootstrap.servers", None)
+    return Settings(source_dsn, target_dsn, bootstrap_servers.strip(), prefix, parse_tables(tables), kafka)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def common_options(func: F) -> F:
+    """Add the shared flags (with their environment variables) to a click command."""
+    options = [
+        click.option(
+            "--source-dsn",
+            envvar="SOURCE_DSN",
+            default=DEFAULT_SOURCE_DSN,
+            show_default=mask(DEFAULT_SOURCE_DSN),
+            help="Source PostgreSQL connection string.",
+        ),
+        click.option(
+            "--target-dsn",
+            envvar="TARGET_DSN",
+            default=DEFAULT_TARGET_DSN,
+            show_default=mask(DEFAULT_TARGET_DSN),
+            help="Target PostgreSQL connection string.",
+        ),
+        click.option(
+            "--bootstrap-servers",
+            envvar="KAFKA_BOOTSTRAP_SERVERS",
+            default=DEFAULT_BOOTSTRAP,
+            show_default=True,
+            help="Kafka bootstrap servers.",
+        ),
+        click.option(
+            "--topic-prefix",
+            envvar="TOPIC_PREFIX",
+            default=DEFAULT_TOPIC_PREFIX,
+            show_default=True,
+            help="Topics are <prefix>.<schema>.<table>.",
+        ),
+        click.option(
+            "--tables",
+            envvar="TABLES",
+            default=None,
+            help="Comma-separated schema.table list (quote names like SQL). Default: all.",
+        ),
+        click.option(
+            "--kafka-config",
+            envvar="KAFKA_CONFIG",
+            default=None,
+            type=click.Path(dir_okay=False),
+            help="A properties file of extra librdkafka settings (TLS, SASL...).",
+        ),
+        click.option(
+            "--log-format",
+            envvar="LOG_FORMAT",
+            type=click.Choice(["auto", "text", "json"]),
+            default="auto",
+            show_default=True,
+            help="Log lines as text or JSON (auto: text on a terminal).",
+        ),
+        click.option(
+            "--log-level",
+            envvar="LOG_LEVEL",
+            default="info",
+            show_default=True,
+            type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def settings_from(kwargs: dict[str, Any]) -> Settings:
+    """Pop the shared flags out of a click command's keyword arguments and build Settings."""
+    for key in ("log_format", "log_level"):
+        kwargs.pop(key, None)
+    return build_settings(
+        kwargs.pop("source_dsn"),
+        kwargs.pop("target_dsn"),
+        kwargs.pop("bootstrap_servers"),
+        kwargs.pop("topic_prefix"),
+        kwargs.pop("tables"),
+        kwargs.pop("kafka_config"),
+    )

@@ -1,0 +1,3 @@
+from sink_connector.cli import main
+
+main()

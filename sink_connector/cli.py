@@ -1,0 +1,8 @@
+"""cdc-sink (not implemented yet)."""
+
+import sys
+
+
+def main() -> None:
+    sys.stderr.write("cdc-sink: not implemented yet\n")
+    sys.exit(2)

@@ -1,0 +1,3 @@
+from source_connector.cli import main
+
+main()

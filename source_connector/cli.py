@@ -1,0 +1,8 @@
+"""cdc-source (not implemented yet)."""
+
+import sys
+
+
+def main() -> None:
+    sys.stderr.write("cdc-source: not implemented yet\n")
+    sys.exit(2)

@@ -1,0 +1,3 @@
+from status.cli import main
+
+main()

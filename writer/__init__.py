@@ -1,0 +1,1 @@
+"""The workload: realistic random inserts, updates and deletes on the source database."""

@@ -1,0 +1,154 @@
+"""cdc-writer: keeps writing inserts, updates and deletes to the source database."""
+
+import logging
+import random
+import time
+from typing import Any
+
+import click
+import psycopg2
+
+from cdc_common.cli import program
+from cdc_common.errors import ConnectError
+from cdc_common.pg import connect, error_reason, is_connection_loss
+from cdc_common.retry import Backoff
+from cdc_common.settings import Settings, common_options
+from cdc_common.signals import StopFlag
+from cdc_common.terminal import StatusLine
+from writer.operations import Workload
+from writer.pacing import MixSchedule, Pacer, parse_mix
+from writer.rows import RowMaker, make_pools
+from writer.schema import create_tables
+
+log = logging.getLogger("writer")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@common_options
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    envvar="WRITER_RATE",
+    help="Operations per second (0: as fast as possible).",
+)
+@click.option("--mix", default="70,20,10", envvar="WRITER_MIX", help="Weights of insert,update,delete.")
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=1,
+    envvar="WRITER_BATCH",
+    help="Operations per transaction.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=0),
+    default=None,
+    envvar="WRITER_COUNT",
+    help="Stop after this many operations (default: run until stopped).",
+)
+@click.option("--schema", default="public", envvar="WRITER_SCHEMA", help="Schema of the writer's tables.")
+@click.option(
+    "--key-change-ratio",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    envvar="WRITER_KEY_CHANGE_RATIO",
+    help="Share of updates that also change the primary key.",
+)
+@click.option(
+    "--big-ratio",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    envvar="WRITER_BIG_RATIO",
+    help="Share of order writes that carry a large (TOASTed) note.",
+)
+@click.option(
+    "--seed", type=int, default=None, envvar="WRITER_SEED", help="Random seed, for repeatable runs."
+)
+def main(**kwargs: Any) -> None:
+    """Write realistic random data to the source database at a chosen rate.
+
+    Creates the tables person and orders when missing. SIGINT or SIGTERM stop it after the current
+    transaction.
+    """
+    with program("cdc-writer", kwargs) as settings:
+        run(settings, **kwargs)
+
+
+def run(
+    settings: Settings,
+    rate: float,
+    mix: str,
+    batch: int,
+    count: int | None,
+    schema: str,
+    key_change_ratio: float,
+    big_ratio: float,
+    seed: int | None,
+) -> None:
+    weights = parse_mix(mix)
+    stop = StopFlag().install()
+    rng = random.Random(seed)
+    rows = RowMaker(make_pools(seed), rng)
+    schedule = MixSchedule(weights)
+    pacer = Pacer(rate, batch)
+    status = StatusLine()
+    backoff = Backoff(deadline=120)
+
+    def open_workload() -> tuple[Any, Workload]:
+        conn = connect(
+            settings.source_dsn,
+            role="source",
+            setting="--source-dsn / SOURCE_DSN",
+            application_name="cdc-writer",
+            autocommit=False,
+        )
+        cur = conn.cursor()
+        create_tables(cur, schema)
+        conn.commit()
+        return conn, Workload(cur, rows, rng, schema, key_change_ratio, big_ratio)
+
+    conn, work = open_workload()
+    done, started = 0, time.monotonic()
+    log.info("writing to %s at %s", schema, f"{rate:g} operations/s" if rate else "full speed")
+    while not stop and (count is None or done < count):
+        if stop.wait(pacer.delay(time.monotonic())):
+            break
+        size = batch if count is None else min(batch, count - done)
+        try:
+            for _ in range(size):
+                work.run(schedule.next())
+            conn.commit()
+            done += size
+            backoff.reset()
+        except psycopg2.Error as exc:
+            if not is_connection_loss(exc):
+                raise
+            delay = backoff.next_delay(time.monotonic())
+            if delay is None:
+                raise ConnectError(
+                    f"lost the source database and could not reconnect: {error_reason(exc)}"
+                ) from None
+            log.warning("source connection lost (%s); reconnecting in %.1f s", error_reason(exc), delay)
+            stop.wait(delay)
+            try:
+                conn, work = open_workload()
+            except ConnectError as again:
+                log.warning("%s", again)
+            continue
+        now = time.monotonic()
+        totals = work.totals()
+        status.update(
+            f"writer: {done} operations ({totals['insert']} inserts, {totals['update']} updates, "
+            f"{totals['delete']} deletes), {done / max(now - started, 1e-9):.1f}/s",
+            now,
+        )
+    status.close()
+    conn.close()
+    elapsed = time.monotonic() - started
+    totals = work.totals()
+    click.echo(
+        f"wrote {done} operations in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.1f}/s): "
+        f"{totals['insert']} inserts, {totals['update']} updates, {totals['delete']} deletes"
+        + (f" (stopped by {stop.signal_name})" if stop.signal_name else "")
+    )
