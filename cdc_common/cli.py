@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import click
 import orjson
 
 from cdc_common.dsn import mask
@@ -41,3 +42,15 @@ def program(name: str, kwargs: dict[str, Any]) -> Iterator[Settings]:
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
+
+
+class DefaultGroup(click.Group):
+    """A command group that runs `default` when no subcommand is named: `cdc-source --slot s`
+    is `cdc-source run --slot s`, while `cdc-source drop-slot` picks the subcommand."""
+
+    default = "run"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)

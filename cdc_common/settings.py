@@ -93,9 +93,7 @@ def build_settings(
         raise ConfigError("--bootstrap-servers / KAFKA_BOOTSTRAP_SERVERS is empty")
     prefix = topic_prefix.strip()
     if not prefix or any(not (c.isascii() and (c.isalnum() or c in "._-")) for c in prefix):
-        raise ConfigError(
-            f"--topic-prefix / TOPIC_PREFIX must be letters, digits, '.', '_' or '-': {prefix!r}"
-        )
+        raise ConfigError(f"--topic-prefix / TOPIC_PREFIX must be letters, digits, '.', '_' or '-': {prefix!r}")
     kafka = kafka_from_environment(os.environ if environ is None else environ)
     if kafka_config:
         kafka.update(read_properties(kafka_config))

@@ -1,8 +1,123 @@
-"""cdc-source (not implemented yet)."""
+"""cdc-source: streams a source database's changes (wal2json) to Kafka topics, one per table."""
 
-import sys
+from typing import Any
+
+import click
+
+from cdc_common.cli import DefaultGroup, program
+from cdc_common.errors import ConfigError
+from cdc_common.settings import common_options
+from cdc_common.signals import StopFlag
+from source_connector.connector import SourceConnector, SourceOptions
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 
+def parse_topic_config(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in (part for value in values for part in value.split(",") if part.strip()):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--topic-config takes key=value (a Kafka topic setting); got {item!r}")
+        pairs.append((key.strip(), val.strip()))
+    return tuple(pairs)
+
+
+def slot_option(func: Any) -> Any:
+    return click.option(
+        "--slot",
+        envvar="SOURCE_SLOT",
+        default="cdc_slot",
+        help="Logical replication slot (created with wal2json if missing).",
+    )(func)
+
+
+def kafka_timeout_option(func: Any) -> Any:
+    return click.option(
+        "--kafka-timeout",
+        envvar="KAFKA_TIMEOUT",
+        type=click.FloatRange(min=0),
+        default=60.0,
+        help="Seconds to keep retrying an unreachable Kafka at start-up.",
+    )(func)
+
+
+@click.group(cls=DefaultGroup, context_settings=CONTEXT)
 def main() -> None:
-    sys.stderr.write("cdc-source: not implemented yet\n")
-    sys.exit(2)
+    """Stream the source database's changes to Kafka, one topic per table (default command: run)."""
+
+
+@main.command(context_settings=CONTEXT)
+@common_options
+@slot_option
+@kafka_timeout_option
+@click.option(
+    "--snapshot",
+    envvar="SOURCE_SNAPSHOT",
+    type=click.Choice(["initial", "never"]),
+    default="initial",
+    help="When the slot is created, publish the existing rows as `r` events first.",
+)
+@click.option(
+    "--partitions",
+    envvar="SOURCE_PARTITIONS",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Partitions of the topics this connector creates.",
+)
+@click.option(
+    "--replication-factor",
+    envvar="SOURCE_REPLICATION_FACTOR",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Replication factor of the topics this connector creates.",
+)
+@click.option(
+    "--topic-config",
+    envvar="SOURCE_TOPIC_CONFIG",
+    multiple=True,
+    help="Extra Kafka topic settings for created topics, key=value (repeat, or comma-separate).",
+)
+@click.option(
+    "--heartbeat-interval",
+    envvar="SOURCE_HEARTBEAT_INTERVAL",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Seconds between heartbeat messages written to the source's WAL (0: off).",
+)
+@click.option(
+    "--max-in-flight",
+    envvar="SOURCE_MAX_IN_FLIGHT",
+    type=click.IntRange(min=1000),
+    default=100_000,
+    help="Messages waiting for Kafka before WAL reading pauses.",
+)
+def run(**kwargs: Any) -> None:
+    """Stream changes until stopped (SIGTERM/SIGINT: finish, confirm, exit 0)."""
+    with program("cdc-source", kwargs) as settings:
+        options = SourceOptions(
+            slot=kwargs["slot"],
+            snapshot=kwargs["snapshot"],
+            partitions=kwargs["partitions"],
+            replication_factor=kwargs["replication_factor"],
+            topic_config=parse_topic_config(kwargs["topic_config"]),
+            kafka_timeout=kwargs["kafka_timeout"],
+            heartbeat_interval=kwargs["heartbeat_interval"],
+            max_in_flight=kwargs["max_in_flight"],
+        )
+        SourceConnector(settings, options, StopFlag().install()).run()
+
+
+@main.command("drop-slot", context_settings=CONTEXT)
+@common_options
+@slot_option
+@kafka_timeout_option
+def drop_slot(**kwargs: Any) -> None:
+    """Drop the replication slot and forget this connector's state for it.
+
+    The next start creates a new slot and takes a new initial snapshot.
+    """
+    with program("cdc-source", kwargs) as settings:
+        options = SourceOptions(slot=kwargs["slot"], kafka_timeout=kwargs["kafka_timeout"])
+        dropped = SourceConnector(settings, options, StopFlag()).drop()
+        click.echo(f"slot {options.slot} {'dropped' if dropped else 'did not exist'}; connector state cleared")

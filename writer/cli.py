@@ -62,9 +62,7 @@ log = logging.getLogger("writer")
     envvar="WRITER_BIG_RATIO",
     help="Share of order writes that carry a large (TOASTed) note.",
 )
-@click.option(
-    "--seed", type=int, default=None, envvar="WRITER_SEED", help="Random seed, for repeatable runs."
-)
+@click.option("--seed", type=int, default=None, envvar="WRITER_SEED", help="Random seed, for repeatable runs.")
 def main(**kwargs: Any) -> None:
     """Write realistic random data to the source database at a chosen rate.
 

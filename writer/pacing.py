@@ -16,9 +16,7 @@ def parse_mix(text: str) -> tuple[int, int, int]:
             f"--mix takes three whole numbers insert,update,delete (e.g. 70,20,10); got {text!r}"
         ) from None
     if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) == 0:
-        raise ConfigError(
-            f"--mix takes three non-negative numbers insert,update,delete, not all 0; got {text!r}"
-        )
+        raise ConfigError(f"--mix takes three non-negative numbers insert,update,delete, not all 0; got {text!r}")
     return weights[0], weights[1], weights[2]
 
 

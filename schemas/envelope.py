@@ -1,0 +1,56 @@
+"""The change event: a Debezium-style envelope, one per row change, serialized as JSON.
+
+Values in `before` and `after` are exact: PostgreSQL's own text output of the value as a JSON string,
+except smallint/integer/bigint/oid (JSON integers, exact to 64 bits), boolean (JSON true/false) and
+NULL (null). numeric, real and double precision are strings, so no digit is ever lost.
+
+`columns` maps each column of the table to its type as PostgreSQL prints it (`numeric(12,2)`,
+`timestamp with time zone`, `text[]`), so a consumer can create or check the table.
+`unchanged` (updates only) lists columns whose value did not change and is not carried (large
+TOASTed values): a consumer must leave them as they are, never set them to NULL.
+"""
+
+from typing import Literal, NotRequired, TypedDict
+
+ENVELOPE_VERSION = "1"
+CONNECTOR = "cdc-source"
+
+Op = Literal["c", "u", "d", "r", "t"]
+OPS: frozenset[str] = frozenset({"c", "u", "d", "r", "t"})
+UPSERT_OPS: frozenset[str] = frozenset({"c", "u", "r"})
+
+Value = str | int | bool | None
+Row = dict[str, Value]
+
+
+class Source(TypedDict):
+    """Where and when the change happened."""
+
+    version: str
+    connector: str
+    name: str  # topic prefix: the logical name of the source
+    db: str
+    schema: str
+    table: str
+    slot: str | None
+    lsn: int | None  # LSN of the change itself (snapshot: the slot's consistent point)
+    commit_lsn: int | None  # LSN of its transaction's commit record
+    txId: int | None
+    ts_ms: int | None  # commit time, milliseconds since the epoch
+    ts_us: int | None  # commit time, microseconds since the epoch
+    seq: int  # position of the change in its transaction (snapshot: in the table's snapshot)
+    snapshot: bool
+
+
+class Envelope(TypedDict):
+    """The value of a change message."""
+
+    before: Row | None
+    after: Row | None
+    op: Op
+    ts_ms: int  # when the connector produced the event
+    source: Source
+    columns: dict[str, str]
+    key: list[str]
+    unchanged: NotRequired[list[str]]
+    partitions: NotRequired[int]  # TRUNCATE only: the topic's partition count when it was sent

@@ -1,0 +1,331 @@
+"""cdc-source, start to end: check the source, prepare topics, find or create the slot (with its
+initial snapshot), then stream. One place decides the order, as Debezium's coordinator does."""
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any
+
+from confluent_kafka import Producer
+
+from cdc_common.errors import SourceError
+from cdc_common.kafka import HISTORY_TOPIC_CONFIG, admin_client, ensure_topics, wait_for_kafka
+from cdc_common.pg import connect
+from cdc_common.settings import Settings
+from cdc_common.signals import StopFlag
+from schemas.topics import state_topic
+from source_connector.catalog import Catalog
+from source_connector.events import EventBuilder
+from source_connector.slot import ServerInfo, check_slot, create_slot, drop_slot, get_slot, server_info
+from source_connector.snapshot import publish_snapshot
+from source_connector.state import STATE_TOPIC_CONFIG, SourceState, clear_state, read_state, state_key
+from source_connector.stream import HEARTBEAT_PREFIX, Stream, add_tables_option
+from source_connector.table_info import TableInfo
+from source_connector.wal2json import int_to_lsn
+
+log = logging.getLogger("source")
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    slot: str = "cdc_slot"
+    snapshot: str = "initial"
+    partitions: int = 1
+    replication_factor: int = 1
+    topic_config: tuple[tuple[str, str], ...] = ()
+    kafka_timeout: float = 60.0
+    heartbeat_interval: float = 0.0
+    max_in_flight: int = 100_000
+
+
+def producer_config(settings: Settings, options: SourceOptions, errors: Counter[str]) -> dict[str, Any]:
+    last_logged: dict[str, float] = {}
+
+    def on_error(err: Any) -> None:
+        errors[err.name()] += 1
+        now = time.monotonic()
+        if now - last_logged.get(err.name(), 0.0) > 30:
+            last_logged[err.name()] = now
+            log.warning("Kafka: %s", err.str())
+
+    return settings.kafka_config(
+        **{
+            "client.id": "cdc-source",
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": "lz4",
+            "linger.ms": 5,
+            "batch.num.messages": 10_000,
+            "batch.size": 1_048_576,
+            "queue.buffering.max.messages": options.max_in_flight,
+            "queue.buffering.max.kbytes": 65_536,
+            "message.timeout.ms": 0,  # never give up on a message: Kafka down means wait, not lose
+            "message.max.bytes": MAX_MESSAGE_BYTES,
+            "partitioner": "murmur2_random",
+            "error_cb": on_error,
+        }
+    )
+
+
+class SourceConnector:
+    def __init__(self, settings: Settings, options: SourceOptions, stop: StopFlag) -> None:
+        self.settings = settings
+        self.options = options
+        self.stop = stop
+        self.kafka_errors: Counter[str] = Counter()
+        self.nan_logged: set[str] = set()
+        self.nan_counts: Counter[tuple[str, str]] = Counter()
+        self.partition_counts: dict[str, int] = {}
+        self.stream: Stream | None = None
+
+    # --- pieces ----------------------------------------------------------------------------
+
+    def _topic_config(self) -> dict[str, str]:
+        return {
+            **HISTORY_TOPIC_CONFIG,
+            "max.message.bytes": str(MAX_MESSAGE_BYTES),
+            **dict(self.options.topic_config),
+        }
+
+    def _ensure_topic(self, info: TableInfo) -> None:
+        if info.topic not in self.partition_counts:
+            self.partition_counts.update(
+                ensure_topics(
+                    self.admin,
+                    [info.topic],
+                    self.options.partitions,
+                    self.options.replication_factor,
+                    self._topic_config(),
+                )
+            )
+
+    def _lookup(self, schema: str, name: str, refresh: bool) -> TableInfo | None:
+        info = self.catalog.lookup(schema, name, refresh)
+        if info is not None:
+            self._ensure_topic(info)
+        return info
+
+    def _partitions(self, topic: str) -> int:
+        metadata = self.admin.list_topics(topic, timeout=10)
+        if topic in metadata.topics and metadata.topics[topic].partitions:
+            self.partition_counts[topic] = len(metadata.topics[topic].partitions)
+        return self.partition_counts[topic]
+
+    def _on_nan(self, info: TableInfo, column: str) -> None:
+        self.nan_counts[(str(info.name), column)] += 1
+        if str(info.name) not in self.nan_logged:
+            self.nan_logged.add(str(info.name))
+            log.warning(
+                "column %s of %s is NOT NULL but arrived as null: wal2json (before 2.6) prints NaN and Infinity "
+                "as null, so the value is lost in the stream; such rows will fail at the target until updated "
+                "(logged once per table, counted in cdc_source_nan_nulls_total)",
+                column,
+                info.name,
+                extra={"table": str(info.name)},
+            )
+
+    def _write_state_now(self, state: SourceState) -> None:
+        self.producer.produce(self.state_topic, state.encode(), state.key())
+        if self.producer.flush(30) > 0:
+            raise SourceError("Kafka did not acknowledge the connector's state record within 30 s")
+
+    # --- the whole run -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        settings, options = self.settings, self.options
+        self.conn = connect(
+            settings.source_dsn,
+            role="source",
+            setting="--source-dsn / SOURCE_DSN",
+            application_name="cdc-source",
+        )
+        server = server_info(self.conn)
+        self.catalog = Catalog(self.conn, settings.topic_prefix)
+        tables = self.catalog.tables(settings.tables)
+        infos = [self.catalog.read(t) for t in tables]  # refuses tables that cannot be replicated
+        for info in infos:
+            self.catalog.cache[(info.name.schema, info.name.name)] = info
+        log.info(
+            "replicating %d tables of %s: %s",
+            len(infos),
+            server.database,
+            ", ".join(str(i.name) for i in infos) or "(none yet)",
+        )
+
+        self.admin = admin_client(settings)
+        wait_for_kafka(settings, self.admin, options.kafka_timeout, self.stop)
+        self.state_topic = state_topic(settings.topic_prefix)
+        ensure_topics(self.admin, [self.state_topic], 1, options.replication_factor, STATE_TOPIC_CONFIG)
+        self.partition_counts.update(
+            ensure_topics(
+                self.admin,
+                [i.topic for i in infos],
+                options.partitions,
+                options.replication_factor,
+                self._topic_config(),
+            )
+        )
+        self.producer = Producer(producer_config(settings, options, self.kafka_errors))
+        builder = EventBuilder(
+            settings.topic_prefix, server.database, options.slot, self._lookup, self._partitions, self._on_nan
+        )
+
+        state, repl_conn = self._prepare_slot(server, infos, builder)
+        add_tables = add_tables_option([i.name for i in infos]) if settings.tables else ["public.*"]
+        self.stream = Stream(
+            settings,
+            options.slot,
+            add_tables,
+            builder,
+            self.producer,
+            state,
+            self.state_topic,
+            self.stop,
+            emit_heartbeat=self._heartbeat if options.heartbeat_interval > 0 else None,
+            heartbeat_interval=options.heartbeat_interval,
+        )
+        self.stream.run(repl_conn)
+        self.producer.flush(30)
+
+    def _heartbeat(self) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute("SELECT pg_logical_emit_message(false, %s, %s)", (HEARTBEAT_PREFIX, str(time.time())))
+        except Exception as exc:  # a heartbeat is best effort; the stream reports real failures
+            log.warning("heartbeat failed: %s", exc)
+            try:
+                self.conn = connect(
+                    self.settings.source_dsn,
+                    role="source",
+                    setting="--source-dsn / SOURCE_DSN",
+                    application_name="cdc-source",
+                )
+                self.catalog.conn = self.conn
+            except Exception:
+                pass
+
+    def _prepare_slot(
+        self, server: ServerInfo, infos: list[TableInfo], builder: EventBuilder
+    ) -> tuple[SourceState, Any]:
+        """Find the slot and the connector's state and decide: stream on, or create and snapshot."""
+        slot_name = self.options.slot
+        key = state_key(server.system_id, server.database, slot_name)
+        state = read_state(self.settings, self.state_topic, key)
+        slot = get_slot(self.conn, slot_name)
+        if slot is not None:
+            check_slot(slot, server.database)
+            confirmed = slot.confirmed_flush_lsn or 0
+            if state is None:
+                log.warning(
+                    "slot %s existed before this connector first used it: no initial snapshot is taken, "
+                    "the topics start with the changes after %s",
+                    slot_name,
+                    int_to_lsn(confirmed),
+                    extra={"slot": slot_name},
+                )
+                state = SourceState(
+                    slot_name, server.database, server.system_id, "skipped", confirmed, confirmed, confirmed
+                )
+                self._write_state_now(state)
+                return state, None
+            if state.snapshot == "started":
+                if confirmed != state.snapshot_lsn:
+                    raise SourceError(
+                        f"slot {slot_name} moved ({int_to_lsn(confirmed)}) while its initial snapshot "
+                        f"(at {int_to_lsn(state.snapshot_lsn)}) never finished: something else consumed it. "
+                        f"Run `cdc-source drop-slot --slot {slot_name}` to start over"
+                    )
+                log.info(
+                    "the initial snapshot did not finish last time: dropping slot %s and starting over",
+                    slot_name,
+                )
+                drop_slot(self.conn, slot_name)
+                slot = None
+            elif confirmed > state.bound_lsn:
+                raise SourceError(
+                    f"slot {slot_name} is at {int_to_lsn(confirmed)}, past the last position this connector "
+                    f"confirmed ({int_to_lsn(state.bound_lsn)}): it was dropped and recreated, or consumed by "
+                    "another client, so changes in between are missing from the topics. To start over with a "
+                    f"fresh snapshot run `cdc-source drop-slot --slot {slot_name}`, then rebuild the target"
+                )
+            else:
+                log.info(
+                    "resuming slot %s from %s",
+                    slot_name,
+                    int_to_lsn(max(confirmed, state.confirmed_lsn)),
+                    extra={"slot": slot_name},
+                )
+                return state, None
+        elif state is not None and state.snapshot != "started":
+            raise SourceError(
+                f"slot {slot_name} is gone: it was dropped while this connector was stopped (it had confirmed "
+                f"{int_to_lsn(state.confirmed_lsn)}), so changes since then are lost from the WAL. To start over "
+                f"with a fresh snapshot run `cdc-source drop-slot --slot {slot_name}`, then rebuild the target"
+            )
+        return self._create_slot(server, infos, builder, key), None
+
+    def _create_slot(
+        self, server: ServerInfo, infos: list[TableInfo], builder: EventBuilder, key: bytes
+    ) -> SourceState:
+        slot_name = self.options.slot
+        repl = connect(
+            self.settings.source_dsn,
+            role="source",
+            setting="--source-dsn / SOURCE_DSN",
+            application_name="cdc-source",
+            replication=True,
+        )
+        consistent, snapshot_name = create_slot(repl.cursor(), slot_name)
+        initial = self.options.snapshot == "initial"
+        state = SourceState(
+            slot_name,
+            server.database,
+            server.system_id,
+            "started" if initial else "skipped",
+            consistent,
+            consistent,
+            consistent,
+        )
+        log.info("created slot %s at %s", slot_name, int_to_lsn(consistent), extra={"slot": slot_name})
+        if initial:
+            self._write_state_now(state)
+            snap_conn = connect(
+                self.settings.source_dsn,
+                role="source",
+                setting="--source-dsn / SOURCE_DSN",
+                application_name="cdc-source snapshot",
+                autocommit=False,
+            )
+            try:
+                rows = publish_snapshot(
+                    snap_conn, snapshot_name, consistent, infos, builder, self.producer, self.stop
+                )
+            finally:
+                snap_conn.close()
+            log.info("initial snapshot published: %d rows of %d tables", rows, len(infos))
+            state = replace(state, snapshot="done")
+        repl.close()
+        self._write_state_now(state)
+        return state
+
+    def drop(self) -> bool:
+        """`cdc-source drop-slot`: drop the slot and forget the connector's state for it."""
+        conn = connect(
+            self.settings.source_dsn,
+            role="source",
+            setting="--source-dsn / SOURCE_DSN",
+            application_name="cdc-source",
+        )
+        server = server_info(conn)
+        dropped = drop_slot(conn, self.options.slot)
+        admin = admin_client(self.settings)
+        wait_for_kafka(self.settings, admin, self.options.kafka_timeout, self.stop)
+        topic = state_topic(self.settings.topic_prefix)
+        if topic in admin.list_topics(timeout=10).topics:
+            producer = Producer(self.settings.kafka_config(**{"client.id": "cdc-source"}))
+            clear_state(producer, topic, state_key(server.system_id, server.database, self.options.slot))
+        conn.close()
+        return dropped

@@ -1,0 +1,234 @@
+"""From decoded wal2json messages to Kafka messages (topic, key, value, partition). Pure.
+
+One message per row change, keyed by the primary key:
+- insert -> `c`; update -> `u`; delete -> `d` followed by a tombstone (same key, no value);
+- an update that changes the key -> `d` + tombstone for the old key, then `c` for the new key;
+- an update that omits unchanged TOASTed columns -> completed from the old row under REPLICA
+  IDENTITY FULL, otherwise the event lists them in `unchanged` (never sent as null);
+- truncate -> one `t` event on every partition of the table's topic, so it is ordered with the
+  other changes of every key.
+"""
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from schemas.envelope import CONNECTOR, ENVELOPE_VERSION
+from source_connector.table_info import TableInfo, wal2json_type
+from source_connector.wal2json import lsn_to_int, timestamp_to_us
+
+# (topic, key, value, partition); value None is a tombstone, partition None lets the key decide.
+Message = tuple[str, bytes | None, bytes | None, int | None]
+
+TableLookup = Callable[[str, str, bool], TableInfo | None]  # (schema, table, refresh) -> info
+
+
+class TxContext:
+    """What every event of one transaction shares."""
+
+    __slots__ = ("commit_lsn", "seq", "ts_ms", "ts_us", "xid")
+
+    def __init__(self, xid: int | None, commit_lsn: int | None, ts_us: int | None) -> None:
+        self.xid = xid
+        self.commit_lsn = commit_lsn
+        self.ts_us = ts_us
+        self.ts_ms = None if ts_us is None else ts_us // 1000
+        self.seq = 0
+
+
+def begin_context(doc: dict[str, Any]) -> TxContext:
+    """The context of a transaction from its wal2json `B` message."""
+    return TxContext(doc.get("xid"), lsn_to_int(doc["lsn"]), timestamp_to_us(doc["timestamp"]))
+
+
+class EventBuilder:
+    def __init__(
+        self,
+        prefix: str,
+        database: str,
+        slot: str | None,
+        tables: TableLookup,
+        partitions: Callable[[str], int],
+        on_nan: Callable[[TableInfo, str], None] = lambda info, column: None,
+    ) -> None:
+        self.prefix = prefix
+        self.database = database
+        self.slot = slot
+        self.tables = tables
+        self.partitions = partitions
+        self.on_nan = on_nan
+
+    # --- envelope -------------------------------------------------------------------------
+
+    def _value(
+        self,
+        info: TableInfo,
+        op: str,
+        before: dict[str, Any] | None,
+        after: dict[str, Any] | None,
+        tx: TxContext,
+        lsn: int | None,
+        columns: Any,
+        snapshot: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> bytes:
+        env: dict[str, Any] = {
+            "before": before,
+            "after": after,
+            "op": op,
+            "ts_ms": int(time.time() * 1000),
+            "source": {
+                "version": ENVELOPE_VERSION,
+                "connector": CONNECTOR,
+                "name": self.prefix,
+                "db": self.database,
+                "schema": info.name.schema,
+                "table": info.name.name,
+                "slot": self.slot,
+                "lsn": lsn,
+                "commit_lsn": tx.commit_lsn,
+                "txId": tx.xid,
+                "ts_ms": tx.ts_ms,
+                "ts_us": tx.ts_us,
+                "seq": tx.seq,
+                "snapshot": snapshot,
+            },
+            "columns": columns,
+            "key": info.key_json,
+        }
+        if extra:
+            env.update(extra)
+        return orjson.dumps(env)
+
+    @staticmethod
+    def key(info: TableInfo, row: dict[str, Any]) -> bytes:
+        """The message key: the key columns as a JSON object, in key order."""
+        return orjson.dumps({k: row[k] for k in info.key})
+
+    # --- row changes ------------------------------------------------------------------------
+
+    def row(self, doc: dict[str, Any], tx: TxContext) -> list[Message]:
+        """The messages for one wal2json I, U or D message."""
+        info = self.tables(doc["schema"], doc["table"], False)
+        if info is None:
+            return []
+        tx.seq += 1
+        action = doc["action"]
+        lsn = lsn_to_int(doc["lsn"])
+        if action == "D":
+            before = {c["name"]: c["value"] for c in doc["identity"]}
+            return self._delete(info, before, tx, lsn)
+        after = {c["name"]: c["value"] for c in doc["columns"]}
+        columns: Any = info.columns_json
+        unchanged: list[str] = []
+        if tuple(after) != info.columns or [c["type"] for c in doc["columns"]] != info.wal2json_types:
+            identity = doc.get("identity") if action == "U" else None
+            info, columns, unchanged = self._irregular(info, doc["columns"], after, identity)
+        if info.nan_columns:
+            self._check_nan(info, after)
+        if action == "I":
+            return [
+                (
+                    info.topic,
+                    self.key(info, after),
+                    self._value(info, "c", None, after, tx, lsn, columns),
+                    None,
+                )
+            ]
+        before = {c["name"]: c["value"] for c in doc.get("identity", ())}
+        new_key = self.key(info, after)
+        if before and all(k in before for k in info.key):
+            old_key = self.key(info, before)
+            if old_key != new_key:
+                return [
+                    *self._delete(info, before, tx, lsn, old_key),
+                    (info.topic, new_key, self._value(info, "c", None, after, tx, lsn, columns), None),
+                ]
+        extra = {"unchanged": unchanged} if unchanged else None
+        return [
+            (
+                info.topic,
+                new_key,
+                self._value(info, "u", before or None, after, tx, lsn, columns, extra=extra),
+                None,
+            )
+        ]
+
+    def _delete(
+        self, info: TableInfo, before: dict[str, Any], tx: TxContext, lsn: int, key: bytes | None = None
+    ) -> list[Message]:
+        key = key if key is not None else self.key(info, before)
+        value = self._value(info, "d", before, None, tx, lsn, info.columns_json)
+        return [(info.topic, key, value, None), (info.topic, key, None, None)]
+
+    def _irregular(
+        self,
+        info: TableInfo,
+        carried: list[dict[str, Any]],
+        after: dict[str, Any],
+        identity: list[dict[str, Any]] | None,
+    ) -> tuple[TableInfo, Any, list[str]]:
+        """The slow path: unchanged TOAST columns left out, or the table changed since it was read."""
+        message_types = {c["name"]: c["type"] for c in carried}
+        if any(n not in info.types or wal2json_type(info.types[n]) != t for n, t in message_types.items()):
+            info = self.tables(info.name.schema, info.name.name, True) or info
+        unchanged = [n for n in info.columns if n not in after]
+        if unchanged and identity is not None and info.full_identity:
+            old = {c["name"]: c for c in identity}
+            for n in unchanged:
+                if n in old:
+                    after[n] = old[n]["value"]
+                    message_types[n] = old[n]["type"]
+            unchanged = [n for n in unchanged if n not in after]
+        columns = dict(info.types)
+        for n, t in message_types.items():
+            if n not in columns or wal2json_type(columns[n]) != t:
+                columns[n] = t
+        return info, orjson.Fragment(orjson.dumps(columns)), unchanged if identity is not None else []
+
+    def _check_nan(self, info: TableInfo, row: dict[str, Any]) -> None:
+        for n in info.nan_columns:
+            if n in row and row[n] is None:
+                self.on_nan(info, n)
+
+    # --- truncate ---------------------------------------------------------------------------
+
+    def truncate(self, doc: dict[str, Any], tx: TxContext) -> list[Message]:
+        """A `t` event on every partition of the table's topic."""
+        info = self.tables(doc["schema"], doc["table"], False)
+        if info is None:
+            return []
+        tx.seq += 1
+        count = self.partitions(info.topic)
+        value = self._value(
+            info, "t", None, None, tx, lsn_to_int(doc["lsn"]), info.columns_json, extra={"partitions": count}
+        )
+        return [(info.topic, None, value, p) for p in range(count)]
+
+    # --- snapshot ---------------------------------------------------------------------------
+
+    def snapshot_row(self, info: TableInfo, row: dict[str, Any], tx: TxContext, lsn: int) -> Message:
+        """An `r` event for a row read by the initial snapshot (values already converted)."""
+        tx.seq += 1
+        if info.nan_columns:
+            self._check_nan(info, row)
+        value = self._value(info, "r", None, row, tx, lsn, info.columns_json, snapshot=True)
+        return (info.topic, self.key(info, row), value, None)
+
+
+def snapshot_values(info: TableInfo, names: tuple[str, ...], texts: tuple[str | None, ...]) -> dict[str, Any]:
+    """A row read as text (`col::text`) in the form wal2json gives: integers and booleans typed."""
+    row: dict[str, Any] = {}
+    ints, bools = info.integer_columns, info.boolean_columns
+    for name, text in zip(names, texts, strict=True):
+        if text is None:
+            row[name] = None
+        elif name in ints:
+            row[name] = int(text)
+        elif name in bools:
+            row[name] = text == "true"
+        else:
+            row[name] = text
+    return row

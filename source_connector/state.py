@@ -1,0 +1,82 @@
+"""The source connector's own record in a compacted Kafka topic: which slot it created, whether the
+initial snapshot finished, and how far PostgreSQL may have been told it is confirmed."""
+
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from cdc_common.settings import Settings
+
+STATE_TOPIC_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1", "min.compaction.lag.ms": "0"}
+
+
+@dataclass(frozen=True)
+class SourceState:
+    slot: str
+    database: str
+    system_id: str
+    snapshot: str  # "started", "done" or "skipped"
+    snapshot_lsn: int  # the slot's consistent point when this connector created it
+    confirmed_lsn: int  # the newest position sent to PostgreSQL as flushed
+    bound_lsn: int  # no position past this one was ever sent (see feedback.py)
+    updated_ms: int = 0
+
+    def key(self) -> bytes:
+        return state_key(self.system_id, self.database, self.slot)
+
+    def encode(self) -> bytes:
+        return orjson.dumps(asdict(replace(self, updated_ms=int(time.time() * 1000))))
+
+
+def state_key(system_id: str, database: str, slot: str) -> bytes:
+    return orjson.dumps([system_id, database, slot])
+
+
+def decode_state(value: bytes | None) -> SourceState | None:
+    if value is None:
+        return None
+    return SourceState(**orjson.loads(value))
+
+
+def read_state(settings: Settings, topic: str, key: bytes, timeout: float = 30) -> SourceState | None:
+    """The latest record for `key` (None when there is none or it was cleared)."""
+    consumer = Consumer(
+        settings.kafka_config(
+            **{
+                "group.id": "cdc-source-state-reader",
+                "enable.auto.commit": False,
+                "enable.partition.eof": False,
+            }
+        )
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        partitions = list(metadata.topics[topic].partitions) if topic in metadata.topics else []
+        latest: SourceState | None = None
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high <= low:
+                continue
+            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)])
+            deadline = time.monotonic() + timeout
+            position = low
+            while position < high and time.monotonic() < deadline:
+                for msg in consumer.consume(500, timeout=1):
+                    if msg.error():
+                        continue
+                    position = (msg.offset() or 0) + 1
+                    if msg.key() == key:
+                        latest = decode_state(msg.value())
+            consumer.unassign()
+        return latest
+    finally:
+        consumer.close()
+
+
+def clear_state(producer: Any, topic: str, key: bytes) -> None:
+    """A tombstone: the next start begins from nothing (new slot, new snapshot)."""
+    producer.produce(topic, None, key)
+    producer.flush(30)

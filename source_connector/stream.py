@@ -1,0 +1,355 @@
+"""The replication stream: wal2json messages in, Kafka messages out, the slot confirmed only past
+what Kafka acknowledged.
+
+Reading pauses while the producer's queue is full (backpressure: the walsender then waits on the
+socket), the connection is re-established with backoff when it drops, and SIGTERM stops reading,
+waits for Kafka to acknowledge what was sent, confirms that position and returns.
+"""
+
+import logging
+import select
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2
+
+from cdc_common.errors import CdcError, ConnectError, SourceError
+from cdc_common.pg import connect, error_reason, is_connection_loss
+from cdc_common.retry import Backoff
+from cdc_common.settings import Settings
+from cdc_common.signals import StopFlag
+from source_connector.events import EventBuilder, TxContext, begin_context
+from source_connector.feedback import FeedbackGate
+from source_connector.flush import FlushTracker, Transaction
+from source_connector.slot import replication_error
+from source_connector.snapshot import raise_delivery_failure
+from source_connector.state import SourceState
+from source_connector.wal2json import (
+    NUMBERS_AS_STRING_OPTION,
+    WAL2JSON_OPTIONS,
+    Decoder,
+    escape_table_pattern,
+    int_to_lsn,
+    lsn_to_int,
+)
+
+log = logging.getLogger("source.stream")
+
+HEARTBEAT_PREFIX = "cdc-heartbeat"
+ROW_KINDS = frozenset({b"I", b"U", b"D"})
+HOUSEKEEPING_EVERY = 512  # messages between producer polls and feedback checks
+CONFIRM_INTERVAL = 0.5  # seconds between attempts to confirm a new position
+KEEPALIVE_INTERVAL = 10.0  # seconds between feedback messages when nothing moves
+STALL_LOG_INTERVAL = 10.0
+
+
+class Stream:
+    def __init__(
+        self,
+        settings: Settings,
+        slot: str,
+        tables: list[str],
+        builder: EventBuilder,
+        producer: Any,
+        state: SourceState,
+        state_topic: str,
+        stop: StopFlag,
+        emit_heartbeat: Callable[[], None] | None = None,
+        heartbeat_interval: float = 0.0,
+    ) -> None:
+        self.settings = settings
+        self.slot = slot
+        self.add_tables = tables
+        self.builder = builder
+        self.producer = producer
+        self.state = state
+        self.state_topic = state_topic
+        self.stop = stop
+        self.emit_heartbeat = emit_heartbeat
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeats_seen = 0
+        self.numbers_as_strings: bool | None = None  # probed on the first start
+        self.decoder = Decoder()
+        start = max(state.confirmed_lsn, state.snapshot_lsn)
+        self.tracker = FlushTracker(start)
+        self.gate = FeedbackGate(0, state.bound_lsn)
+        self.received_lsn = start
+        self.last_feedback = 0.0
+        self.next_confirm = 0.0
+        self.next_heartbeat = time.monotonic() + heartbeat_interval
+        self.stalled_since: float | None = None
+        self.connected = False
+        self.transactions = 0
+        self.messages = 0
+
+    # --- connection -----------------------------------------------------------------------------
+
+    def _options(self, with_numbers_as_strings: bool) -> dict[str, str]:
+        options = dict(WAL2JSON_OPTIONS)
+        options["add-tables"] = ",".join(self.add_tables)
+        options["add-msg-prefixes"] = HEARTBEAT_PREFIX
+        if with_numbers_as_strings:
+            options[NUMBERS_AS_STRING_OPTION] = "1"
+        return options
+
+    def _open(self, conn: Any | None) -> tuple[Any, Any]:
+        """A replication connection streaming from the confirmed position."""
+        start_lsn = self.tracker.flushed_lsn
+        for attempt in (True, False):
+            if attempt and self.numbers_as_strings is False:
+                continue
+            if conn is None:
+                conn = connect(
+                    self.settings.source_dsn,
+                    role="source",
+                    setting="--source-dsn / SOURCE_DSN",
+                    application_name="cdc-source",
+                    replication=True,
+                )
+            cur = conn.cursor()
+            try:
+                cur.start_replication(
+                    slot_name=self.slot,
+                    decode=False,
+                    start_lsn=start_lsn,
+                    options=self._options(attempt),
+                    status_interval=3600,
+                )
+            except psycopg2.Error as exc:
+                conn.close()
+                conn = None
+                if attempt and NUMBERS_AS_STRING_OPTION in str(exc):
+                    self.numbers_as_strings = False
+                    continue
+                raise
+            if self.numbers_as_strings is None:
+                self.numbers_as_strings = attempt
+                log.info(
+                    "wal2json %s numeric-data-types-as-string",
+                    "supports" if attempt else "does not support (before 2.6): NaN and Infinity arrive as null;",
+                )
+            self.decoder = Decoder(numbers_as_strings=attempt)
+            log.info("streaming from slot %s at %s", self.slot, int_to_lsn(start_lsn), extra={"slot": self.slot})
+            self.connected = True
+            return conn, cur
+        raise AssertionError("unreachable")
+
+    def run(self, conn: Any | None = None) -> None:
+        """Stream until stopped; reconnects by itself when the source goes away."""
+        backoff = Backoff(base=0.5, cap=15.0)
+        while not self.stop:
+            try:
+                conn, cur = self._open(conn)
+                backoff.reset()
+                self._loop(cur)
+                self._shutdown(cur)
+                conn.close()
+                return
+            except psycopg2.Error as exc:
+                self.connected = False
+                conn = None
+                known = replication_error(exc, self.slot)
+                transient = is_connection_loss(exc) or (
+                    known is not None and getattr(exc, "pgcode", "") == "55006"
+                )
+                if not transient:
+                    if known is not None:
+                        raise known from None
+                    raise SourceError(f"replication failed: {error_reason(exc)}") from None
+                self._settle()
+                delay = backoff.next_delay(time.monotonic())
+                log.warning(
+                    "replication connection lost (%s); reconnecting in %.1f s",
+                    error_reason(exc),
+                    delay or 0,
+                    extra={"slot": self.slot},
+                )
+                self.stop.wait(delay or 1.0)
+            except ConnectError as exc:
+                self.connected = False
+                conn = None
+                delay = backoff.next_delay(time.monotonic())
+                log.warning("%s; retrying in %.1f s", exc, delay or 0)
+                self.stop.wait(delay or 1.0)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def _loop(self, cur: Any) -> None:
+        read = cur.read_message
+        decode = self.decoder.decode
+        row = self.builder.row
+        produce = self.producer.produce
+        tracker = self.tracker
+        stop = self.stop
+        tx: Transaction | None = None
+        ctx: TxContext | None = None
+        msg: Any = None
+        last: Any = None
+        count = 0
+        while not stop:
+            msg = read()
+            if msg is None:
+                self._housekeeping(cur, last, idle=True)
+                if tx is None:
+                    select.select([cur], [], [], 0.2)
+                continue
+            last = msg
+            payload = msg.payload
+            kind = payload[11:12]
+            if kind in ROW_KINDS:
+                for topic, key, value, partition in row(decode(payload), ctx):  # type: ignore[arg-type]
+                    tx.outstanding += 1  # type: ignore[union-attr]
+                    try:
+                        produce(topic, value, key, -1 if partition is None else partition, on_delivery=tx.ack)  # type: ignore[union-attr]
+                    except BufferError:
+                        self._produce_when_room(cur, last, topic, value, key, partition, tx)  # type: ignore[arg-type]
+            elif kind == b"B":
+                doc = decode(payload)
+                ctx = begin_context(doc)
+                tx = tracker.begin(doc["xid"], lsn_to_int(doc["nextlsn"]))
+            elif kind == b"C":
+                tracker.commit(tx)  # type: ignore[arg-type]
+                tx = None
+                self.transactions += 1
+            elif kind == b"T":
+                for topic, key, value, partition in self.builder.truncate(decode(payload), ctx):  # type: ignore[arg-type]
+                    tx.outstanding += 1  # type: ignore[union-attr]
+                    try:
+                        produce(topic, value, key, partition, on_delivery=tx.ack)  # type: ignore[union-attr]
+                    except BufferError:
+                        self._produce_when_room(cur, last, topic, value, key, partition, tx)  # type: ignore[arg-type]
+            elif kind == b"M":
+                tracker.point(msg.data_start)
+                self.heartbeats_seen += 1
+            count += 1
+            if count >= HOUSEKEEPING_EVERY:
+                self.messages += count
+                count = 0
+                self._housekeeping(cur, last, idle=False)
+        self.messages += count
+
+    def _produce_when_room(
+        self,
+        cur: Any,
+        last: Any,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        partition: int | None,
+        tx: Transaction,
+    ) -> None:
+        """Backpressure: the producer's queue is full, so stop reading WAL until Kafka takes more."""
+        started = time.monotonic()
+        next_log = started + STALL_LOG_INTERVAL
+        while True:
+            self.producer.poll(0.1)
+            try:
+                self.producer.produce(
+                    topic, value, key, -1 if partition is None else partition, on_delivery=tx.ack
+                )
+                break
+            except BufferError:
+                pass
+            now = time.monotonic()
+            self.stalled_since = started
+            self._housekeeping(cur, last, idle=False)
+            if now >= next_log:
+                log.warning(
+                    "Kafka is not keeping up: %d messages waiting for acknowledgement for %.0f s; "
+                    "WAL reading is paused (the slot keeps the WAL)",
+                    self.tracker.in_flight(),
+                    now - started,
+                )
+                next_log = now + STALL_LOG_INTERVAL
+            if self.stop and now - started > 30:
+                raise CdcError(
+                    "stopped while Kafka was not accepting messages; unacknowledged changes will be re-read"
+                )
+        self.stalled_since = None
+
+    # --- confirming positions -------------------------------------------------------------------
+
+    def _housekeeping(self, cur: Any, last: Any, idle: bool) -> None:
+        self.producer.poll(0)
+        if self.tracker.failures:
+            raise_delivery_failure(self.tracker)
+        now = time.monotonic()
+        if self.heartbeat_interval > 0 and now >= self.next_heartbeat and self.emit_heartbeat is not None:
+            self.next_heartbeat = now + self.heartbeat_interval
+            self.emit_heartbeat()
+        if now < self.next_confirm:
+            return
+        self.next_confirm = now + CONFIRM_INTERVAL
+        target = self.tracker.advance()
+        wal_end = cur.wal_end
+        if idle:
+            target = self.tracker.caught_up_to(wal_end)
+        if last is not None:
+            self.received_lsn = max(self.received_lsn, last.data_start)
+        self.gate.observe(last.data_start if last is not None else 0, wal_end)
+        bound = self.gate.needs_state(target)
+        if bound is not None:
+            self._write_state(target, bound)
+        if self.gate.may_send(target) or (
+            now - self.last_feedback >= KEEPALIVE_INTERVAL and self.gate.bound(self.gate.sent) <= self.gate.acked
+        ):
+            flush = max(target, self.gate.sent) if self.gate.may_send(target) else self.gate.sent
+            cur.send_feedback(write_lsn=max(self.received_lsn, flush), flush_lsn=flush, force=True)
+            self.gate.mark_sent(flush)
+            self.last_feedback = now
+
+    def _write_state(self, confirmed: int, bound: int) -> None:
+        self.state = SourceState(
+            self.state.slot,
+            self.state.database,
+            self.state.system_id,
+            self.state.snapshot,
+            self.state.snapshot_lsn,
+            confirmed,
+            bound,
+        )
+        gate = self.gate
+
+        def acked(err: Any, msg: Any) -> None:
+            if err is None:
+                gate.state_acknowledged(bound)
+
+        self.producer.produce(self.state_topic, self.state.encode(), self.state.key(), on_delivery=acked)
+
+    def _settle(self, timeout: float | None = None) -> None:
+        """After a lost connection: wait until Kafka acknowledged everything sent, forget the
+        transaction that was cut, and restart from the confirmed position."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.tracker.in_flight() and (deadline is None or time.monotonic() < deadline):
+            self.producer.poll(0.2)
+            if self.tracker.failures:
+                raise_delivery_failure(self.tracker)
+        flushed = self.tracker.advance()
+        self.tracker = FlushTracker(flushed)
+        self.gate = FeedbackGate(0, self.gate.acked)
+
+    def _shutdown(self, cur: Any) -> None:
+        """SIGTERM: everything read is acknowledged by Kafka, then confirmed to PostgreSQL."""
+        log.info("stopping: waiting for Kafka to acknowledge %d messages", self.tracker.in_flight())
+        while self.tracker.in_flight():
+            self.producer.poll(0.2)
+            if self.tracker.failures:
+                raise_delivery_failure(self.tracker)
+        target = self.tracker.advance()
+        if self.tracker.idle():
+            target = self.tracker.caught_up_to(cur.wal_end)
+        self.gate.observe(self.received_lsn, cur.wal_end)
+        bound = self.gate.needs_state(target)
+        if bound is not None:
+            self._write_state(target, bound)
+        self.producer.flush(30)
+        if self.gate.bound(target) <= self.gate.acked:
+            cur.send_feedback(write_lsn=max(self.received_lsn, target), flush_lsn=target, force=True)
+            self.gate.mark_sent(target)
+        log.info("confirmed %s to the slot; stopped", int_to_lsn(self.gate.sent), extra={"slot": self.slot})
+
+
+def add_tables_option(tables: list[Any]) -> list[str]:
+    """wal2json's add-tables entries for the given TableNames (escaped)."""
+    return [f"{escape_table_pattern(t.schema)}.{escape_table_pattern(t.name)}" for t in tables]
