@@ -22,7 +22,7 @@ class Backoff:
             self.first_failure = now
         if self.deadline is not None and now - self.first_failure >= self.deadline:
             return None
-        delay = min(self.cap, self.base * (2**self.attempts))
+        delay = min(self.cap, self.base * (2 ** min(self.attempts, 30)))
         self.attempts += 1
         delay = self.rng.uniform(delay / 2, delay)
         if self.deadline is not None:

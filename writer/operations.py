@@ -38,7 +38,7 @@ class Workload:
         self._since_range = 0
 
     def run(self, kind: str) -> None:
-        """Do one operation of `kind`; an update or delete on an empty table becomes an insert."""
+        """Do one operation of `kind`; an update or delete with no row at all becomes an insert."""
         if kind == "insert":
             self.insert()
         elif kind == "update":
@@ -111,18 +111,20 @@ class Workload:
         self.counts["insert orders"] += 1
 
     def update(self) -> None:
-        if self.rng.random() < 0.5:
-            person_id = self.random_person()
-            if person_id is None:
-                self.insert_person()
-                return
-            self.update_person(person_id)
-        else:
-            order_id = self.random_order()
-            if order_id is None:
-                self.insert()
-                return
+        """Update an order or a person (whichever exists when the other table is empty)."""
+        order_id = self.random_order() if self.rng.random() < 0.5 else None
+        if order_id is not None:
             self.update_order(order_id)
+            return
+        person_id = self.random_person()
+        if person_id is not None:
+            self.update_person(person_id)
+            return
+        order_id = self.random_order()
+        if order_id is not None:
+            self.update_order(order_id)
+        else:
+            self.insert_person()
 
     def update_person(self, person_id: int) -> None:
         values = self.rows.person()
@@ -159,20 +161,19 @@ class Workload:
         self.counts["update orders"] += 1
 
     def delete(self) -> None:
-        if self.rng.random() < 0.3:
-            person_id = self.random_person()
-            if person_id is None:
-                self.insert_person()
-                return
-            self.cur.execute(sql.SQL("DELETE FROM {} WHERE id = %s").format(self.person), (person_id,))
-            self.counts["delete person"] += 1
-        else:
+        """Delete an order, or now and then a person (with its orders)."""
+        if self.rng.random() >= 0.3:
             order_id = self.random_order()
-            if order_id is None:
-                self.insert()
+            if order_id is not None:
+                self.cur.execute(sql.SQL("DELETE FROM {} WHERE id = %s").format(self.orders), (str(order_id),))
+                self.counts["delete orders"] += 1
                 return
-            self.cur.execute(sql.SQL("DELETE FROM {} WHERE id = %s").format(self.orders), (str(order_id),))
-            self.counts["delete orders"] += 1
+        person_id = self.random_person()
+        if person_id is None:
+            self.insert_person()
+            return
+        self.cur.execute(sql.SQL("DELETE FROM {} WHERE id = %s").format(self.person), (person_id,))
+        self.counts["delete person"] += 1
 
     def totals(self) -> dict[str, int]:
         """Operations by kind (insert, update, delete), whatever the table."""
