@@ -30,8 +30,8 @@ def fail(program: str, message: str, json_lines: bool) -> None:
 
 
 @contextmanager
-def program(name: str, kwargs: dict[str, Any]) -> Iterator[Settings]:
-    """Run a command body: yields the shared settings; turns CdcError into one line and exit 1."""
+def program(name: str, kwargs: dict[str, Any], error_exit: int = EXIT_ERROR) -> Iterator[Settings]:
+    """Run a command body: yields the shared settings; turns CdcError into one line and an exit code."""
     log_format = kwargs.get("log_format", "auto")
     setup_logging(name, log_format, kwargs.get("log_level", "info"))
     try:
@@ -39,7 +39,7 @@ def program(name: str, kwargs: dict[str, Any]) -> Iterator[Settings]:
     except CdcError as exc:
         logging.getLogger(name).debug("fatal", exc_info=True)
         fail(name, str(exc), use_json(log_format))
-        sys.exit(EXIT_ERROR)
+        sys.exit(error_exit)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
 

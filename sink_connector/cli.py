@@ -1,8 +1,134 @@
-"""cdc-sink (not implemented yet)."""
+"""cdc-sink: applies the change topics to the target database, exactly once in effect."""
 
-import sys
+from typing import Any
+
+import click
+
+from cdc_common.cli import DefaultGroup, program
+from cdc_common.errors import ConfigError
+from cdc_common.pg import connect
+from cdc_common.settings import Settings, common_options
+from cdc_common.signals import StopFlag
+from sink_connector.bookkeeping import Bookkeeping
+from sink_connector.rebuild import reset_tables
+from sink_connector.sink import Sink, SinkOptions
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 
+def sink_options(func: Any) -> Any:
+    options = [
+        click.option("--group", envvar="SINK_GROUP", default="cdc-sink", help="Kafka consumer group."),
+        click.option(
+            "--on-error",
+            envvar="SINK_ON_ERROR",
+            type=click.Choice(["fail", "dlq"]),
+            default="fail",
+            help="A message that cannot be applied: stop (fail), or send it to <topic>.dlq and park its key.",
+        ),
+        click.option(
+            "--slot",
+            envvar="SOURCE_SLOT",
+            default="cdc_slot",
+            help="The source connector's slot: a bulk copy waits until it exists.",
+        ),
+        click.option(
+            "--state-schema",
+            envvar="SINK_STATE_SCHEMA",
+            default="cdc_sink",
+            help="Target schema of the sink's own tables (offsets, snapshots...).",
+        ),
+        click.option(
+            "--batch-size",
+            envvar="SINK_BATCH_SIZE",
+            type=click.IntRange(min=1),
+            default=5000,
+            help="Most messages applied in one transaction.",
+        ),
+        click.option(
+            "--batch-wait-ms",
+            envvar="SINK_BATCH_WAIT_MS",
+            type=click.IntRange(min=0),
+            default=20,
+            help="How long to wait for a batch to fill.",
+        ),
+        click.option("--once", is_flag=True, help="Exit 0 once the end offsets seen at start-up are applied."),
+        click.option(
+            "--kafka-timeout",
+            envvar="KAFKA_TIMEOUT",
+            type=click.FloatRange(min=0),
+            default=60.0,
+            help="Seconds to keep retrying an unreachable Kafka at start-up.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def build_options(kwargs: dict[str, Any], snapshot: str, rebuild: tuple[Any, ...] = ()) -> SinkOptions:
+    return SinkOptions(
+        group=kwargs["group"],
+        snapshot=snapshot,
+        on_error=kwargs["on_error"],
+        slot=kwargs["slot"],
+        state_schema=kwargs["state_schema"],
+        batch_size=kwargs["batch_size"],
+        batch_wait=kwargs["batch_wait_ms"] / 1000,
+        once=kwargs["once"],
+        kafka_timeout=kwargs["kafka_timeout"],
+        rebuild=rebuild,
+    )
+
+
+@click.group(cls=DefaultGroup, context_settings=CONTEXT)
 def main() -> None:
-    sys.stderr.write("cdc-sink: not implemented yet\n")
-    sys.exit(2)
+    """Apply the change topics to the target database (default command: run)."""
+
+
+@main.command(context_settings=CONTEXT)
+@common_options
+@sink_options
+@click.option(
+    "--snapshot",
+    envvar="SINK_SNAPSHOT",
+    type=click.Choice(["copy", "topic", "never"]),
+    default="copy",
+    help="First fill of a table: bulk COPY from the source, replay of its topic, or nothing.",
+)
+def run(**kwargs: Any) -> None:
+    """Consume and apply until stopped (SIGTERM/SIGINT: finish the batch, exit 0)."""
+    with program("cdc-sink", kwargs) as settings:
+        Sink(settings, build_options(kwargs, kwargs["snapshot"]), StopFlag().install()).run()
+
+
+@main.command(context_settings=CONTEXT)
+@common_options
+@sink_options
+def rebuild(**kwargs: Any) -> None:
+    """Empty the --tables on the target and replay their topics from the start.
+
+    Together with the source's initial snapshot events this rebuilds them from Kafka alone.
+    """
+    with program("cdc-sink", kwargs) as settings:
+        if not settings.tables:
+            raise ConfigError("rebuild needs --tables (or TABLES): the tables to empty and replay")
+        options = build_options(kwargs, "topic", settings.tables)
+        reset(settings, options)
+        Sink(settings, options, StopFlag().install()).run()
+
+
+def reset(settings: Settings, options: SinkOptions) -> None:
+    conn = connect(
+        settings.target_dsn,
+        role="target",
+        setting="--target-dsn / TARGET_DSN",
+        application_name="cdc-sink",
+        autocommit=False,
+    )
+    try:
+        book = Bookkeeping(options.state_schema, options.group)
+        book.install(conn)
+        reset_tables(conn, book, settings.topic_prefix, settings.tables)
+    finally:
+        conn.close()

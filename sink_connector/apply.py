@@ -1,0 +1,130 @@
+"""Applying a batch's net effect to one target table with set-based statements: one statement for
+the deletes, one per column set for the upserts, whatever the number of rows.
+
+The rows travel as one JSON array; `json_to_recordset` hands PostgreSQL every value as text and the
+cast to the column's own type turns it back into the value it was on the source (PostgreSQL's
+input function reads its own output), so every type arrives equal.
+"""
+
+from typing import Any
+
+import orjson
+from psycopg2 import sql
+
+from schemas.partitioner import partition_for
+from sink_connector.changes import TableBatch
+from sink_connector.target import TargetTable
+
+INTEGER_TYPES = frozenset({"smallint", "integer", "bigint", "oid"})
+
+
+def _record_columns(columns: tuple[str, ...]) -> sql.Composable:
+    return sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in columns)
+
+
+def _cast(target: TargetTable, column: str, alias: str = "x") -> sql.Composable:
+    return sql.SQL("{}::{}").format(sql.Identifier(alias, column), target.type_sql(column))
+
+
+def upsert_statement(target: TargetTable, columns: tuple[str, ...]) -> sql.Composed:
+    cached = target.statements.get(("upsert", columns))
+    if cached is not None:
+        return cached
+    updates = [c for c in columns if c not in target.key]
+    conflict = (
+        sql.SQL("DO UPDATE SET {}").format(
+            sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates)
+        )
+        if updates
+        else sql.SQL("DO NOTHING")
+    )
+    statement = sql.SQL(
+        "INSERT INTO {table} ({columns}) SELECT {values} FROM json_to_recordset(%s::json) AS x({record}) "
+        "ON CONFLICT ({key}) {conflict}"
+    ).format(
+        table=target.ident,
+        columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
+        values=sql.SQL(", ").join(_cast(target, c) for c in columns),
+        record=_record_columns(columns),
+        key=sql.SQL(", ").join(map(sql.Identifier, target.key)),
+        conflict=conflict,
+    )
+    target.statements[("upsert", columns)] = statement
+    return statement
+
+
+def delete_statement(target: TargetTable) -> sql.Composed:
+    cached = target.statements.get("delete")
+    if cached is not None:
+        return cached
+    statement = sql.SQL(
+        "DELETE FROM {table} AS t USING json_to_recordset(%s::json) AS x({record}) WHERE {match}"
+    ).format(
+        table=target.ident,
+        record=_record_columns(target.key),
+        match=sql.SQL(" AND ").join(
+            sql.SQL("{} = {}").format(sql.Identifier("t", k), _cast(target, k)) for k in target.key
+        ),
+    )
+    target.statements["delete"] = statement
+    return statement
+
+
+def _json(rows: list[dict[str, Any]]) -> str:
+    return orjson.dumps(rows).decode()
+
+
+def key_bytes(target: TargetTable, texts: tuple[str, ...]) -> bytes:
+    """The Kafka key the source gives the row whose key columns read (as text) `texts`."""
+    row: dict[str, Any] = {}
+    for column, text in zip(target.key, texts, strict=True):
+        type_name = target.columns[column]
+        if type_name in INTEGER_TYPES:
+            row[column] = int(text)
+        elif type_name == "boolean":
+            row[column] = text == "true"
+        else:
+            row[column] = text
+    return orjson.dumps(row)
+
+
+def truncate(cur: Any, target: TargetTable, partitions: dict[int, int]) -> None:
+    """Empty what TRUNCATE events of these partitions cover: the whole table when the topic has one
+    partition, else the rows whose key the Kafka partitioner sends to a truncated partition."""
+    counts = set(partitions.values())
+    if counts == {1}:
+        cur.execute(sql.SQL("TRUNCATE {}").format(target.ident))
+        return
+    cur.execute(
+        sql.SQL("SELECT {} FROM {}").format(
+            sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in target.key), target.ident
+        )
+    )
+    doomed = []
+    for texts in cur.fetchall():
+        encoded = key_bytes(target, texts)
+        for partition, count in partitions.items():
+            if partition_for(encoded, count) == partition:
+                doomed.append(dict(zip(target.key, texts, strict=True)))
+                break
+    if doomed:
+        cur.execute(delete_statement(target), (_json(doomed),))
+
+
+def apply_table(cur: Any, target: TargetTable, batch: TableBatch) -> None:
+    """The batch's truncates, then deletes, then upserts (each key has one net change)."""
+    if batch.truncated:
+        truncate(cur, target, batch.truncated)
+    if batch.deletes:
+        cur.execute(delete_statement(target), (_json([row for row, _ in batch.deletes.values()]),))
+    if batch.upserts:
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for upsert in batch.upserts.values():
+            shape = tuple(upsert.row)
+            group = groups.get(shape)
+            if group is None:
+                groups[shape] = group = []
+            group.append(upsert.row)
+        for shape, rows in groups.items():
+            columns = tuple(c for c in shape if c in target.columns)
+            cur.execute(upsert_statement(target, columns), (_json(rows),))

@@ -1,0 +1,233 @@
+"""The sink's own tables in the target database (schema `cdc_sink` by default), written in the same
+transaction as the rows they describe:
+
+- offsets:   the next Kafka offset to apply, per group, topic and partition (exactly-once effect,
+             and fencing: a batch commits only if the stored offset is the one it started from);
+- snapshots: how each table was first filled (bulk copy, topic replay or not at all) and, for a
+             copy, the snapshot it was taken under (stream hand-over);
+- tables:    per table, the newest source commit applied and when (lag, status);
+- parked:    keys whose changes are held back behind a message sent to the dead-letter topic.
+"""
+
+from typing import Any
+
+from psycopg2 import sql
+
+from cdc_common.tables import TableName
+from sink_connector.handover import CopySnapshot
+
+TopicPartition = tuple[str, int]
+
+_TABLES = [
+    """CREATE TABLE IF NOT EXISTS {schema}.offsets (
+        group_id    text NOT NULL,
+        topic       text NOT NULL,
+        partition   integer NOT NULL,
+        next_offset bigint,
+        updated_at  timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (group_id, topic, partition))""",
+    """CREATE TABLE IF NOT EXISTS {schema}.snapshots (
+        schema_name text NOT NULL,
+        table_name  text NOT NULL,
+        mode        text NOT NULL,
+        snapshot    text,
+        lsn         pg_lsn,
+        rows        bigint NOT NULL DEFAULT 0,
+        copied_at   timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (schema_name, table_name))""",
+    """CREATE TABLE IF NOT EXISTS {schema}.tables (
+        group_id        text NOT NULL,
+        schema_name     text NOT NULL,
+        table_name      text NOT NULL,
+        last_commit_at  timestamptz,
+        last_commit_lsn pg_lsn,
+        applied_at      timestamptz NOT NULL DEFAULT now(),
+        changes         bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (group_id, schema_name, table_name))""",
+    """CREATE TABLE IF NOT EXISTS {schema}.parked (
+        group_id    text NOT NULL,
+        topic       text NOT NULL,
+        key         bytea NOT NULL,
+        first_offset bigint NOT NULL,
+        reason      text NOT NULL,
+        parked_at   timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (group_id, topic, key))""",
+]
+
+
+def lsn_text(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+class Bookkeeping:
+    def __init__(self, schema: str, group: str) -> None:
+        self.schema = schema
+        self.group = group
+        self.s = sql.Identifier(schema)
+
+    def _t(self, name: str) -> sql.Identifier:
+        return sql.Identifier(self.schema, name)
+
+    def install(self, conn: Any) -> None:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(self.s))
+            for statement in _TABLES:
+                cur.execute(sql.SQL(statement).format(schema=self.s))
+        conn.commit()
+
+    # --- offsets ------------------------------------------------------------------------------
+
+    def claim(self, conn: Any, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """Make sure every partition has an offsets row (so a batch can lock it) and return the
+        stored next offsets (None: nothing applied yet)."""
+        if not partitions:
+            return {}
+        topics = [t for t, _ in partitions]
+        numbers = [p for _, p in partitions]
+        with conn.cursor() as cur:
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {} (group_id, topic, partition) SELECT %s, t, p FROM unnest(%s::text[], %s::int[]) "
+                    "AS x(t, p) ON CONFLICT DO NOTHING"
+                ).format(self._t("offsets")),
+                (self.group, topics, numbers),
+            )
+            cur.execute(
+                sql.SQL(
+                    "SELECT topic, partition, next_offset FROM {} WHERE group_id = %s "
+                    "AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[]))"
+                ).format(self._t("offsets")),
+                (self.group, topics, numbers),
+            )
+            rows = cur.fetchall()
+        conn.commit()
+        return {(t, p): o for t, p, o in rows}
+
+    def lock(self, cur: Any, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """Inside a batch: lock the partitions' rows and return what they hold."""
+        cur.execute(
+            sql.SQL(
+                "SELECT topic, partition, next_offset FROM {} WHERE group_id = %s "
+                "AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[])) FOR UPDATE"
+            ).format(self._t("offsets")),
+            (self.group, [t for t, _ in partitions], [p for _, p in partitions]),
+        )
+        return {(t, p): o for t, p, o in cur.fetchall()}
+
+    def store(self, cur: Any, positions: dict[TopicPartition, int]) -> None:
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {} (group_id, topic, partition, next_offset) "
+                "SELECT %s, t, p, o FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS x(t, p, o) "
+                "ON CONFLICT (group_id, topic, partition) DO UPDATE "
+                "SET next_offset = EXCLUDED.next_offset, updated_at = now()"
+            ).format(self._t("offsets")),
+            (
+                self.group,
+                [t for t, _ in positions],
+                [p for _, p in positions],
+                list(positions.values()),
+            ),
+        )
+
+    def all_offsets(self, conn: Any) -> dict[TopicPartition, int | None]:
+        with conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("SELECT topic, partition, next_offset FROM {} WHERE group_id = %s").format(
+                    self._t("offsets")
+                ),
+                (self.group,),
+            )
+            rows = cur.fetchall()
+        conn.commit()
+        return {(t, p): o for t, p, o in rows}
+
+    def reset(self, cur: Any, topics: list[str]) -> None:
+        """Replay from the start: forget the applied offsets of `topics`."""
+        cur.execute(
+            sql.SQL(
+                "UPDATE {} SET next_offset = NULL, updated_at = now() WHERE group_id = %s AND topic = ANY(%s)"
+            ).format(self._t("offsets")),
+            (self.group, topics),
+        )
+
+    # --- per-table progress ---------------------------------------------------------------------
+
+    def progress(self, cur: Any, tables: list[tuple[TableName, int | None, int | None, int]]) -> None:
+        """(table, newest source commit time in µs, newest commit LSN, changes) for each table of a batch."""
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {} AS t (group_id, schema_name, table_name, last_commit_at, last_commit_lsn, changes) "
+                "SELECT %s, s, n, to_timestamp(ts / 1e6), lsn::pg_lsn, c "
+                "FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::bigint[]) AS x(s, n, ts, lsn, c) "
+                "ON CONFLICT (group_id, schema_name, table_name) DO UPDATE SET "
+                "last_commit_at = greatest(t.last_commit_at, EXCLUDED.last_commit_at), "
+                "last_commit_lsn = greatest(t.last_commit_lsn, EXCLUDED.last_commit_lsn), "
+                "applied_at = now(), changes = t.changes + EXCLUDED.changes"
+            ).format(self._t("tables")),
+            (
+                self.group,
+                [t.schema for t, _, _, _ in tables],
+                [t.name for t, _, _, _ in tables],
+                [ts for _, ts, _, _ in tables],
+                [None if lsn is None else lsn_text(lsn) for _, _, lsn, _ in tables],
+                [n for _, _, _, n in tables],
+            ),
+        )
+
+    # --- bulk copies ----------------------------------------------------------------------------
+
+    def initialized(self, cur: Any, table: TableName) -> tuple[str, CopySnapshot | None] | None:
+        """How the table was first filled, with the copy's snapshot; None when it never was."""
+        cur.execute(
+            sql.SQL("SELECT mode, snapshot, lsn::text FROM {} WHERE schema_name = %s AND table_name = %s").format(
+                self._t("snapshots")
+            ),
+            (table.schema, table.name),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        mode, snapshot, lsn = row
+        if mode != "copy" or snapshot is None:
+            return mode, None
+        high, _, low = lsn.partition("/")
+        return mode, CopySnapshot.parse(snapshot, (int(high, 16) << 32) | int(low, 16))
+
+    def record_initialized(
+        self, cur: Any, table: TableName, mode: str, snapshot_text: str | None, lsn: str | None, rows: int
+    ) -> None:
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {} (schema_name, table_name, mode, snapshot, lsn, rows) VALUES (%s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (schema_name, table_name) DO UPDATE SET mode = EXCLUDED.mode, "
+                "snapshot = EXCLUDED.snapshot, lsn = EXCLUDED.lsn, rows = EXCLUDED.rows, copied_at = now()"
+            ).format(self._t("snapshots")),
+            (table.schema, table.name, mode, snapshot_text, lsn, rows),
+        )
+
+    def forget_snapshot(self, cur: Any, table: TableName) -> None:
+        cur.execute(
+            sql.SQL("DELETE FROM {} WHERE schema_name = %s AND table_name = %s").format(self._t("snapshots")),
+            (table.schema, table.name),
+        )
+
+    # --- parked keys ----------------------------------------------------------------------------
+
+    def parked(self, conn: Any) -> set[tuple[str, bytes]]:
+        with conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("SELECT topic, key FROM {} WHERE group_id = %s").format(self._t("parked")), (self.group,)
+            )
+            rows = cur.fetchall()
+        conn.commit()
+        return {(t, bytes(k)) for t, k in rows}
+
+    def park(self, cur: Any, topic: str, key: bytes, offset: int, reason: str) -> None:
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {} (group_id, topic, key, first_offset, reason) VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT DO NOTHING"
+            ).format(self._t("parked")),
+            (self.group, topic, key, offset, reason),
+        )

@@ -1,0 +1,181 @@
+"""From Kafka messages to the net effect of a batch, per table. Pure.
+
+A batch keeps the last change per key: a delete after an upsert wins, an upsert after a delete
+re-creates the row, an update that leaves TOASTed columns `unchanged` is merged onto the row before
+it. A TRUNCATE event (sent by the source to every partition) empties the rows of its partition:
+the changes before it in that partition are dropped and the rows whose key hashes to that
+partition are deleted before the rest of the batch is applied.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from cdc_common.tables import TableName
+from schemas.envelope import OPS
+
+TOMBSTONE = "x"  # a null-valued message: delete of its key
+FULL_ROW_OPS = frozenset({"c", "r"})
+DELETE_OPS = frozenset({"d", TOMBSTONE})
+
+
+class BadMessage(Exception):
+    """A message that cannot be decoded as a change event; names what is wrong with it."""
+
+
+@dataclass(slots=True)
+class Change:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes
+    op: str  # c u d r t, or x for a tombstone
+    row: dict[str, Any] | None  # after (c, u, r) or the old key/row (d, x)
+    columns: dict[str, str] | None
+    key_columns: list[str] | None
+    unchanged: list[str] | None = None
+    xid: int | None = None
+    lsn: int | None = None
+    commit_lsn: int | None = None
+    ts_us: int | None = None
+    partitions: int | None = None  # t only
+
+
+def decode(topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> Change:
+    """Parse and check one message; BadMessage says why it is not a change event."""
+    if value is None:
+        if not key:
+            raise BadMessage("tombstone without a key")
+        try:
+            key_row = orjson.loads(key)
+        except orjson.JSONDecodeError as exc:
+            raise BadMessage(f"key is not JSON: {exc}") from None
+        if not isinstance(key_row, dict) or not key_row:
+            raise BadMessage("key is not a JSON object of key columns")
+        return Change(topic, partition, offset, key, TOMBSTONE, key_row, None, list(key_row))
+    try:
+        env = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise BadMessage(f"value is not JSON: {exc}") from None
+    if not isinstance(env, dict):
+        raise BadMessage("value is not a JSON object")
+    try:
+        op = env["op"]
+        source = env["source"]
+        columns = env["columns"]
+        key_columns = env["key"]
+        before = env["before"]
+        after = env["after"]
+    except KeyError as exc:
+        raise BadMessage(f"envelope has no {exc.args[0]!r} field") from None
+    if op not in OPS:
+        raise BadMessage(f"unknown op {op!r}")
+    if not isinstance(columns, dict) or not isinstance(key_columns, list) or not key_columns:
+        raise BadMessage("envelope `columns` must be an object and `key` a non-empty list")
+    if not isinstance(source, dict):
+        raise BadMessage("envelope `source` must be an object")
+    if op == "t":
+        row = None
+        if key is None:
+            key = b""
+    else:
+        row = before if op == "d" else after
+        if not isinstance(row, dict) or any(k not in row for k in key_columns):
+            raise BadMessage(f"`{'before' if op == 'd' else 'after'}` must be an object holding the key columns")
+        if not key:
+            raise BadMessage("change event without a key")
+    unchanged = env.get("unchanged")
+    if unchanged is not None and (op != "u" or not isinstance(unchanged, list)):
+        raise BadMessage("`unchanged` is only allowed on updates, as a list")
+    partitions = env.get("partitions") if op == "t" else None
+    if op == "t" and (not isinstance(partitions, int) or partitions < 1):
+        raise BadMessage("truncate event without a valid `partitions` count")
+    return Change(
+        topic,
+        partition,
+        offset,
+        key,
+        op,
+        row,
+        columns,
+        key_columns,
+        unchanged or None,
+        source.get("txId"),
+        source.get("lsn"),
+        source.get("commit_lsn"),
+        source.get("ts_us"),
+        partitions,
+    )
+
+
+@dataclass
+class Upsert:
+    row: dict[str, Any]
+    unchanged: set[str] | None
+    partition: int
+
+
+@dataclass
+class TableBatch:
+    """The net effect of a batch on one table."""
+
+    table: TableName
+    upserts: dict[bytes, Upsert] = field(default_factory=dict)
+    deletes: dict[bytes, tuple[dict[str, Any], int]] = field(default_factory=dict)
+    truncated: dict[int, int] = field(default_factory=dict)  # partition -> partition count
+    columns: dict[str, str] = field(default_factory=dict)
+    key_columns: list[str] = field(default_factory=list)
+    changes: int = 0
+    max_ts_us: int | None = None
+    max_commit_lsn: int | None = None
+
+    def add(self, change: Change) -> None:
+        self.changes += 1
+        if change.columns is not None and change.columns is not self.columns:
+            if change.columns != self.columns:
+                self.columns = {**self.columns, **change.columns}
+            self.key_columns = change.key_columns or self.key_columns
+        if change.ts_us is not None and (self.max_ts_us is None or change.ts_us > self.max_ts_us):
+            self.max_ts_us = change.ts_us
+        if change.commit_lsn is not None and (
+            self.max_commit_lsn is None or change.commit_lsn > self.max_commit_lsn
+        ):
+            self.max_commit_lsn = change.commit_lsn
+        op, key = change.op, change.key
+        if op in FULL_ROW_OPS or (op == "u" and not change.unchanged):
+            self.upserts[key] = Upsert(change.row, None, change.partition)  # type: ignore[arg-type]
+            self.deletes.pop(key, None)
+        elif op == "u":
+            row: dict[str, Any] = change.row  # type: ignore[assignment]
+            previous = self.upserts.get(key)
+            missing = set(change.unchanged or ())
+            if previous is not None:
+                merged = {**previous.row, **row}
+                missing |= previous.unchanged or set()
+                missing -= merged.keys()
+                self.upserts[key] = Upsert(merged, missing or None, change.partition)
+            else:
+                self.upserts[key] = Upsert(row, missing - row.keys() or None, change.partition)
+                self.deletes.pop(key, None)
+        elif op in DELETE_OPS:
+            self.upserts.pop(key, None)
+            row = change.row  # type: ignore[assignment]
+            self.deletes[key] = ({k: row[k] for k in (change.key_columns or row)}, change.partition)
+        else:  # t: the partition's rows go, so do the batch's earlier changes to them
+            p = change.partition
+            self.upserts = {k: u for k, u in self.upserts.items() if u.partition != p}
+            self.deletes = {k: d for k, d in self.deletes.items() if d[1] != p}
+            self.truncated[p] = change.partitions or 1
+
+
+def coalesce(changes: list[Change], tables: dict[str, TableName]) -> dict[TableName, TableBatch]:
+    """Group a batch by table (in the order of the messages within each partition)."""
+    batches: dict[TableName, TableBatch] = {}
+    for change in changes:
+        table = tables[change.topic]
+        batch = batches.get(table)
+        if batch is None:
+            batch = batches[table] = TableBatch(table)
+        batch.add(change)
+    return batches

@@ -1,0 +1,59 @@
+"""The dead-letter topic: messages the sink cannot apply, with the reason, the origin and the
+original bytes, so that nothing is ever dropped without trace (`--on-error dlq`)."""
+
+import logging
+from typing import Any
+
+from confluent_kafka import Producer
+
+from cdc_common.errors import SinkError
+from cdc_common.kafka import HISTORY_TOPIC_CONFIG, ensure_topics
+from cdc_common.settings import Settings
+from schemas.topics import dlq_topic
+
+log = logging.getLogger("sink.dlq")
+
+
+class DeadLetters:
+    def __init__(self, settings: Settings, admin: Any, replication_factor: int = 1) -> None:
+        self.producer = Producer(
+            settings.kafka_config(
+                **{"client.id": "cdc-sink-dlq", "enable.idempotence": True, "acks": "all", "message.timeout.ms": 0}
+            )
+        )
+        self.admin = admin
+        self.replication_factor = replication_factor
+        self.known: set[str] = set()
+        self.failures: list[str] = []
+        self.sent = 0
+
+    def send(
+        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str
+    ) -> None:
+        target = dlq_topic(topic)
+        if target not in self.known:
+            ensure_topics(self.admin, [target], 1, self.replication_factor, HISTORY_TOPIC_CONFIG)
+            self.known.add(target)
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("cdc.reason", reason.encode()),
+            ("cdc.origin.topic", topic.encode()),
+            ("cdc.origin.partition", str(partition).encode()),
+            ("cdc.origin.offset", str(offset).encode()),
+        ]
+
+        def delivered(err: Any, msg: Any) -> None:
+            if err is not None:
+                self.failures.append(f"{target}: {err}")
+
+        self.producer.produce(target, value, key, headers=headers, on_delivery=delivered)
+        self.sent += 1
+        log.warning(
+            "sent to %s: %s", target, reason, extra={"topic": topic, "partition": partition, "offset": offset}
+        )
+
+    def flush(self) -> None:
+        """Every dead letter acknowledged before the offsets past them are committed."""
+        while self.producer.flush(5) > 0:
+            log.warning("waiting for Kafka to acknowledge dead letters")
+        if self.failures:
+            raise SinkError(f"Kafka refused a dead letter ({self.failures[0]}); nothing past it is committed")

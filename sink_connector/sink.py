@@ -1,0 +1,572 @@
+"""cdc-sink: consume change topics in batches and apply them to the target, exactly once in effect.
+
+Each batch is one target transaction that also moves the stored offsets of its partitions, after
+checking they are still the ones this process started the batch from (a process that lost its
+partitions while frozen cannot write behind its successor's back). Offsets are committed to Kafka
+afterwards, for the tools that show a group's lag.
+"""
+
+import contextlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from psycopg2 import sql
+
+from cdc_common.catalog import read_table
+from cdc_common.errors import CdcError, SinkError
+from cdc_common.kafka import admin_client, wait_for_kafka
+from cdc_common.pg import connect, error_reason, is_connection_loss, sqlstate
+from cdc_common.progress import RowProgress
+from cdc_common.retry import Backoff
+from cdc_common.settings import Settings
+from cdc_common.signals import StopFlag
+from cdc_common.tables import TableName
+from schemas.topics import change_topic_pattern, table_for, topic_for
+from sink_connector.apply import apply_table
+from sink_connector.bookkeeping import Bookkeeping
+from sink_connector.bookkeeping import TopicPartition as TP
+from sink_connector.bulk_copy import copy_table
+from sink_connector.changes import BadMessage, Change, TableBatch, decode
+from sink_connector.dlq import DeadLetters
+from sink_connector.handover import CopySnapshot
+from sink_connector.target import TargetTable, create_from_event, create_from_source, load, reconcile
+
+log = logging.getLogger("sink")
+
+# Errors worth retrying the same batch for; other errors raised by a statement mean the data is bad.
+RETRY_SQLSTATES = {"40001", "40P01", "55P03", "57014", "53100", "53200", "53300"}
+
+
+@dataclass(frozen=True)
+class SinkOptions:
+    group: str = "cdc-sink"
+    snapshot: str = "copy"  # copy | topic | never
+    on_error: str = "fail"  # fail | dlq
+    slot: str = "cdc_slot"
+    state_schema: str = "cdc_sink"
+    batch_size: int = 5000
+    batch_wait: float = 0.02
+    once: bool = False
+    kafka_timeout: float = 60.0
+    rebuild: tuple[TableName, ...] = ()
+
+
+class Fenced(Exception):
+    """Another member moved these partitions' offsets: the batch is dropped and read again."""
+
+    def __init__(self, stored: dict[TP, int | None]) -> None:
+        super().__init__("fenced")
+        self.stored = stored
+
+
+@dataclass
+class TableState:
+    target: TargetTable
+    mode: str  # how it was first filled: copy, topic or never
+    snapshot: CopySnapshot | None  # the copy's snapshot, for the hand-over
+
+
+def classify(exc: BaseException) -> str:
+    """'connection', 'retry' or 'data' for an error raised while applying a batch."""
+    if is_connection_loss(exc):
+        return "connection"
+    code = sqlstate(exc) or ""
+    if code in RETRY_SQLSTATES:
+        return "retry"
+    return "data"
+
+
+class Sink:
+    def __init__(self, settings: Settings, options: SinkOptions, stop: StopFlag) -> None:
+        self.settings = settings
+        self.options = options
+        self.stop = stop
+        self.book = Bookkeeping(options.state_schema, options.group)
+        self.tables: dict[TableName, TableState] = {}
+        self.topic_tables: dict[str, TableName] = {}
+        self.expected: dict[TP, int | None] = {}
+        self.parked: set[tuple[str, bytes]] = set()
+        self.applied: Counter[tuple[str, str]] = Counter()
+        self.skipped = 0
+        self.batches = 0
+        self.conn: Any = None
+        self.consumer: Any = None
+        self.admin: Any = None
+        self.dead_letters: DeadLetters | None = None
+        self.end_offsets: dict[TP, int] = {}
+        self.last_applied_ts_us: int | None = None
+
+    # --- connections ------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self.conn = connect(
+            self.settings.target_dsn,
+            role="target",
+            setting="--target-dsn / TARGET_DSN",
+            application_name="cdc-sink",
+            autocommit=False,
+        )
+
+    def _reconnect(self, exc: BaseException, backoff: Backoff) -> None:
+        delay = backoff.next_delay(time.monotonic()) or 1.0
+        log.warning("target connection lost (%s); reconnecting in %.1f s", error_reason(exc), delay)
+        self.stop.wait(delay)
+        with contextlib.suppress(psycopg2.Error):
+            self.conn.close()
+        try:
+            self._connect()
+        except CdcError as again:
+            log.warning("%s", again)
+
+    # --- scope ------------------------------------------------------------------------------
+
+    def _table_of(self, topic: str) -> TableName:
+        table = self.topic_tables.get(topic)
+        if table is None:
+            table = table_for(self.settings.topic_prefix, topic)
+            if table is None:
+                raise BadMessage(f"topic {topic} is not a change topic of prefix {self.settings.topic_prefix}")
+            self.topic_tables[topic] = table
+        return table
+
+    def _topics_in_scope(self) -> list[str]:
+        """Change topics that exist now and belong to the configured tables (all, by default)."""
+        existing = self.admin.list_topics(timeout=10).topics
+        if self.settings.tables:
+            wanted = [topic_for(self.settings.topic_prefix, t) for t in self.settings.tables]
+            return [t for t in wanted if t in existing]
+        return sorted(t for t in existing if table_for(self.settings.topic_prefix, t) is not None)
+
+    # --- preparing tables ---------------------------------------------------------------------
+
+    def _prepare(self, table: TableName, batch: TableBatch | None) -> TableState | None:
+        """The target table ready to take changes: bulk-copied, created or loaded. None when it
+        does not exist and the batch says nothing about its columns (only deletes)."""
+        state = self.tables.get(table)
+        if state is not None:
+            return state
+        conn = self.conn
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"cdc-sink {table}",))
+            record = self.book.initialized(cur, table)
+            target = load(conn, table)
+            if record is None:
+                mode = "topic" if table in self.options.rebuild else self.options.snapshot
+                snapshot = None
+                if mode == "copy":
+                    target, snapshot = self._copy(cur, table, target)
+                else:
+                    if target is None:
+                        if batch is None or not batch.columns:
+                            conn.rollback()
+                            return None
+                        target = create_from_event(conn, table, batch.columns, batch.key_columns)
+                    self.book.record_initialized(cur, table, mode, None, None, 0)
+            else:
+                mode, snapshot = record
+                if target is None:
+                    if batch is None or not batch.columns:
+                        conn.rollback()
+                        return None
+                    target = create_from_event(conn, table, batch.columns, batch.key_columns)
+        conn.commit()
+        state = TableState(target, mode, snapshot)
+        self.tables[table] = state
+        return state
+
+    def _wait_for_slot(self, source: Any) -> None:
+        """The copy must start after the source's slot exists, or changes in between would be lost."""
+        announced = False
+        while True:
+            with source.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.options.slot,))
+                if cur.fetchone() is not None:
+                    return
+            if self.stop:
+                raise CdcError("stopped while waiting for the source's replication slot")
+            if not announced:
+                log.info(
+                    "waiting for the source connector to create slot %s before copying (is cdc-source running?)",
+                    self.options.slot,
+                    extra={"slot": self.options.slot},
+                )
+                announced = True
+            self.stop.wait(1.0)
+
+    def _copy(self, cur: Any, table: TableName, target: TargetTable | None) -> tuple[TargetTable, CopySnapshot]:
+        """Create and fill the table from the source, in the caller's transaction."""
+        source = connect(
+            self.settings.source_dsn,
+            role="source",
+            setting="--source-dsn / SOURCE_DSN",
+            application_name="cdc-sink",
+        )
+        try:
+            definition = read_table(source, table)
+            if definition is None:
+                raise SinkError(
+                    f"table {table} does not exist on the source, so it cannot be copied (check --tables)"
+                )
+            if not definition.key:
+                raise SinkError(f"table {table} has no primary key on the source; it cannot be replicated")
+            self._wait_for_slot(source)
+            if target is None:
+                target = create_from_source(source, self.conn, definition)
+            else:
+                cur.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(target.ident))
+                if cur.fetchone()[0]:
+                    raise SinkError(
+                        f"target table {table} already has rows but was never filled by this sink: empty it to "
+                        "let the bulk snapshot fill it, or start with --snapshot topic (or never)"
+                    )
+            started = time.monotonic()
+            with RowProgress("copy") as progress:
+                result = copy_table(self.settings.source_dsn, cur, definition, progress)
+            self.book.record_initialized(cur, table, "copy", result.snapshot, result.lsn, result.rows)
+            elapsed = time.monotonic() - started
+            log.info(
+                "copied %d rows of %s in %.1f s (%.0f rows/s, %s COPY)",
+                result.rows,
+                table,
+                elapsed,
+                result.rows / max(elapsed, 1e-9),
+                "binary" if result.binary else "text",
+                extra={"table": str(table)},
+            )
+            recorded = self.book.initialized(cur, table)
+            assert recorded is not None and recorded[1] is not None
+            return target, recorded[1]
+        finally:
+            source.close()
+
+    # --- consumer ------------------------------------------------------------------------------
+
+    def _consumer_config(self) -> dict[str, Any]:
+        def on_error(err: Any) -> None:
+            log.warning("Kafka: %s", err.str())
+
+        return self.settings.kafka_config(
+            **{
+                "group.id": self.options.group,
+                "client.id": "cdc-sink",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "roundrobin",
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 2_000,
+                "max.poll.interval.ms": 900_000,
+                "topic.metadata.refresh.interval.ms": 5_000,
+                "queued.max.messages.kbytes": 32_768,
+                "fetch.max.bytes": 33_554_432,
+                "max.partition.fetch.bytes": 8_388_608,
+                "error_cb": on_error,
+            }
+        )
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        stored = self.book.claim(self.conn, [(p.topic, p.partition) for p in partitions])
+        for p in partitions:
+            offset = stored.get((p.topic, p.partition))
+            p.offset = OFFSET_BEGINNING if offset is None else offset
+            self.expected[(p.topic, p.partition)] = offset
+        consumer.assign(partitions)
+        if partitions:
+            log.info(
+                "assigned %s",
+                ", ".join(f"{p.topic}[{p.partition}]@{'start' if p.offset < 0 else p.offset}" for p in partitions),
+            )
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        for p in partitions:
+            self.expected.pop((p.topic, p.partition), None)
+        consumer.unassign()
+        if partitions:
+            log.info("revoked %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._connect()
+        self.book.install(self.conn)
+        self.admin = admin_client(self.settings)
+        wait_for_kafka(self.settings, self.admin, self.options.kafka_timeout, self.stop)
+        self.parked = self.book.parked(self.conn)
+        if self.options.on_error == "dlq":
+            self.dead_letters = DeadLetters(self.settings, self.admin)
+        topics = self._topics_in_scope()
+        for topic in topics:  # bulk copies before consuming, so a long copy cannot stall the group
+            table = self._table_of(topic)
+            if self.options.snapshot == "copy" and table not in self.options.rebuild:
+                self._prepare(table, None)
+        if self.options.once:
+            self.end_offsets = self._end_offsets(topics)
+        self.consumer = Consumer(self._consumer_config())
+        if self.settings.tables:
+            subscription = [topic_for(self.settings.topic_prefix, t) for t in self.settings.tables]
+        else:
+            subscription = [change_topic_pattern(self.settings.topic_prefix)]
+        self.consumer.subscribe(subscription, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        log.info(
+            "consuming %s as group %s",
+            ", ".join(subscription),
+            self.options.group,
+            extra={"group": self.options.group},
+        )
+        try:
+            self._loop()
+        finally:
+            self.consumer.close()
+            if self.dead_letters is not None:
+                self.dead_letters.flush()
+            self.conn.close()
+
+    def _end_offsets(self, topics: list[str]) -> dict[TP, int]:
+        """--once: the end of every partition when the sink started."""
+        probe = Consumer(self.settings.kafka_config(**{"group.id": self.options.group + "-once-probe"}))
+        try:
+            ends: dict[TP, int] = {}
+            metadata = probe.list_topics(timeout=10)
+            for topic in topics:
+                for p in metadata.topics[topic].partitions:
+                    _, high = probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                    ends[(topic, p)] = high
+            return ends
+        finally:
+            probe.close()
+
+    def _caught_up(self) -> bool:
+        stored = self.book.all_offsets(self.conn)
+        return all(high == 0 or (stored.get(tp) or 0) >= high for tp, high in self.end_offsets.items())
+
+    def _loop(self) -> None:
+        backoff = Backoff(base=0.5, cap=15.0)
+        while not self.stop:
+            if self.options.once and self._caught_up():
+                log.info("caught up with the end offsets seen at start-up; exiting (--once)")
+                return
+            messages = self.consumer.consume(self.options.batch_size, self.options.batch_wait)
+            if not messages:
+                continue
+            batch = [m for m in messages if self._usable(m)]
+            if not batch:
+                continue
+            while True:
+                try:
+                    self._process(batch)
+                    backoff.reset()
+                    break
+                except Fenced as fenced:
+                    self._resync(fenced.stored, batch)
+                    break
+                except psycopg2.Error as exc:
+                    if not self.conn.closed:
+                        self.conn.rollback()
+                    kind = classify(exc)
+                    if kind == "data":
+                        raise SinkError(f"applying a batch failed: {error_reason(exc)}") from None
+                    if kind == "connection":
+                        self._reconnect(exc, backoff)
+                    else:
+                        self.stop.wait(backoff.next_delay(time.monotonic()) or 1.0)
+                    if self.stop:
+                        return
+
+    def _usable(self, message: Any) -> bool:
+        err = message.error()
+        if err is None:
+            return True
+        if err.code() == KafkaError._PARTITION_EOF:
+            return False
+        if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            log.info("waiting for topic %s to exist", message.topic())
+            return False
+        log.warning("Kafka: %s", err.str())
+        return False
+
+    def _resync(self, stored: dict[TP, int | None], batch: list[Any]) -> None:
+        """After a fencing conflict: continue every partition of the batch from what is stored."""
+        log.warning(
+            "another sink moved the offsets of %s: re-reading from the stored offsets",
+            ", ".join(f"{t}[{p}]" for t, p in stored),
+        )
+        for tp in {(m.topic(), m.partition()) for m in batch}:
+            if tp not in self.expected:
+                continue
+            offset = stored.get(tp, self.expected[tp])
+            self.expected[tp] = offset
+            self.consumer.seek(TopicPartition(tp[0], tp[1], OFFSET_BEGINNING if offset is None else offset))
+
+    # --- one batch ----------------------------------------------------------------------------------
+
+    def _decode(self, messages: list[Any]) -> tuple[list[Change], list[tuple[Any, str]]]:
+        """Changes to apply, and messages to dead-letter (undecodable, or parked behind one)."""
+        changes: list[Change] = []
+        rejected: list[tuple[Any, str]] = []
+        for m in messages:
+            topic, key = m.topic(), m.key()
+            if self.parked and (topic, key) in self.parked:
+                rejected.append((m, "parked: an earlier change of this key is in the dead-letter topic"))
+                continue
+            try:
+                self._table_of(topic)
+                changes.append(decode(topic, m.partition(), m.offset(), key, m.value()))
+            except BadMessage as exc:
+                if self.options.on_error != "dlq":
+                    self._commit_prefix(messages, m, changes)
+                    raise SinkError(
+                        f"cannot decode message {topic}[{m.partition()}] at offset {m.offset()}: {exc}; "
+                        "nothing past it was applied (inspect it, or run with --on-error dlq)"
+                    ) from None
+                rejected.append((m, f"undecodable: {exc}"))
+                if key is not None:
+                    self.parked.add((topic, key))
+        return changes, rejected
+
+    def _commit_prefix(self, messages: list[Any], bad: Any, decoded: list[Change]) -> None:
+        """--on-error fail: apply and commit what came before the bad message, then stop."""
+        before = [
+            c
+            for c in decoded
+            if (c.topic, c.partition) != (bad.topic(), bad.partition()) or c.offset < bad.offset()
+        ]
+        if before:
+            self._apply(before, [], {})
+
+    def _process(self, messages: list[Any]) -> None:
+        changes, rejected = self._decode(messages)
+        positions: dict[TP, int] = {}
+        for m in messages:
+            positions[(m.topic(), m.partition())] = m.offset() + 1
+        while True:
+            try:
+                self._apply(changes, rejected, positions)
+                return
+            except psycopg2.Error as exc:
+                if classify(exc) != "data":
+                    raise
+                self.conn.rollback()
+                index, reason = self._find_poison(changes)
+                poison = changes[index]
+                where = f"{poison.topic}[{poison.partition}] at offset {poison.offset}"
+                if self.options.on_error != "dlq":
+                    self._apply(changes[:index], [], {})
+                    raise SinkError(
+                        f"the target rejected message {where}: {reason}; nothing past it was applied "
+                        "(fix the target or the data, or run with --on-error dlq)"
+                    ) from None
+                by_position = {(m.topic(), m.partition(), m.offset()): m for m in messages}
+                rejected.append(
+                    (
+                        by_position[(poison.topic, poison.partition, poison.offset)],
+                        f"rejected by the target: {reason}",
+                    )
+                )
+                self.parked.add((poison.topic, poison.key))
+                kept = []
+                for c in changes:
+                    if c is poison:
+                        continue
+                    if (c.topic, c.key) == (poison.topic, poison.key) and c.offset > poison.offset:
+                        later = by_position[(c.topic, c.partition, c.offset)]
+                        rejected.append((later, f"parked: behind offset {poison.offset} of this key"))
+                        continue
+                    kept.append(c)
+                changes = kept
+
+    def _find_poison(self, changes: list[Change]) -> tuple[int, str]:
+        """Apply the changes one at a time (in a transaction that is rolled back) to find the first
+        one the target rejects."""
+        try:
+            with self.conn.cursor() as cur:
+                for index, change in enumerate(changes):
+                    cur.execute("SAVEPOINT cdc_probe")
+                    try:
+                        self._apply_changes(cur, [change])
+                    except psycopg2.Error as exc:
+                        if classify(exc) != "data":
+                            raise
+                        return index, error_reason(exc)
+                    cur.execute("RELEASE SAVEPOINT cdc_probe")
+        finally:
+            self.conn.rollback()
+        raise SinkError("a batch failed but no single change of it does; giving up on it")
+
+    def _apply_changes(self, cur: Any, changes: list[Change]) -> list[TableBatch]:
+        """Group, filter and apply changes within the caller's transaction."""
+        batches: dict[TableName, TableBatch] = {}
+        for change in changes:
+            table = self.topic_tables[change.topic]
+            state = self.tables.get(table)
+            if (
+                state is not None
+                and state.snapshot is not None
+                and state.snapshot.contains(change.op, change.xid, change.lsn, change.commit_lsn)
+            ):
+                self.skipped += 1
+                continue
+            if change.op == "r" and state is not None and state.mode == "never":
+                self.skipped += 1
+                continue
+            batch = batches.get(table)
+            if batch is None:
+                batch = batches[table] = TableBatch(table)
+            batch.add(change)
+        for table, batch in batches.items():
+            state = self.tables.get(table)
+            if state is None:
+                continue
+            if batch.columns:
+                state.target = reconcile(self.conn, state.target, batch.columns)
+            apply_table(cur, state.target, batch)
+        return list(batches.values())
+
+    def _apply(self, changes: list[Change], rejected: list[tuple[Any, str]], positions: dict[TP, int]) -> None:
+        """One transaction: fence, apply, move offsets and progress; then commit to Kafka too."""
+        for table in {self.topic_tables[c.topic] for c in changes}:
+            if table not in self.tables:
+                pending = TableBatch(table)
+                for c in changes:
+                    if self.topic_tables[c.topic] == table and c.columns:
+                        pending.add(c)
+                        break
+                self._prepare(table, pending)
+        if rejected and self.dead_letters is not None:
+            for m, reason in rejected:
+                self.dead_letters.send(m.topic(), m.partition(), m.offset(), m.key(), m.value(), reason)
+            self.dead_letters.flush()
+        if not positions:
+            positions = {}
+            for c in changes:
+                tp = (c.topic, c.partition)
+                positions[tp] = max(positions.get(tp, 0), c.offset + 1)
+        with self.conn.cursor() as cur:
+            stored = self.book.lock(cur, list(positions))
+            if any(stored.get(tp) != self.expected.get(tp, -1) for tp in positions):
+                self.conn.rollback()
+                raise Fenced(stored)
+            batches = self._apply_changes(cur, changes)
+            for m, reason in rejected:
+                if m.key() is not None:
+                    self.book.park(cur, m.topic(), m.key(), m.offset(), reason)
+            self.book.store(cur, positions)
+            if batches:
+                self.book.progress(cur, [(b.table, b.max_ts_us, b.max_commit_lsn, b.changes) for b in batches])
+        self.conn.commit()
+        self.expected.update(positions)
+        self.batches += 1
+        for b in batches:
+            self.applied[(str(b.table), "changes")] += b.changes
+            if b.max_ts_us is not None:
+                self.last_applied_ts_us = max(self.last_applied_ts_us or 0, b.max_ts_us)
+        try:
+            self.consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=True
+            )
+        except Exception as exc:  # the target holds the truth; Kafka's copy is for tools
+            log.debug("Kafka offset commit failed: %s", exc)

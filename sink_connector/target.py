@@ -1,0 +1,176 @@
+"""Target tables: created when missing (from the source catalog or from the types events carry),
+widened when a column appears, never dropped or narrowed. A type change stops the sink."""
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg2 import sql
+
+from cdc_common.catalog import FIRST_USER_OID, Column, TableDef, enum_labels, read_table
+from cdc_common.errors import SinkError
+from cdc_common.tables import TableName
+
+log = logging.getLogger("sink.target")
+
+# A type name as format_type prints it: optionally schema-qualified (quoted) identifiers, words such as
+# `double precision` or `timestamp with time zone`, a typmod, array brackets. Nothing else can pass.
+_IDENT = r'(?:[A-Za-z_][A-Za-z0-9_$]*|"(?:[^"]|"")+")'
+_TYPE = re.compile(
+    rf"^{_IDENT}(?:\.{_IDENT})?(?: [a-z]+)*(?:\(\d+(?:,\d+)?\))?(?: with(?:out)? time zone)?(?:\[\])*$"
+)
+
+
+def normalize_type(type_name: str) -> str:
+    """Compare type names regardless of quoting (wal2json drops the quotes of a quoted type name)."""
+    return type_name.replace('"', "")
+
+
+def checked_type(type_name: str, table: TableName, column: str) -> sql.Composable:
+    """A type name from an event, as SQL, refusing anything that is not plainly a type name."""
+    if not _TYPE.match(type_name):
+        raise SinkError(f"column {column} of {table} has an unusable type name {type_name!r} in its events")
+    return sql.SQL(type_name)
+
+
+@dataclass
+class TargetTable:
+    name: TableName
+    columns: dict[str, str]  # name -> type as the target's format_type prints it
+    key: tuple[str, ...]
+    statements: dict[Any, sql.Composed] = field(default_factory=dict)
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.name.schema, self.name.name)
+
+    def type_sql(self, column: str) -> sql.Composable:
+        return sql.SQL(self.columns[column])
+
+
+def load(conn: Any, table: TableName) -> TargetTable | None:
+    definition = read_table(conn, table)
+    if definition is None:
+        return None
+    if not definition.has_pk:
+        raise SinkError(
+            f"target table {table} exists without a primary key, so changes cannot be applied by key: "
+            f"add one (ALTER TABLE {table} ADD PRIMARY KEY (...)) matching the source's key"
+        )
+    return TargetTable(table, {c.name: c.type for c in definition.columns}, definition.key)
+
+
+def _create_schema(cur: Any, schema: str) -> None:
+    cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+
+
+def _type_exists(cur: Any, schema: str, name: str) -> bool:
+    cur.execute(
+        "SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = %s AND t.typname = %s",
+        (schema, name),
+    )
+    return cur.fetchone() is not None
+
+
+def _ensure_user_types(source_conn: Any, cur: Any, table: TableName, columns: tuple[Column, ...]) -> None:
+    """Enums used by the source table are created on the target when missing; other user-defined
+    types must exist there already."""
+    for column in columns:
+        if column.element_oid:
+            oid, kind, schema, name = (
+                column.element_oid,
+                column.element_kind,
+                column.element_schema,
+                column.element_name,
+            )
+        else:
+            oid, kind, schema, name = column.type_oid, column.kind, column.type_schema, column.type_name
+        if oid < FIRST_USER_OID or _type_exists(cur, schema, name):
+            continue
+        if kind == "e":
+            _create_schema(cur, schema)
+            labels = enum_labels(source_conn, oid)
+            cur.execute(
+                sql.SQL("CREATE TYPE {} AS ENUM ({})").format(
+                    sql.Identifier(schema, name), sql.SQL(", ").join(map(sql.Literal, labels))
+                )
+            )
+            log.info("created enum type %s.%s on the target", schema, name)
+        else:
+            raise SinkError(
+                f"column {column.name} of {table} has type {column.type}, which does not exist on the target: "
+                "create it there first (e.g. from pg_dump --schema-only of the source)"
+            )
+
+
+def create_from_source(source_conn: Any, conn: Any, definition: TableDef) -> TargetTable:
+    """CREATE TABLE with the source's columns, types, NOT NULLs and key."""
+    table = definition.name
+    with conn.cursor() as cur:
+        _create_schema(cur, table.schema)
+        _ensure_user_types(source_conn, cur, table, definition.columns)
+        cur.execute(
+            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
+                sql.Identifier(table.schema, table.name),
+                sql.SQL(", ").join(
+                    sql.SQL("{} {}{}").format(
+                        sql.Identifier(c.name), sql.SQL(c.type), sql.SQL(" NOT NULL" if c.not_null else "")
+                    )
+                    for c in definition.columns
+                ),
+                sql.SQL(", ").join(map(sql.Identifier, definition.key)),
+            )
+        )
+    log.info("created target table %s from the source catalog", table, extra={"table": str(table)})
+    created = load(conn, table)
+    assert created is not None
+    return created
+
+
+def create_from_event(conn: Any, table: TableName, columns: dict[str, str], key: list[str]) -> TargetTable:
+    """CREATE TABLE from the column types an event carries (no access to the source needed)."""
+    if not columns or not key or any(k not in columns for k in key):
+        raise SinkError(f"cannot create target table {table}: its events carry no usable columns and key")
+    with conn.cursor() as cur:
+        _create_schema(cur, table.schema)
+        cur.execute(
+            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
+                sql.Identifier(table.schema, table.name),
+                sql.SQL(", ").join(
+                    sql.SQL("{} {}").format(sql.Identifier(name), checked_type(type_name, table, name))
+                    for name, type_name in columns.items()
+                ),
+                sql.SQL(", ").join(map(sql.Identifier, key)),
+            )
+        )
+    log.info("created target table %s from its events", table, extra={"table": str(table)})
+    created = load(conn, table)
+    assert created is not None
+    return created
+
+
+def reconcile(conn: Any, target: TargetTable, columns: dict[str, str]) -> TargetTable:
+    """Add the columns events carry that the target lacks; stop on a changed type."""
+    for name, type_name in columns.items():
+        have = target.columns.get(name)
+        if have is not None and normalize_type(have) != normalize_type(type_name):
+            raise SinkError(
+                f"column {name} of {target.name} changed type on the source ({have} -> {type_name}); "
+                f"the sink does not change column types by itself: ALTER TABLE {target.name} ALTER COLUMN "
+                f"{name} TYPE {type_name} on the target, then restart the sink"
+            )
+    missing = {n: t for n, t in columns.items() if n not in target.columns}
+    if not missing:
+        return target
+    with conn.cursor() as cur:
+        for name, type_name in missing.items():
+            cur.execute(
+                sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                    target.ident, sql.Identifier(name), checked_type(type_name, target.name, name)
+                )
+            )
+            log.info("added column %s %s to %s", name, type_name, target.name, extra={"table": str(target.name)})
+    refreshed = load(conn, target.name)
+    assert refreshed is not None
+    return refreshed
