@@ -7,6 +7,7 @@ the changes before it in that partition are dropped and the rows whose key hashe
 partition are deleted before the rest of the batch is applied.
 """
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ import orjson
 from cdc_common.tables import TableName
 from schemas.envelope import OPS
 
-TOMBSTONE = "x"  # a null-valued message: delete of its key
+TOMBSTONE = "tombstone"  # a null-valued message: delete of its key
 FULL_ROW_OPS = frozenset({"c", "r"})
 DELETE_OPS = frozenset({"d", TOMBSTONE})
 
@@ -127,11 +128,13 @@ class TableBatch:
     columns: dict[str, str] = field(default_factory=dict)
     key_columns: list[str] = field(default_factory=list)
     changes: int = 0
+    ops: Counter[str] = field(default_factory=Counter)
     max_ts_us: int | None = None
     max_commit_lsn: int | None = None
 
     def add(self, change: Change) -> None:
         self.changes += 1
+        self.ops[change.op] += 1
         if change.columns is not None and change.columns is not self.columns:
             if change.columns != self.columns:
                 self.columns = {**self.columns, **change.columns}

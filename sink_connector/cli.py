@@ -60,6 +60,13 @@ def sink_options(func: Any) -> Any:
             default=60.0,
             help="Seconds to keep retrying an unreachable Kafka at start-up.",
         ),
+        click.option(
+            "--metrics-port",
+            envvar="METRICS_PORT",
+            type=click.IntRange(min=0, max=65535),
+            default=0,
+            help="Serve Prometheus /metrics and /healthz on this port (0: off).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -78,6 +85,7 @@ def build_options(kwargs: dict[str, Any], snapshot: str, rebuild: tuple[Any, ...
         once=kwargs["once"],
         kafka_timeout=kwargs["kafka_timeout"],
         rebuild=rebuild,
+        metrics_port=kwargs["metrics_port"],
     )
 
 

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from cdc_common.kafka import admin_client, wait_for_kafka
 from cdc_common.pg import connect, error_reason, is_connection_loss, sqlstate
 from cdc_common.progress import RowProgress
 from cdc_common.retry import Backoff
+from cdc_common.service import LATENCY_BUCKETS, SIZE_BUCKETS, FastHistogram, OpsServer, counter, gauge
 from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
 from cdc_common.tables import TableName
@@ -54,6 +56,7 @@ class SinkOptions:
     once: bool = False
     kafka_timeout: float = 60.0
     rebuild: tuple[TableName, ...] = ()
+    metrics_port: int = 0
 
 
 class Fenced(Exception):
@@ -100,6 +103,16 @@ class Sink:
         self.dead_letters: DeadLetters | None = None
         self.end_offsets: dict[TP, int] = {}
         self.last_applied_ts_us: int | None = None
+        self.latency = FastHistogram(LATENCY_BUCKETS)
+        self.batch_sizes = FastHistogram(SIZE_BUCKETS)
+        self.apply_seconds = FastHistogram(LATENCY_BUCKETS)
+        self.errors: Counter[str] = Counter()
+        self.copied_rows: Counter[str] = Counter()
+        self.lag: dict[TP, int] = {}
+        self.next_lag_check = 0.0
+        self.target_down_since: float | None = None
+        self.kafka_down_since: float | None = None
+        self.fenced = 0
 
     # --- connections ------------------------------------------------------------------------
 
@@ -113,6 +126,9 @@ class Sink:
         )
 
     def _reconnect(self, exc: BaseException, backoff: Backoff) -> None:
+        self.errors["target_connection"] += 1
+        if self.target_down_since is None:
+            self.target_down_since = time.monotonic()
         delay = backoff.next_delay(time.monotonic()) or 1.0
         log.warning("target connection lost (%s); reconnecting in %.1f s", error_reason(exc), delay)
         self.stop.wait(delay)
@@ -228,6 +244,7 @@ class Sink:
             with RowProgress("copy") as progress:
                 result = copy_table(self.settings.source_dsn, cur, definition, progress)
             self.book.record_initialized(cur, table, "copy", result.snapshot, result.lsn, result.rows)
+            self.copied_rows[str(table)] += result.rows
             elapsed = time.monotonic() - started
             log.info(
                 "copied %d rows of %s in %.1f s (%.0f rows/s, %s COPY)",
@@ -248,6 +265,12 @@ class Sink:
 
     def _consumer_config(self) -> dict[str, Any]:
         def on_error(err: Any) -> None:
+            self.errors["kafka_" + err.name().lstrip("_").lower()] += 1
+            if (
+                err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)
+                and self.kafka_down_since is None
+            ):
+                self.kafka_down_since = time.monotonic()
             log.warning("Kafka: %s", err.str())
 
         return self.settings.kafka_config(
@@ -292,6 +315,18 @@ class Sink:
     # --- the loop --------------------------------------------------------------------------------
 
     def run(self) -> None:
+        server = (
+            OpsServer(self.options.metrics_port, self._collect, self.health).start()
+            if self.options.metrics_port
+            else None
+        )
+        try:
+            self._run()
+        finally:
+            if server is not None:
+                server.stop()
+
+    def _run(self) -> None:
         self._connect()
         self.book.install(self.conn)
         self.admin = admin_client(self.settings)
@@ -351,8 +386,10 @@ class Sink:
                 log.info("caught up with the end offsets seen at start-up; exiting (--once)")
                 return
             messages = self.consumer.consume(self.options.batch_size, self.options.batch_wait)
+            self._watch()
             if not messages:
                 continue
+            self.kafka_down_since = None
             batch = [m for m in messages if self._usable(m)]
             if not batch:
                 continue
@@ -377,6 +414,90 @@ class Sink:
                     if self.stop:
                         return
 
+    def _watch(self) -> None:
+        """Every few seconds: consumer lag per partition, and whether Kafka is back."""
+        now = time.monotonic()
+        if now < self.next_lag_check:
+            return
+        self.next_lag_check = now + 2.0
+        lag = {}
+        for tp, position in list(self.expected.items()):
+            try:
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(tp[0], tp[1]), cached=True)
+            except Exception:
+                continue
+            if high >= 0:
+                lag[tp] = max(0, high - (low if position is None else position))
+        self.lag = lag
+        if self.kafka_down_since is not None:
+            try:
+                self.consumer.list_topics(timeout=2)
+                self.kafka_down_since = None
+            except Exception:
+                pass
+
+    def health(self) -> tuple[bool, str]:
+        now = time.monotonic()
+        if self.target_down_since is not None and now - self.target_down_since > 30:
+            return False, f"target database unreachable for {now - self.target_down_since:.0f} s"
+        if self.kafka_down_since is not None and now - self.kafka_down_since > 30:
+            return False, f"Kafka unreachable for {now - self.kafka_down_since:.0f} s"
+        return True, f"ok: {self.batches} batches applied"
+
+    def _collect(self) -> Iterator[Any]:
+        yield counter(
+            "cdc_sink_changes_applied_total",
+            "Changes applied to the target, by table and op.",
+            ["table", "op"],
+            [((t, op), n) for (t, op), n in list(self.applied.items())],
+        )
+        yield counter("cdc_sink_batches_total", "Batches committed to the target.", [], [((), self.batches)])
+        yield counter(
+            "cdc_sink_skipped_total",
+            "Events skipped because the bulk copy already held them.",
+            [],
+            [((), self.skipped)],
+        )
+        yield counter(
+            "cdc_sink_dlq_messages_total",
+            "Messages sent to a dead-letter topic.",
+            [],
+            [((), self.dead_letters.sent if self.dead_letters else 0)],
+        )
+        yield counter(
+            "cdc_sink_fenced_total",
+            "Batches dropped because another member moved the offsets.",
+            [],
+            [((), self.fenced)],
+        )
+        yield counter(
+            "cdc_sink_errors_total", "Errors by kind.", ["kind"], [((k,), n) for k, n in list(self.errors.items())]
+        )
+        yield counter(
+            "cdc_sink_snapshot_rows_total",
+            "Rows bulk-copied from the source, by table.",
+            ["table"],
+            [((t,), n) for t, n in list(self.copied_rows.items())],
+        )
+        yield self.latency.family(
+            "cdc_sink_end_to_end_latency_seconds", "From source commit to target commit, per change."
+        )
+        yield self.batch_sizes.family("cdc_sink_batch_size_messages", "Messages per applied batch.")
+        yield self.apply_seconds.family("cdc_sink_apply_seconds", "Time to apply and commit one batch.")
+        yield gauge(
+            "cdc_sink_consumer_lag_messages",
+            "Messages not yet applied, by topic and partition.",
+            labels=["topic", "partition"],
+            values=[((t, str(p)), n) for (t, p), n in list(self.lag.items())],
+        )
+        if self.last_applied_ts_us is not None:
+            yield gauge(
+                "cdc_sink_last_applied_commit_timestamp_seconds",
+                "Source commit time of the newest change applied.",
+                self.last_applied_ts_us / 1e6,
+            )
+        yield gauge("cdc_sink_up", "1 while the sink can make progress.", 1.0 if self.health()[0] else 0.0)
+
     def _usable(self, message: Any) -> bool:
         err = message.error()
         if err is None:
@@ -391,6 +512,7 @@ class Sink:
 
     def _resync(self, stored: dict[TP, int | None], batch: list[Any]) -> None:
         """After a fencing conflict: continue every partition of the batch from what is stored."""
+        self.fenced += 1
         log.warning(
             "another sink moved the offsets of %s: re-reading from the stored offsets",
             ", ".join(f"{t}[{p}]" for t, p in stored),
@@ -545,6 +667,7 @@ class Sink:
             for c in changes:
                 tp = (c.topic, c.partition)
                 positions[tp] = max(positions.get(tp, 0), c.offset + 1)
+        started = time.monotonic()
         with self.conn.cursor() as cur:
             stored = self.book.lock(cur, list(positions))
             if any(stored.get(tp) != self.expected.get(tp, -1) for tp in positions):
@@ -558,10 +681,20 @@ class Sink:
             if batches:
                 self.book.progress(cur, [(b.table, b.max_ts_us, b.max_commit_lsn, b.changes) for b in batches])
         self.conn.commit()
+        committed_us = time.time() * 1e6
+        self.target_down_since = None
         self.expected.update(positions)
         self.batches += 1
+        self.apply_seconds.observe(time.monotonic() - started)
+        self.batch_sizes.observe(len(changes))
+        observe = self.latency.observe
+        for c in changes:
+            if c.ts_us is not None:
+                observe((committed_us - c.ts_us) / 1e6)
         for b in batches:
-            self.applied[(str(b.table), "changes")] += b.changes
+            name = str(b.table)
+            for op, n in b.ops.items():
+                self.applied[(name, op)] += n
             if b.max_ts_us is not None:
                 self.last_applied_ts_us = max(self.last_applied_ts_us or 0, b.max_ts_us)
         try:
