@@ -1,0 +1,213 @@
+"""Gathering the pipeline's state from the three services: the slot on the source, the topics in
+Kafka, the sink's applied offsets and progress on the target."""
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, TopicPartition
+from psycopg2 import sql
+
+from cdc_common.settings import Settings
+from schemas.topics import table_for, topic_for
+
+
+@dataclass
+class SlotStatus:
+    name: str
+    exists: bool = False
+    active: bool = False
+    active_pid: int | None = None
+    plugin: str | None = None
+    database: str | None = None
+    confirmed_flush_lsn: str | None = None
+    retained_wal_bytes: int | None = None
+    wal_status: str | None = None
+    safe_wal_size: int | None = None
+
+
+@dataclass
+class PartitionStatus:
+    partition: int
+    end_offset: int
+    applied_offset: int | None
+    lag_messages: int
+    lag_seconds: float
+
+
+@dataclass
+class TableStatus:
+    table: str
+    topic: str
+    partitions: list[PartitionStatus] = field(default_factory=list)
+    last_applied_commit: str | None = None
+    applied_at: str | None = None
+    changes_applied: int = 0
+
+    @property
+    def lag_messages(self) -> int:
+        return sum(p.lag_messages for p in self.partitions)
+
+    @property
+    def lag_seconds(self) -> float:
+        return max((p.lag_seconds for p in self.partitions), default=0.0)
+
+
+@dataclass
+class Status:
+    slot: SlotStatus
+    group: str
+    tables: list[TableStatus]
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "problems": self.problems,
+            "slot": vars(self.slot),
+            "sink": {
+                "group": self.group,
+                "lag_messages": sum(t.lag_messages for t in self.tables),
+                "lag_seconds": max((t.lag_seconds for t in self.tables), default=0.0),
+            },
+            "tables": [
+                {
+                    "table": t.table,
+                    "topic": t.topic,
+                    "partitions": len(t.partitions),
+                    "end_offsets": {str(p.partition): p.end_offset for p in t.partitions},
+                    "applied_offsets": {str(p.partition): p.applied_offset for p in t.partitions},
+                    "lag_messages": t.lag_messages,
+                    "lag_seconds": round(t.lag_seconds, 3),
+                    "last_applied_commit": t.last_applied_commit,
+                    "applied_at": t.applied_at,
+                    "changes_applied": t.changes_applied,
+                }
+                for t in self.tables
+            ],
+        }
+
+
+_SLOT = """
+SELECT plugin, database, active, active_pid, confirmed_flush_lsn::text,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, wal_status, safe_wal_size
+FROM pg_replication_slots WHERE slot_name = %s
+"""
+
+
+def slot_status(source: Any, name: str) -> SlotStatus:
+    with source.cursor() as cur:
+        cur.execute(_SLOT, (name,))
+        row = cur.fetchone()
+    if row is None:
+        return SlotStatus(name)
+    plugin, database, active, pid, confirmed, retained, wal_status, safe = row
+    return SlotStatus(name, True, active, pid, plugin, database, confirmed, retained, wal_status, safe)
+
+
+def sink_progress(
+    target: Any, schema: str, group: str
+) -> tuple[dict[tuple[str, int], int | None], dict[str, tuple[Any, ...]]]:
+    """(applied offsets by topic/partition, progress by table) from the sink's tables, if any."""
+    with target.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema, "offsets").as_string(cur),))
+        if not cur.fetchone()[0]:
+            return {}, {}
+        cur.execute(
+            sql.SQL("SELECT topic, partition, next_offset FROM {} WHERE group_id = %s").format(
+                sql.Identifier(schema, "offsets")
+            ),
+            (group,),
+        )
+        offsets = {(t, p): o for t, p, o in cur.fetchall()}
+        cur.execute(
+            sql.SQL(
+                "SELECT schema_name, table_name, last_commit_at, applied_at, changes FROM {} WHERE group_id = %s"
+            ).format(sql.Identifier(schema, "tables")),
+            (group,),
+        )
+        tables = {f"{s}.{n}": (c, a, k) for s, n, c, a, k in cur.fetchall()}
+    return offsets, tables
+
+
+def message_time(consumer: Any, topic: str, partition: int, offset: int) -> float | None:
+    """The source commit time (seconds) of the change at `offset`, when it can be read."""
+    consumer.assign([TopicPartition(topic, partition, offset)])
+    try:
+        for msg in consumer.consume(1, timeout=5):
+            if msg.error() is None and msg.value():
+                ts = orjson.loads(msg.value()).get("source", {}).get("ts_us")
+                return None if ts is None else ts / 1e6
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    finally:
+        consumer.unassign()
+    return None
+
+
+def gather(
+    settings: Settings, source: Any, target: Any, slot: str, group: str, schema: str, quotas: dict[str, float]
+) -> Status:
+    problems: list[str] = []
+    slot_state = slot_status(source, slot)
+    if not slot_state.exists:
+        problems.append(f"slot {slot} does not exist on the source (is cdc-source running?)")
+    else:
+        retained = slot_state.retained_wal_bytes or 0
+        if not slot_state.active and retained > quotas["max_slot_lag"]:
+            problems.append(
+                f"slot {slot} is inactive and holds {retained / 2**20:.1f} MiB of WAL "
+                f"(more than {quotas['max_slot_lag'] / 2**20:.0f} MiB): start cdc-source, or drop the slot"
+            )
+        if slot_state.wal_status in ("extended", "unreserved", "lost"):
+            problems.append(
+                f"slot {slot} has wal_status {slot_state.wal_status}: "
+                + (
+                    "its WAL is gone, changes were lost"
+                    if slot_state.wal_status == "lost"
+                    else "it is close to losing WAL"
+                )
+            )
+    offsets, progress = sink_progress(target, schema, group)
+    consumer = Consumer(settings.kafka_config(**{"group.id": group + "-status", "enable.auto.commit": False}))
+    tables: list[TableStatus] = []
+    try:
+        metadata = consumer.list_topics(timeout=10)
+        if settings.tables:
+            topics = [topic_for(settings.topic_prefix, t) for t in settings.tables]
+        else:
+            topics = sorted(t for t in metadata.topics if table_for(settings.topic_prefix, t) is not None)
+        now = time.time()
+        for topic in topics:
+            table = table_for(settings.topic_prefix, topic)
+            status = TableStatus(str(table), topic)
+            applied = progress.get(f"{table.schema}.{table.name}" if table else "")
+            if applied is not None:
+                commit_at, applied_at, changes = applied
+                status.last_applied_commit = commit_at.isoformat() if commit_at else None
+                status.applied_at = applied_at.isoformat() if applied_at else None
+                status.changes_applied = int(changes)
+            for p in sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                done = offsets.get((topic, p))
+                lag = max(0, high - (low if done is None else done))
+                lag_seconds = 0.0
+                if lag:
+                    ts = message_time(consumer, topic, p, low if done is None else done)
+                    lag_seconds = max(0.0, now - ts) if ts is not None else 0.0
+                status.partitions.append(PartitionStatus(p, high, done, lag, lag_seconds))
+            tables.append(status)
+    finally:
+        consumer.close()
+    for t in tables:
+        if t.lag_messages > quotas["max_lag_messages"] or t.lag_seconds > quotas["max_lag_seconds"]:
+            problems.append(
+                f"sink group {group} is behind on {t.table}: {t.lag_messages} messages, {t.lag_seconds:.0f} s "
+                "(is cdc-sink running?)"
+            )
+    return Status(slot_state, group, tables, problems)
