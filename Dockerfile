@@ -22,6 +22,7 @@ COPY source_connector ./source_connector
 COPY sink_connector ./sink_connector
 COPY verify ./verify
 COPY status ./status
+COPY demo ./demo
 RUN pip install . \
     && cd / && rm -rf /src \
     && useradd --system --create-home --home-dir /home/cdc --uid 10001 --user-group cdc

@@ -352,7 +352,9 @@ def simulate(pacer: Pacer, seconds: float) -> int:
 @given(st.floats(min_value=1, max_value=500), st.integers(min_value=1, max_value=20))
 def test_pacer_keeps_the_rate(rate: float, batch: int) -> None:
     operations = simulate(Pacer(rate, batch), seconds=10.0) * batch
-    assert abs(operations - rate * 10) <= batch, (rate, batch, operations)
+    # + 1e-9: next_at accumulates batch / rate in floating point, so a start meant for t = 10.0 can land a hair
+    # before it (rate=25.999999999999943, batch=1 gave 261 operations for 259.99999999999943)
+    assert abs(operations - rate * 10) <= batch + 1e-9, (rate, batch, operations)
 
 
 def test_pacer_spaces_batches() -> None:
