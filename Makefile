@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STACK := bash stack/stack.sh
 
-.PHONY: help up down clean venv lint test unit integration demo status bench bench-full faults soak
+.PHONY: help up down clean venv lint test unit integration demo status bench bench-full faults soak docs
 
 help:
 	@echo "make demo        stack up, writer + source + sink running, live counts (Ctrl-C stops)"
@@ -59,3 +59,7 @@ faults: up
 
 soak: up
 	$(BIN)/python -m tests.faults.soak --minutes 10
+
+docs: venv
+	$(BIN)/python -m scripts.reference --write
+	$(BIN)/python -m bench.readme

@@ -162,6 +162,7 @@ def common_options(func: F) -> F:
             default="info",
             show_default=True,
             type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+            help="Least severe log level printed.",
         ),
     ]
     for option in reversed(options):
