@@ -70,6 +70,20 @@ def delete_statement(target: TargetTable) -> sql.Composed:
     return statement
 
 
+def check_statement(target: TargetTable, columns: tuple[str, ...]) -> sql.Composed:
+    """Casts rows to the column types without writing them: raises on a value the column rejects."""
+    cached = target.statements.get(("check", columns))
+    if cached is not None:
+        return cached
+    # count(ROW(...)) makes PostgreSQL evaluate every cast; a bare count(*) would skip them.
+    statement = sql.SQL("SELECT count(ROW({values})) FROM json_to_recordset(%s::json) AS x({record})").format(
+        values=sql.SQL(", ").join(_cast(target, c) for c in columns),
+        record=_record_columns(columns),
+    )
+    target.statements[("check", columns)] = statement
+    return statement
+
+
 def _json(rows: list[dict[str, Any]]) -> str:
     return orjson.dumps(rows).decode()
 
@@ -111,20 +125,29 @@ def truncate(cur: Any, target: TargetTable, partitions: dict[int, int]) -> None:
         cur.execute(delete_statement(target), (_json(doomed),))
 
 
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    """Rows grouped by their columns (one statement per group)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        shape = tuple(row)
+        group = groups.get(shape)
+        if group is None:
+            groups[shape] = group = []
+        group.append(row)
+    return groups
+
+
 def apply_table(cur: Any, target: TargetTable, batch: TableBatch) -> None:
     """The batch's truncates, then deletes, then upserts (each key has one net change)."""
+    for shape, rows in _groups(batch.replaced).items():
+        columns = tuple(c for c in shape if c in target.columns)
+        if columns:
+            cur.execute(check_statement(target, columns), (_json(rows),))
     if batch.truncated:
         truncate(cur, target, batch.truncated)
     if batch.deletes:
         cur.execute(delete_statement(target), (_json([row for row, _ in batch.deletes.values()]),))
     if batch.upserts:
-        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-        for upsert in batch.upserts.values():
-            shape = tuple(upsert.row)
-            group = groups.get(shape)
-            if group is None:
-                groups[shape] = group = []
-            group.append(upsert.row)
-        for shape, rows in groups.items():
+        for shape, rows in _groups([u.row for u in batch.upserts.values()]).items():
             columns = tuple(c for c in shape if c in target.columns)
             cur.execute(upsert_statement(target, columns), (_json(rows),))

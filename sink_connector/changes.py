@@ -125,6 +125,9 @@ class TableBatch:
     upserts: dict[bytes, Upsert] = field(default_factory=dict)
     deletes: dict[bytes, tuple[dict[str, Any], int]] = field(default_factory=dict)
     truncated: dict[int, int] = field(default_factory=dict)  # partition -> partition count
+    # Rows a later change of the same key replaced: never written, but still checked by the target,
+    # so a bad value cannot vanish behind a good one.
+    replaced: list[dict[str, Any]] = field(default_factory=list)
     columns: dict[str, str] = field(default_factory=dict)
     key_columns: list[str] = field(default_factory=list)
     changes: int = 0
@@ -146,6 +149,10 @@ class TableBatch:
         ):
             self.max_commit_lsn = change.commit_lsn
         op, key = change.op, change.key
+        if key in self.upserts:
+            self.replaced.append(self.upserts[key].row)
+        elif key in self.deletes:
+            self.replaced.append(self.deletes[key][0])
         if op in FULL_ROW_OPS or (op == "u" and not change.unchanged):
             self.upserts[key] = Upsert(change.row, None, change.partition)  # type: ignore[arg-type]
             self.deletes.pop(key, None)
@@ -167,6 +174,8 @@ class TableBatch:
             self.deletes[key] = ({k: row[k] for k in (change.key_columns or row)}, change.partition)
         else:  # t: the partition's rows go, so do the batch's earlier changes to them
             p = change.partition
+            self.replaced += [u.row for u in self.upserts.values() if u.partition == p]
+            self.replaced += [d[0] for d in self.deletes.values() if d[1] == p]
             self.upserts = {k: u for k, u in self.upserts.items() if u.partition != p}
             self.deletes = {k: d for k, d in self.deletes.items() if d[1] != p}
             self.truncated[p] = change.partitions or 1

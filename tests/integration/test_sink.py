@@ -755,11 +755,6 @@ def test_poison_message_goes_to_the_dead_letter_topic(
     assert parked_keys == [(poisoned.topic, POISON_KEY.decode(), poisoned.offset)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a poison message followed in the same batch by a valid change of its key is coalesced away "
-    "(changes.TableBatch keeps the last change per key): the sink neither stops nor dead-letters it",
-)
 @pytest.mark.parametrize("on_error", ["fail", "dlq"])
 def test_poison_followed_by_a_change_of_its_key_in_one_batch(
     dbs: Databases, stack: Stack, topic_prefix: str, on_error: str
