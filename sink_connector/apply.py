@@ -109,9 +109,17 @@ def truncate(cur: Any, target: TargetTable, partitions: dict[int, int]) -> None:
     if counts == {1}:
         cur.execute(sql.SQL("TRUNCATE {}").format(target.ident))
         return
+    # The output function's text is what wal2json put in the key (`::text` differs for a few types,
+    # e.g. character(n) loses its padding); booleans read as true/false like key_bytes expects.
     cur.execute(
         sql.SQL("SELECT {} FROM {}").format(
-            sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in target.key), target.ident
+            sql.SQL(", ").join(
+                sql.SQL("{}::text" if target.columns[k] == "boolean" else "format('%s', {})").format(
+                    sql.Identifier(k)
+                )
+                for k in target.key
+            ),
+            target.ident,
         )
     )
     doomed = []

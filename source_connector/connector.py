@@ -8,9 +8,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
 
 from cdc_common.errors import SourceError
-from cdc_common.kafka import HISTORY_TOPIC_CONFIG, admin_client, ensure_topics, wait_for_kafka
+from cdc_common.kafka import HISTORY_TOPIC_CONFIG, ensure_topics, wait_for_kafka
 from cdc_common.pg import connect
 from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
@@ -27,6 +28,17 @@ from source_connector.wal2json import int_to_lsn
 log = logging.getLogger("source")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# librdkafka prints its own log lines straight to stderr ("%3|...|FAIL|..."), dozens a second while
+# the broker is unreachable: they bypassed the text/JSON log format and buried the one-line error.
+# Given a `logger`, a client hands them to Python logging instead, when it is polled (the producer
+# and consumers are; the admin client never is, and wait_for_kafka reports what it needs to).
+KAFKA_CLIENT_LOG = logging.getLogger("kafka.client")
+
+
+def kafka_admin(settings: Settings) -> Any:
+    """cdc_common.kafka.admin_client, with librdkafka's log lines routed through logging."""
+    return AdminClient(settings.kafka_config(**{"socket.timeout.ms": 10000, "logger": KAFKA_CLIENT_LOG}))
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,7 @@ def producer_config(settings: Settings, options: SourceOptions, errors: Counter[
             "message.max.bytes": MAX_MESSAGE_BYTES,
             "partitioner": "murmur2_random",
             "error_cb": on_error,
+            "logger": KAFKA_CLIENT_LOG,
         }
     )
 
@@ -76,7 +89,7 @@ class SourceConnector:
         self.options = options
         self.stop = stop
         self.kafka_errors: Counter[str] = Counter()
-        self.nan_logged: set[str] = set()
+        self.nan_logged: set[tuple[str, str]] = set()
         self.nan_counts: Counter[tuple[str, str]] = Counter()
         self.partition_counts: dict[str, int] = {}
         self.stream: Stream | None = None
@@ -115,13 +128,15 @@ class SourceConnector:
         return self.partition_counts[topic]
 
     def _on_nan(self, info: TableInfo, column: str) -> None:
+        # Once per table AND column: once per table only ever named the first column that lost a
+        # value, so losses in the table's other columns went unreported.
         self.nan_counts[(str(info.name), column)] += 1
-        if str(info.name) not in self.nan_logged:
-            self.nan_logged.add(str(info.name))
+        if (str(info.name), column) not in self.nan_logged:
+            self.nan_logged.add((str(info.name), column))
             log.warning(
                 "column %s of %s is NOT NULL but arrived as null: wal2json (before 2.6) prints NaN and Infinity "
                 "as null, so the value is lost in the stream; such rows will fail at the target until updated "
-                "(logged once per table, counted in cdc_source_nan_nulls_total)",
+                "(logged once per column, counted in cdc_source_nan_nulls_total)",
                 column,
                 info.name,
                 extra={"table": str(info.name)},
@@ -155,7 +170,7 @@ class SourceConnector:
             ", ".join(str(i.name) for i in infos) or "(none yet)",
         )
 
-        self.admin = admin_client(settings)
+        self.admin = kafka_admin(settings)
         wait_for_kafka(settings, self.admin, options.kafka_timeout, self.stop)
         self.state_topic = state_topic(settings.topic_prefix)
         ensure_topics(self.admin, [self.state_topic], 1, options.replication_factor, STATE_TOPIC_CONFIG)
@@ -321,11 +336,13 @@ class SourceConnector:
         )
         server = server_info(conn)
         dropped = drop_slot(conn, self.options.slot)
-        admin = admin_client(self.settings)
+        admin = kafka_admin(self.settings)
         wait_for_kafka(self.settings, admin, self.options.kafka_timeout, self.stop)
         topic = state_topic(self.settings.topic_prefix)
         if topic in admin.list_topics(timeout=10).topics:
-            producer = Producer(self.settings.kafka_config(**{"client.id": "cdc-source"}))
+            producer = Producer(
+                self.settings.kafka_config(**{"client.id": "cdc-source", "logger": KAFKA_CLIENT_LOG})
+            )
             clear_state(producer, topic, state_key(server.system_id, server.database, self.options.slot))
         conn.close()
         return dropped

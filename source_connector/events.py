@@ -219,7 +219,7 @@ class EventBuilder:
 
 
 def snapshot_values(info: TableInfo, names: tuple[str, ...], texts: tuple[str | None, ...]) -> dict[str, Any]:
-    """A row read as text (`col::text`) in the form wal2json gives: integers and booleans typed."""
+    """A row read as text (snapshot.text_of) in the form wal2json gives: integers and booleans typed."""
     row: dict[str, Any] = {}
     ints, bools = info.integer_columns, info.boolean_columns
     for name, text in zip(names, texts, strict=True):

@@ -1,6 +1,7 @@
 """The source connector's own record in a compacted Kafka topic: which slot it created, whether the
 initial snapshot finished, and how far PostgreSQL may have been told it is confirmed."""
 
+import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -49,6 +50,7 @@ def read_state(settings: Settings, topic: str, key: bytes, timeout: float = 30) 
                 "group.id": "cdc-source-state-reader",
                 "enable.auto.commit": False,
                 "enable.partition.eof": False,
+                "logger": logging.getLogger("kafka.client"),  # not straight to stderr (see connector.py)
             }
         )
     )

@@ -42,6 +42,9 @@ HOUSEKEEPING_EVERY = 512  # messages between producer polls and feedback checks
 CONFIRM_INTERVAL = 0.5  # seconds between attempts to confirm a new position
 KEEPALIVE_INTERVAL = 10.0  # seconds between feedback messages when nothing moves
 STALL_LOG_INTERVAL = 10.0
+# How long a start waits for a slot that another process holds (the walsender of a previous run that
+# was killed may still be exiting) before reporting it, rather than waiting forever.
+SLOT_BUSY_TIMEOUT = 15.0
 
 
 class Stream:
@@ -80,6 +83,7 @@ class Stream:
         self.next_heartbeat = time.monotonic() + heartbeat_interval
         self.stalled_since: float | None = None
         self.connected = False
+        self.has_streamed = False  # this process streamed from the slot at least once
         self.transactions = 0
         self.messages = 0
 
@@ -120,7 +124,8 @@ class Stream:
                 conn.close()
                 conn = None
                 if attempt and NUMBERS_AS_STRING_OPTION in str(exc):
-                    self.numbers_as_strings = False
+                    # Recorded (and logged) below once the fallback started: setting it here
+                    # skipped that log line, so the operator never learnt NaN is lost.
                     continue
                 raise
             if self.numbers_as_strings is None:
@@ -138,9 +143,11 @@ class Stream:
     def run(self, conn: Any | None = None) -> None:
         """Stream until stopped; reconnects by itself when the source goes away."""
         backoff = Backoff(base=0.5, cap=15.0)
+        busy_since: float | None = None
         while not self.stop:
             try:
                 conn, cur = self._open(conn)
+                self.has_streamed = True
                 backoff.reset()
                 self._loop(cur)
                 self._shutdown(cur)
@@ -150,17 +157,28 @@ class Stream:
                 self.connected = False
                 conn = None
                 known = replication_error(exc, self.slot)
-                transient = is_connection_loss(exc) or (
-                    known is not None and getattr(exc, "pgcode", "") == "55006"
-                )
+                busy = known is not None and getattr(exc, "pgcode", "") == "55006"
+                transient = is_connection_loss(exc) or busy
+                # The slot is active in another process. After this process streamed, that is most
+                # likely its own old walsender, which the server ends (wal_sender_timeout): keep
+                # retrying. At start-up it is usually another cdc-source on the same slot: wait a
+                # little, then fail with the reason instead of retrying silently forever.
+                if busy and not self.has_streamed:
+                    now = time.monotonic()
+                    busy_since = now if busy_since is None else busy_since
+                    if now - busy_since >= SLOT_BUSY_TIMEOUT:
+                        transient = False
                 if not transient:
                     if known is not None:
                         raise known from None
                     raise SourceError(f"replication failed: {error_reason(exc)}") from None
                 self._settle()
                 delay = backoff.next_delay(time.monotonic())
+                if busy_since is not None and not self.has_streamed and delay is not None:
+                    delay = min(delay, max(0.1, busy_since + SLOT_BUSY_TIMEOUT - time.monotonic()))
                 log.warning(
-                    "replication connection lost (%s); reconnecting in %.1f s",
+                    "%s (%s); reconnecting in %.1f s",
+                    "replication slot busy" if busy else "replication connection lost",
                     error_reason(exc),
                     delay or 0,
                     extra={"slot": self.slot},
@@ -291,10 +309,16 @@ class Stream:
         bound = self.gate.needs_state(target)
         if bound is not None:
             self._write_state(target, bound)
-        if self.gate.may_send(target) or (
+        # Send the newest position that an acknowledged state record already covers. Under
+        # sustained load `target` has moved past the last acknowledged bound every time we look, so
+        # waiting until `target` itself was covered meant never confirming anything until the stream
+        # went idle: the slot held all WAL since the start, and a restart re-sent all of it. Any
+        # position up to `target` is safe to confirm (every transaction before it is in Kafka).
+        sendable = min(target, self.gate.acked)
+        if self.gate.may_send(sendable) or (
             now - self.last_feedback >= KEEPALIVE_INTERVAL and self.gate.bound(self.gate.sent) <= self.gate.acked
         ):
-            flush = max(target, self.gate.sent) if self.gate.may_send(target) else self.gate.sent
+            flush = max(sendable, self.gate.sent) if self.gate.may_send(sendable) else self.gate.sent
             cur.send_feedback(write_lsn=max(self.received_lsn, flush), flush_lsn=flush, force=True)
             self.gate.mark_sent(flush)
             self.last_feedback = now
