@@ -53,4 +53,5 @@ class Envelope(TypedDict):
     columns: dict[str, str]
     key: list[str]
     unchanged: NotRequired[list[str]]
+    refetched: NotRequired[list[str]]  # key change only: read back from the table (see the JSON Schema)
     partitions: NotRequired[int]  # TRUNCATE only: the topic's partition count when it was sent

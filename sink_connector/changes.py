@@ -87,8 +87,8 @@ def decode(topic: str, partition: int, offset: int, key: bytes | None, value: by
         if not key:
             raise BadMessage("change event without a key")
     unchanged = env.get("unchanged")
-    if unchanged is not None and (op != "u" or not isinstance(unchanged, list)):
-        raise BadMessage("`unchanged` is only allowed on updates, as a list")
+    if unchanged is not None and (op not in ("u", "c") or not isinstance(unchanged, list)):
+        raise BadMessage("`unchanged` is only allowed on updates and creates, as a list")
     partitions = env.get("partitions") if op == "t" else None
     if op == "t" and (not isinstance(partitions, int) or partitions < 1):
         raise BadMessage("truncate event without a valid `partitions` count")

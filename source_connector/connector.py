@@ -9,6 +9,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
+from psycopg2 import sql
 
 from cdc_common.errors import SourceError
 from cdc_common.kafka import HISTORY_TOPIC_CONFIG, ensure_topics, wait_for_kafka
@@ -17,9 +18,9 @@ from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
 from schemas.topics import state_topic
 from source_connector.catalog import Catalog
-from source_connector.events import EventBuilder
+from source_connector.events import EventBuilder, snapshot_values
 from source_connector.slot import ServerInfo, check_slot, create_slot, drop_slot, get_slot, server_info
-from source_connector.snapshot import publish_snapshot
+from source_connector.snapshot import publish_snapshot, text_of
 from source_connector.state import STATE_TOPIC_CONFIG, SourceState, clear_state, read_state, state_key
 from source_connector.stream import HEARTBEAT_PREFIX, Stream, add_tables_option
 from source_connector.table_info import TableInfo
@@ -91,6 +92,7 @@ class SourceConnector:
         self.kafka_errors: Counter[str] = Counter()
         self.nan_logged: set[tuple[str, str]] = set()
         self.nan_counts: Counter[tuple[str, str]] = Counter()
+        self.refetched: Counter[str] = Counter()
         self.partition_counts: dict[str, int] = {}
         self.stream: Stream | None = None
 
@@ -142,6 +144,28 @@ class SourceConnector:
                 extra={"table": str(info.name)},
             )
 
+    def _refetch(self, info: TableInfo, key: dict[str, Any], columns: list[str]) -> dict[str, Any] | None:
+        """The current values of `columns` in the row with `key` (a key change that did not carry
+        unchanged TOASTed columns); None when the row is gone by now."""
+        self.refetched[str(info.name)] += 1
+        # Literals, not parameters: text_of() holds a '%s' of its own.
+        query = sql.SQL("SELECT {} FROM {} WHERE {}").format(
+            sql.SQL(", ").join(text_of(info, c) for c in columns),
+            sql.Identifier(info.name.schema, info.name.name),
+            sql.SQL(" AND ").join(
+                sql.SQL("{} = {}::{}").format(
+                    sql.Identifier(k),
+                    sql.Literal(key[k] if isinstance(key[k], bool) else str(key[k])),
+                    sql.SQL(info.types[k]),
+                )
+                for k in info.key
+            ),
+        )
+        with self.conn.cursor() as cur:
+            cur.execute(query)
+            row = cur.fetchone()
+        return None if row is None else snapshot_values(info, tuple(columns), row)
+
     def _write_state_now(self, state: SourceState) -> None:
         self.producer.produce(self.state_topic, state.encode(), state.key())
         if self.producer.flush(30) > 0:
@@ -185,7 +209,13 @@ class SourceConnector:
         )
         self.producer = Producer(producer_config(settings, options, self.kafka_errors))
         builder = EventBuilder(
-            settings.topic_prefix, server.database, options.slot, self._lookup, self._partitions, self._on_nan
+            settings.topic_prefix,
+            server.database,
+            options.slot,
+            self._lookup,
+            self._partitions,
+            self._on_nan,
+            self._refetch,
         )
 
         state, repl_conn = self._prepare_slot(server, infos, builder)

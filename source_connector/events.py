@@ -23,6 +23,8 @@ from source_connector.wal2json import lsn_to_int, timestamp_to_us
 Message = tuple[str, bytes | None, bytes | None, int | None]
 
 TableLookup = Callable[[str, str, bool], TableInfo | None]  # (schema, table, refresh) -> info
+# (table, key values, columns) -> those columns' current values in the table, or None (row gone)
+Refetch = Callable[[TableInfo, dict[str, Any], list[str]], dict[str, Any] | None]
 
 
 class TxContext:
@@ -52,6 +54,7 @@ class EventBuilder:
         tables: TableLookup,
         partitions: Callable[[str], int],
         on_nan: Callable[[TableInfo, str], None] = lambda info, column: None,
+        refetch: Refetch | None = None,
     ) -> None:
         self.prefix = prefix
         self.database = database
@@ -59,6 +62,7 @@ class EventBuilder:
         self.tables = tables
         self.partitions = partitions
         self.on_nan = on_nan
+        self.refetch = refetch
 
     # --- envelope -------------------------------------------------------------------------
 
@@ -138,13 +142,39 @@ class EventBuilder:
                 )
             ]
         before = {c["name"]: c["value"] for c in doc.get("identity", ())}
+        if unchanged and any(k in unchanged for k in info.key):
+            # A key column stored out of line and left unchanged: the old key (identity) holds it.
+            for k in info.key:
+                if k not in after and k in before:
+                    after[k] = before[k]
+            unchanged = [c for c in unchanged if c not in after]
         new_key = self.key(info, after)
         if before and all(k in before for k in info.key):
             old_key = self.key(info, before)
             if old_key != new_key:
+                extra: dict[str, Any] | None = None
+                if unchanged:
+                    # The new key's row has no old row to leave the unchanged columns alone in: read
+                    # them back from the table (the row's current value, which any later change of
+                    # the key corrects); when the row is gone already, say they are not carried.
+                    values = (
+                        None
+                        if self.refetch is None
+                        else self.refetch(info, {k: after[k] for k in info.key}, unchanged)
+                    )
+                    if values is not None:
+                        after.update(values)
+                        extra = {"refetched": unchanged}
+                    else:
+                        extra = {"unchanged": unchanged}
                 return [
                     *self._delete(info, before, tx, lsn, old_key),
-                    (info.topic, new_key, self._value(info, "c", None, after, tx, lsn, columns), None),
+                    (
+                        info.topic,
+                        new_key,
+                        self._value(info, "c", None, after, tx, lsn, columns, extra=extra),
+                        None,
+                    ),
                 ]
         extra = {"unchanged": unchanged} if unchanged else None
         return [

@@ -17,12 +17,15 @@ class FeedbackGate:
         self.requested = bound  # the newest bound written to the state topic
         self.acked = bound  # the newest bound the state topic acknowledged
 
-    def observe(self, last_start: int, wal_end: int) -> None:
-        """Between observations psycopg2 may have auto-advanced to `wal_end` only if our position
-        covered every message received up to the previous observation."""
-        if self.sent >= self.last_start and wal_end > self.auto:
+    def observe(self, low_start: int, last_start: int, wal_end: int) -> None:
+        """psycopg2 raises its flush position to a keepalive's WAL end when the position we gave it is
+        at or past the start of the last message it received. Between two observations that last
+        message was the one seen at the previous observation or one received since, the lowest of
+        which starts at `low_start` (a BEGIN of a transaction older than the ones confirmed can start
+        before them). So psycopg2 may have advanced to `wal_end` if `sent` covers either."""
+        if self.sent >= min(self.last_start, low_start) and wal_end > self.auto:
             self.auto = wal_end
-        self.last_start = max(self.last_start, last_start)
+        self.last_start = last_start
 
     def bound(self, target: int) -> int:
         """The highest position PostgreSQL could be told if `target` were sent now."""

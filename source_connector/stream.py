@@ -78,6 +78,7 @@ class Stream:
         self.tracker = FlushTracker(start)
         self.gate = FeedbackGate(0, state.bound_lsn)
         self.received_lsn = start
+        self.low_start = 1 << 64  # lowest data_start of a BEGIN since the last observation
         self.last_feedback = 0.0
         self.next_confirm = 0.0
         self.next_heartbeat = time.monotonic() + heartbeat_interval
@@ -113,11 +114,9 @@ class Stream:
                 )
             cur = conn.cursor()
             try:
-                cur.start_replication(
-                    slot_name=self.slot,
+                cur.start_replication_expert(
+                    start_replication_command(self.slot, start_lsn, self._options(attempt)),
                     decode=False,
-                    start_lsn=start_lsn,
-                    options=self._options(attempt),
                     status_interval=3600,
                 )
             except psycopg2.Error as exc:
@@ -223,6 +222,9 @@ class Stream:
                     except BufferError:
                         self._produce_when_room(cur, last, topic, value, key, partition, tx)  # type: ignore[arg-type]
             elif kind == b"B":
+                self.low_start = min(
+                    self.low_start, msg.data_start
+                )  # a transaction older than the last one confirmed
                 doc = decode(payload)
                 ctx = begin_context(doc)
                 tx = tracker.begin(doc["xid"], lsn_to_int(doc["nextlsn"]))
@@ -305,7 +307,8 @@ class Stream:
             target = self.tracker.caught_up_to(wal_end)
         if last is not None:
             self.received_lsn = max(self.received_lsn, last.data_start)
-        self.gate.observe(last.data_start if last is not None else 0, wal_end)
+        self.gate.observe(self.low_start, last.data_start if last is not None else 0, wal_end)
+        self.low_start = 1 << 64
         bound = self.gate.needs_state(target)
         if bound is not None:
             self._write_state(target, bound)
@@ -315,12 +318,15 @@ class Stream:
         # went idle: the slot held all WAL since the start, and a restart re-sent all of it. Any
         # position up to `target` is safe to confirm (every transaction before it is in Kafka).
         sendable = min(target, self.gate.acked)
-        if self.gate.may_send(sendable) or (
-            now - self.last_feedback >= KEEPALIVE_INTERVAL and self.gate.bound(self.gate.sent) <= self.gate.acked
-        ):
-            flush = max(sendable, self.gate.sent) if self.gate.may_send(sendable) else self.gate.sent
-            cur.send_feedback(write_lsn=max(self.received_lsn, flush), flush_lsn=flush, force=True)
-            self.gate.mark_sent(flush)
+        if self.gate.may_send(sendable):
+            cur.send_feedback(write_lsn=max(self.received_lsn, sendable), flush_lsn=sendable, force=True)
+            self.gate.mark_sent(sendable)
+            self.last_feedback = now
+        elif now - self.last_feedback >= KEEPALIVE_INTERVAL:
+            # A reply every few seconds, whatever the state topic says: a server that hears nothing
+            # for wal_sender_timeout/2 asks for a reply in the middle of a transaction, and psycopg2
+            # would answer it with a flush position raised past that unfinished transaction.
+            cur.send_feedback(write_lsn=self.received_lsn, force=True)
             self.last_feedback = now
 
     def _write_state(self, confirmed: int, bound: int) -> None:
@@ -363,7 +369,7 @@ class Stream:
         target = self.tracker.advance()
         if self.tracker.idle():
             target = self.tracker.caught_up_to(cur.wal_end)
-        self.gate.observe(self.received_lsn, cur.wal_end)
+        self.gate.observe(self.low_start, self.received_lsn, cur.wal_end)
         bound = self.gate.needs_state(target)
         if bound is not None:
             self._write_state(target, bound)
@@ -372,6 +378,19 @@ class Stream:
             cur.send_feedback(write_lsn=max(self.received_lsn, target), flush_lsn=target, force=True)
             self.gate.mark_sent(target)
         log.info("confirmed %s to the slot; stopped", int_to_lsn(self.gate.sent), extra={"slot": self.slot})
+
+
+def _literal(value: str) -> str:
+    """A SQL string literal. psycopg2's start_replication quotes option values as latin-1, which
+    garbles a table name such as `ünïcödé`; the command is built here, in UTF-8, instead."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def start_replication_command(slot: str, start_lsn: int, options: dict[str, str]) -> str:
+    """START_REPLICATION SLOT "s" LOGICAL 0/0 ("option" 'value', ...)."""
+    ident = '"' + slot.replace('"', '""') + '"'
+    opts = ", ".join('"' + k.replace('"', '""') + '" ' + _literal(v) for k, v in options.items())
+    return f"START_REPLICATION SLOT {ident} LOGICAL {int_to_lsn(start_lsn)} ({opts})"
 
 
 def add_tables_option(tables: list[Any]) -> list[str]:

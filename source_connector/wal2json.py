@@ -19,7 +19,7 @@ import orjson
 # `"type":"numeric(12,2)","value":123.45` -> `"type":"numeric(12,2)","value":"123.45"`. Inside a JSON
 # string every '"' is escaped, so this can only match real keys, never the content of a value.
 _BARE_DECIMAL = re.compile(
-    rb'("type":"(?:numeric(?:\(\d+,\d+\))?|real|double precision)","value":)(-?[0-9][0-9.eE+-]*)'
+    rb'("type":"(?:numeric(?:\(\d+,-?\d+\))?|real|double precision)","value":)(-?[0-9][0-9.eE+-]*)'
 )
 _QUOTED_INTEGER = re.compile(rb'("type":"(?:smallint|integer|bigint|oid)","value":)"(-?[0-9]+)"')
 _BYTEA_VALUE = b'"type":"bytea","value":"'

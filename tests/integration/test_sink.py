@@ -438,13 +438,7 @@ def test_primary_key_changes(dbs: Databases, topic_prefix: str, identity: str) -
 @pytest.mark.parametrize(
     "identity",
     [
-        pytest.param(
-            "DEFAULT",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="key change + unchanged TOAST under REPLICA IDENTITY DEFAULT: being fixed in the source",
-            ),
-        ),
+        "DEFAULT",
         "FULL",
     ],
 )
@@ -540,11 +534,6 @@ ASCII_HOSTILE = [n for n in HOSTILE if n.isascii()]
             HOSTILE,
             True,
             id="unicode-table-listed-in-tables",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG (source): a non-ASCII table name in --tables garbles wal2json's add-tables option "
-                "(psycopg2 start_replication quotes option values as latin-1); cdc-source exits",
-            ),
         ),
     ],
 )

@@ -1,7 +1,6 @@
 """FeedbackGate: a flush position goes to PostgreSQL only once the state topic holds a bound of
 everything psycopg2 could then report (its own auto-advance included)."""
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -37,9 +36,12 @@ def test_sendable_only_when_the_acknowledged_bound_covers_it() -> None:
     assert not gate.may_send(150)  # never backwards
 
 
+NO_BEGIN = 1 << 64  # no BEGIN received since the previous observation
+
+
 def test_auto_advance_must_be_covered_too() -> None:
     gate = FeedbackGate(0, 100)
-    gate.observe(0, 900)  # psycopg2 may report 900 by itself
+    gate.observe(NO_BEGIN, 0, 900)  # psycopg2 may report 900 by itself
     assert gate.auto == 900
     assert not gate.may_send(100)
     assert gate.needs_state(100) == 900
@@ -74,63 +76,57 @@ def test_mark_sent_never_goes_back() -> None:
 
 def test_observe_raises_auto_when_sent_covered_the_previous_message() -> None:
     gate = FeedbackGate(0, 0)
-    gate.observe(100, 150)  # last_start was 0 and sent 0 >= 0
+    gate.observe(NO_BEGIN, 100, 150)  # last_start was 0 and sent 0 >= 0
     assert gate.auto == 150
     assert gate.last_start == 100
-    gate.observe(200, 250)  # sent 0 < 100: psycopg2 cannot have advanced
+    gate.observe(NO_BEGIN, 200, 250)  # sent 0 < 100: psycopg2 cannot have advanced
     assert gate.auto == 150
     assert gate.last_start == 200
     gate.mark_sent(200)
-    gate.observe(200, 300)  # sent 200 >= 200
+    gate.observe(NO_BEGIN, 200, 300)  # sent 200 >= 200
     assert gate.auto == 300
 
 
 def test_observe_uses_the_previous_message_start_not_the_new_one() -> None:
     gate = FeedbackGate(100, 0)
-    gate.observe(50, 120)  # previous start 0 <= 100
+    gate.observe(NO_BEGIN, 50, 120)  # previous start 0 <= 100
     assert gate.auto == 120
-    gate.observe(500, 600)  # previous start 50 <= 100: the keepalive may have come before the new message
+    gate.observe(
+        NO_BEGIN, 500, 600
+    )  # previous start 50 <= 100: the keepalive may have come before the new message
     assert gate.auto == 600
-    gate.observe(500, 700)  # previous start 500 > 100
+    gate.observe(NO_BEGIN, 500, 700)  # previous start 500 > 100
     assert gate.auto == 600
 
 
-def test_observe_never_lowers_auto_or_last_start() -> None:
+def test_observe_never_lowers_auto() -> None:
     gate = FeedbackGate(1000, 0)
-    gate.observe(900, 2000)
-    gate.observe(10, 1500)
+    gate.observe(NO_BEGIN, 900, 2000)
+    gate.observe(NO_BEGIN, 10, 1500)
     assert gate.auto == 2000
-    assert gate.last_start == 900
+    assert gate.last_start == 10  # psycopg2's last message start can go back (an older transaction)
 
 
 def test_a_new_cursor_starts_from_zero_with_the_old_bound() -> None:
     # the stream recreates the gate with sent=0 and the acknowledged bound after a reconnect
     gate = FeedbackGate(0, 5000)
-    gate.observe(0, 4000)
+    gate.observe(NO_BEGIN, 0, 4000)
     assert gate.auto == 4000
     assert gate.needs_state(4500) is None
     assert gate.may_send(4500)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: psycopg2 auto-advances when explicitly_flushed_lsn >= the data_start of the LATEST message; "
-        "a BEGIN of a transaction that started before the confirmed position has a lower data_start than "
-        "the COMMIT before it, but the gate compares `sent` with the max start seen, so it misses the advance"
-    ),
-)
 def test_observe_follows_psycopg2_when_message_starts_go_back() -> None:
     gate = FeedbackGate(0, 0)
-    gate.observe(0, 10)
-    gate.observe(100, 100)  # tx1 read: B at 20 ... C at 100
+    gate.observe(NO_BEGIN, 0, 10)
+    gate.observe(20, 100, 100)  # tx1 read: B at 20 ... C at 100
     gate.state_acknowledged(gate.needs_state(100) or 0)
     gate.mark_sent(100)  # tx1 confirmed
-    gate.observe(160, 160)  # tx3 read (B 120, C 160), not yet confirmed: sent stays 100
+    gate.observe(120, 160, 160)  # tx3 read (B 120, C 160), not yet confirmed: sent stays 100
     # tx2 began at LSN 30 (before tx1 committed) and committed at 250: its B message starts at 30.
     # A keepalive (wal_end 300) arrives right after it; psycopg2 sees explicitly_flushed 100 >= 30
     # and raises its flush_lsn to 300, which it reports on its own.
-    gate.observe(30, 300)
+    gate.observe(30, 250, 300)
     assert gate.bound(gate.sent) >= 300
 
 
@@ -148,7 +144,7 @@ def test_never_sends_past_the_acknowledged_bound(ops: list[tuple[str, int, int]]
     outstanding: list[int] = []
     for op, a, b in ops:
         if op == "observe":
-            gate.observe(a, max(a, b))
+            gate.observe(min(a, b), a, max(a, b))
         elif op == "target":
             bound = gate.needs_state(a)
             if bound is not None:

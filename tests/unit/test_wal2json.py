@@ -246,13 +246,6 @@ def test_begin_commit_and_truncate() -> None:
     assert (t["action"], t["schema"], t["table"]) == ("T", "Sales", "Order Items")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: _BARE_DECIMAL only knows numeric(p,s) with s >= 0; PostgreSQL 15 allows a negative scale "
-        "(numeric(5,-2)), whose bare value is parsed by orjson as an int (or a float past 64 bits)"
-    ),
-)
 def test_numeric_with_negative_scale_is_kept_as_text() -> None:
     doc = decode(
         change(
