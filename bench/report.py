@@ -1,0 +1,326 @@
+"""Results: one JSON document per run (flat headline figures, ratios, targets, workload, machine,
+per-scenario details) and its readable markdown table."""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from bench.config import RESULTS_DIR, TARGETS, Plan, Target
+
+
+def dig(doc: Any, *keys: str) -> Any:
+    """doc[k1][k2]..., or None as soon as a level is missing."""
+    for key in keys:
+        if not isinstance(doc, dict) or key not in doc:
+            return None
+        doc = doc[key]
+    return doc
+
+
+def ratio(value: float | None, baseline: float | None) -> float | None:
+    if value is None or baseline is None or baseline <= 0:
+        return None
+    return round(value / baseline, 3)
+
+
+def verdict(target: Target, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if target.higher_is_better:
+        met_must, met_aim = value >= target.must, value >= target.aim
+    else:
+        met_must, met_aim = value <= target.must, value <= target.aim
+    if not met_must:
+        return "FAIL"
+    return "pass, aim met" if met_aim else "pass"
+
+
+def assemble(
+    plan: Plan,
+    machine: dict[str, Any],
+    scenarios: dict[str, Any],
+    errors: dict[str, str],
+    duration_s: float,
+    log_dir: Path,
+) -> dict[str, Any]:
+    chg = scenarios.get("changes")
+    snap = scenarios.get("snapshot")
+    lat = scenarios.get("latency")
+    results: dict[str, Any] = {
+        "mode": plan.mode,
+        "date": machine["date"],
+        "commit": machine["git"]["short"],
+        "duration_s": round(duration_s, 1),
+        "source_events_per_s": dig(chg, "source", "events_per_s"),
+        "recvlogical_events_per_s": dig(chg, "recvlogical", "events_per_s"),
+        "sink_events_per_s": dig(chg, "sink", "events_per_s"),
+        "native_lr_rows_per_s": dig(chg, "native_lr", "rows_per_s"),
+        "snapshot_rows_per_s": dig(snap, "sink", "log_rows_per_s"),
+        "snapshot_wall_rows_per_s": dig(snap, "sink", "wall_rows_per_s"),
+        "copy_pipe_rows_per_s": dig(snap, "copy_pipe", "rows_per_s"),
+        "e2e_latency_ms": dig(lat, "latency_ms") or {"p50": None, "p99": None, "max": None},
+        "source_peak_rss_mb": dig(chg, "source", "peak_rss_mb"),
+        "sink_peak_rss_mb": dig(chg, "sink", "peak_rss_mb"),
+    }
+    results["ratios"] = {
+        "source_vs_recvlogical": ratio(results["source_events_per_s"], results["recvlogical_events_per_s"]),
+        "sink_vs_native_lr": ratio(results["sink_events_per_s"], results["native_lr_rows_per_s"]),
+        "snapshot_vs_copy_pipe": ratio(results["snapshot_rows_per_s"], results["copy_pipe_rows_per_s"]),
+        "snapshot_wall_vs_copy_pipe": ratio(results["snapshot_wall_rows_per_s"], results["copy_pipe_rows_per_s"]),
+    }
+    results["targets"] = [
+        {
+            "figure": t.key,
+            "label": t.label,
+            "value": dig(results, *t.key.split(".")),
+            "must_reach": t.must,
+            "aim": t.aim,
+            "comparison": ">=" if t.higher_is_better else "<=",
+            "result": verdict(t, dig(results, *t.key.split("."))),
+        }
+        for t in TARGETS
+    ]
+    results["workload"] = {
+        "changes": {
+            "n": plan.changes.changes,
+            "tx_size": plan.changes.tx_size,
+            "mix_insert_update_delete_pct": list(plan.changes.mix),
+            "pad_bytes": plan.changes.pad_bytes,
+            "table_columns": 11,
+            "avg_row_bytes": dig(chg, "generated", "avg_row_bytes"),
+            "wal_bytes": dig(chg, "generated", "wal_bytes"),
+            "topic_messages": dig(chg, "topic_messages"),
+        },
+        "snapshot": {
+            "rows": plan.snapshot_rows,
+            "table_columns": 11,
+            "avg_row_bytes": dig(snap, "avg_row_bytes"),
+        },
+        "latency": {
+            "seconds": plan.latency_seconds,
+            "writer_rate": plan.writer_rate,
+            "writer_rate_achieved": dig(lat, "writer_rate_achieved"),
+            "writer_batch": 1,
+            "probe_interval_ms": plan.probe_interval * 1000,
+            "poll_interval_ms": plan.poll_interval * 1000,
+            "probes": dig(lat, "probes_sent"),
+        },
+        "growth_cells": [
+            {"tx_size": c.tx_size, "row_size": c.row_label, "pad_bytes": c.pad_bytes, "changes": c.changes}
+            for c in plan.growth
+        ],
+    }
+    results["growth"] = scenarios.get("growth")
+    results["machine"] = machine
+    results["errors"] = errors
+    results["logs"] = str(log_dir)
+    results["scenarios"] = {k: v for k, v in scenarios.items() if k != "growth"}
+    return results
+
+
+# --- markdown ------------------------------------------------------------------------------------------
+
+
+def _num(value: float | None, unit: str = "", digits: int = 0) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:,.{digits}f}"
+    return f"{text} {unit}".strip()
+
+
+def _limit(target: Target, value: float) -> str:
+    sign = "≥" if target.higher_is_better else "≤"
+    return f"{sign} {value:g}" + ("" if target.unit == "x" else f" {target.unit}")
+
+
+def main_table(results: dict[str, Any]) -> list[str]:
+    """figure | value | baseline | ratio | must reach | aim | result."""
+    by_key = {t.key: t for t in TARGETS}
+    r = results
+    lat = r["e2e_latency_ms"]
+
+    def targeted(key: str) -> tuple[str, str, str]:
+        target = by_key[key]
+        return _limit(target, target.must), _limit(target, target.aim), verdict(target, dig(r, *key.split(".")))
+
+    rows = [
+        (
+            "cdc-source throughput",
+            _num(r["source_events_per_s"], "events/s"),
+            f"pg_recvlogical {_num(r['recvlogical_events_per_s'], 'events/s')}",
+            _num(r["ratios"]["source_vs_recvlogical"], digits=3),
+            *targeted("ratios.source_vs_recvlogical"),
+        ),
+        (
+            "cdc-sink throughput",
+            _num(r["sink_events_per_s"], "events/s"),
+            f"native logical replication {_num(r['native_lr_rows_per_s'], 'rows/s')}",
+            _num(r["ratios"]["sink_vs_native_lr"], digits=3),
+            *targeted("ratios.sink_vs_native_lr"),
+        ),
+        (
+            "bulk snapshot (sink's log line)",
+            _num(r["snapshot_rows_per_s"], "rows/s"),
+            f"COPY pipe {_num(r['copy_pipe_rows_per_s'], 'rows/s')}",
+            _num(r["ratios"]["snapshot_vs_copy_pipe"], digits=3),
+            *targeted("ratios.snapshot_vs_copy_pipe"),
+        ),
+        (
+            "bulk snapshot (wall clock, process start to exit)",
+            _num(r["snapshot_wall_rows_per_s"], "rows/s"),
+            f"COPY pipe {_num(r['copy_pipe_rows_per_s'], 'rows/s')}",
+            _num(r["ratios"]["snapshot_wall_vs_copy_pipe"], digits=3),
+            "",
+            "",
+            "info",
+        ),
+        ("end-to-end latency p50", _num(lat["p50"], "ms", 1), "", "", "", "", "info"),
+        ("end-to-end latency p99", _num(lat["p99"], "ms", 1), "", "", *targeted("e2e_latency_ms.p99")),
+        ("end-to-end latency max", _num(lat["max"], "ms", 1), "", "", "", "", "info"),
+        (
+            "cdc-source peak RSS (scenario 1)",
+            _num(r["source_peak_rss_mb"], "MB", 1),
+            "",
+            "",
+            *targeted("source_peak_rss_mb"),
+        ),
+        (
+            "cdc-sink peak RSS (scenario 2)",
+            _num(r["sink_peak_rss_mb"], "MB", 1),
+            "",
+            "",
+            *targeted("sink_peak_rss_mb"),
+        ),
+    ]
+    lines = [
+        "| figure | value | baseline | ratio | must reach | aim | result |",
+        "| --- | ---: | --- | ---: | --- | --- | --- |",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def growth_table(results: dict[str, Any]) -> list[str]:
+    growth = results.get("growth")
+    if not growth:
+        return []
+    lines = [
+        "| transaction size | row size | changes | avg row (B) | cdc-source events/s | cdc-sink events/s |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for cell in growth:
+        if "error" in cell:
+            lines.append(
+                f"| {cell['tx_size']:,} | {cell['row_size']} | {cell['changes']:,} | "
+                f"failed: {cell['error'][:80]} | | |"
+            )
+            continue
+        lines.append(
+            f"| {cell['tx_size']:,} | {cell['row_size']} | {cell['changes']:,} | {cell['avg_row_bytes']:,.0f} | "
+            f"{_num(cell['source_events_per_s'])} | {_num(cell['sink_events_per_s'])} |"
+        )
+    return lines
+
+
+def machine_line(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    dirty = f" + {len(m['git']['modified_files'])} modified files" if m["git"]["modified_files"] else ""
+    return (
+        f"{m['cores_logical']} cores ({m['cpu_model']}), {m['ram_gb']} GB RAM; PostgreSQL {m['postgresql_source']}, "
+        f"wal2json {m['wal2json']}, Kafka {m['kafka']}, Python {m['python']}, confluent-kafka "
+        f"{m['confluent_kafka']} / librdkafka {m['librdkafka']}; commit {m['git']['short']}{dirty}; "
+        f"load average at start {', '.join(str(x) for x in m['load_average_at_start'])}"
+    )
+
+
+def workload_lines(results: dict[str, Any]) -> list[str]:
+    w = results["workload"]
+    c, s, lat = w["changes"], w["snapshot"], w["latency"]
+    return [
+        f"- Scenarios 1-2: {c['n']:,} changes ({'/'.join(map(str, c['mix_insert_update_delete_pct']))} % "
+        f"insert/update/delete), {c['tx_size']} per transaction, {c['table_columns']}-column person table, "
+        f"average row {_num(c['avg_row_bytes'])} B, {_num((c['wal_bytes'] or 0) / 1e6)} MB of WAL, "
+        f"{_num(c['topic_messages'])} topic messages.",
+        f"- Scenario 3: {s['rows']:,} rows, {s['table_columns']} columns, average row {_num(s['avg_row_bytes'])} B.",
+        f"- Scenario 4: {lat['seconds']:g} s, cdc-writer --rate {lat['writer_rate']:g} --batch 1 "
+        f"(achieved {_num(lat['writer_rate_achieved'])} ops/s), a probe every {lat['probe_interval_ms']:g} ms "
+        f"({_num(lat['probes'])} probes), target polled every {lat['poll_interval_ms']:g} ms.",
+    ]
+
+
+def _cores(part: Any) -> str:
+    cpu, seconds = dig(part, "cpu_seconds"), dig(part, "seconds")
+    if cpu is None or not seconds:
+        return "n/a"
+    return f"{cpu:.1f} CPU-s in {seconds:.1f} s (~{cpu / seconds:.2f} cores)"
+
+
+def resource_lines(results: dict[str, Any]) -> list[str]:
+    chg = dig(results, "scenarios", "changes")
+    lat = dig(results, "scenarios", "latency")
+    lines = []
+    if chg:
+        lines.append(
+            f"- CPU: cdc-source {_cores(chg.get('source'))} in scenario 1, "
+            f"cdc-sink {_cores(chg.get('sink'))} in scenario 2."
+        )
+    if lat:
+        secs = lat.get("seconds") or 0
+        src, snk = dig(lat, "source", "cpu_seconds"), dig(lat, "sink", "cpu_seconds")
+        if secs and src is not None and snk is not None:
+            lines.append(
+                f"- CPU under the latency load: cdc-source ~{src / secs:.2f} cores, "
+                f"cdc-sink ~{snk / secs:.2f} cores (whole process lifetime / probing time)."
+            )
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [
+        f"# Benchmark: {results['mode']} run of {results['date']} (commit {results['commit']})",
+        "",
+        machine_line(results),
+        "",
+        *main_table(results),
+        "",
+        *workload_lines(results),
+        *resource_lines(results),
+        f"- The run took {results['duration_s']:.0f} s. Child process logs: {results['logs']}",
+    ]
+    if results.get("growth"):
+        lines += ["", "## Growth", "", *growth_table(results)]
+    if results.get("errors"):
+        lines += ["", "## Errors", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()]
+    lines += ["", "Latency over time and its histogram: bench/results/latency.png", ""]
+    return "\n".join(lines)
+
+
+# --- files ---------------------------------------------------------------------------------------------
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write(results: dict[str, Any], stamp: str) -> list[Path]:
+    """latest.json, <stamp>-<commit>.json (earlier ones kept) and latest.md."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    doc = json.dumps(results, indent=2, default=str) + "\n"
+    paths = [
+        RESULTS_DIR / "latest.json",
+        RESULTS_DIR / f"{stamp}-{results['commit']}.json",
+        RESULTS_DIR / "latest.md",
+    ]
+    _write(paths[0], doc)
+    _write(paths[1], doc)
+    _write(paths[2], render(results))
+    return paths
+
+
+def load_latest() -> dict[str, Any]:
+    with open(RESULTS_DIR / "latest.json", encoding="utf-8") as fh:
+        doc: dict[str, Any] = json.load(fh)
+    return doc

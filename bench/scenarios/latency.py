@@ -1,0 +1,228 @@
+"""Scenario 4: end-to-end latency under load. cdc-writer writes at a steady rate while cdc-source and
+cdc-sink run with their default options; the benchmark inserts a probe row every 50 ms on the source
+and polls the target every 5 ms for its arrival. Latency = arrival - commit, both read from this
+machine's clock (both servers run here)."""
+
+import contextlib
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg2
+
+from bench.config import scenario_tag
+from bench.context import Context
+from bench.kafka import delete_prefix, topics_with_prefix
+from bench.pg import Scratch, connect, execute, slot_exists
+from bench.procs import Proc, script
+from bench.stats import summarize
+from writer.schema import create_tables
+
+log = logging.getLogger("bench.latency")
+
+PROBE_DDL = (
+    "CREATE TABLE public.probe (id bigint PRIMARY KEY, written_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+)
+WROTE = re.compile(r"wrote (\d+) operations in ([0-9.]+) s")
+
+
+@dataclass
+class Probes:
+    """Commit and arrival times (time.time()) of each probe id."""
+
+    committed: dict[int, float] = field(default_factory=dict)
+    arrived: dict[int, float] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    errors: list[str] = field(default_factory=list)
+
+
+def _probe_writer(dsn: str, probes: Probes, first_id: int, interval: float, stop: threading.Event) -> None:
+    try:
+        with contextlib.closing(connect(dsn, application_name="cdc-bench probe")) as conn, conn.cursor() as cur:
+            next_at = time.monotonic()
+            probe_id = first_id
+            while not stop.is_set():
+                cur.execute("INSERT INTO public.probe (id) VALUES (%s)", (probe_id,))
+                committed = time.time()  # autocommit: the INSERT returned after its commit
+                with probes.lock:
+                    probes.committed[probe_id] = committed
+                probe_id += 1
+                next_at += interval
+                stop.wait(max(0.0, next_at - time.monotonic()))
+    except psycopg2.Error as exc:
+        probes.errors.append(f"probe writer: {exc}")
+
+
+def _arrival_poller(dsn: str, probes: Probes, first_id: int, interval: float, stop: threading.Event) -> None:
+    """Every `interval` seconds: which probes reached the target since the last look."""
+    lowest_missing = first_id
+    try:
+        with contextlib.closing(connect(dsn, application_name="cdc-bench poll")) as conn, conn.cursor() as cur:
+            while not stop.is_set():
+                cur.execute("SELECT id FROM public.probe WHERE id >= %s", (lowest_missing,))
+                rows = cur.fetchall()
+                now = time.time()
+                with probes.lock:
+                    for (probe_id,) in rows:
+                        probes.arrived.setdefault(probe_id, now)
+                    while lowest_missing in probes.arrived:
+                        lowest_missing += 1
+                time.sleep(interval)
+    except psycopg2.Error as exc:
+        probes.errors.append(f"arrival poller: {exc}")
+
+
+def _wait_for(condition: Any, timeout: float, what: str, procs: tuple[Proc, ...]) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for proc in procs:
+            if not proc.running():
+                raise RuntimeError(f"{proc.name} exited while waiting for {what}; {proc.tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f} s for {what}; " + "; ".join(p.tail(5) for p in procs))
+        time.sleep(0.05)
+
+
+def _target_has(dsn: str, probe_id: int) -> bool:
+    try:
+        with contextlib.closing(connect(dsn)) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM public.probe WHERE id = %s", (probe_id,))
+            return cur.fetchone() is not None
+    except psycopg2.errors.UndefinedTable:
+        return False
+
+
+def run(ctx: Context, seconds: float) -> dict[str, Any]:
+    plan = ctx.plan
+    tag = scenario_tag("lat")
+    prefix, slot, group = tag, f"{tag}_src", f"{tag}_sink"
+    scratch = Scratch(ctx.endpoints)
+    procs: list[Proc] = []
+    stop_probes, stop_poll = threading.Event(), threading.Event()
+    try:
+        source_dsn = scratch.source_db(tag)
+        target_dsn = scratch.target_db(tag)
+        with contextlib.closing(connect(source_dsn)) as conn:
+            execute(conn, PROBE_DDL)
+            with conn.cursor() as cur:
+                create_tables(cur)  # the writer's person and orders, so the connectors start with them
+        common = [
+            "--source-dsn",
+            source_dsn,
+            "--target-dsn",
+            target_dsn,
+            "--bootstrap-servers",
+            ctx.bootstrap,
+            "--topic-prefix",
+            prefix,
+            "--slot",
+            slot,
+            "--log-format",
+            "text",
+        ]
+        source = Proc(f"cdc-source-{tag}", [script("cdc-source"), "run", *common], ctx.log_dir, sample_rss=True)
+        procs.append(source)
+        probe_topic = f"{prefix}.public.probe"
+        with contextlib.closing(connect(source_dsn)) as monitor:
+            _wait_for(
+                lambda: slot_exists(monitor, slot) and probe_topic in topics_with_prefix(ctx.bootstrap, prefix),
+                120,
+                "cdc-source to create its slot and topics",
+                (source,),
+            )
+        sink = Proc(
+            f"cdc-sink-{tag}", [script("cdc-sink"), "run", *common, "--group", group], ctx.log_dir, sample_rss=True
+        )
+        procs.append(sink)
+        with contextlib.closing(connect(source_dsn)) as conn:
+            execute(conn, "INSERT INTO public.probe (id) VALUES (0)")
+        _wait_for(lambda: _target_has(target_dsn, 0), 180, "a first probe row to reach the target", (source, sink))
+        log.info("%s: pipeline up; writer at %g/s, probing for %.0f s", tag, plan.writer_rate, seconds)
+
+        writer = Proc(
+            f"cdc-writer-{tag}",
+            [
+                script("cdc-writer"),
+                "--source-dsn",
+                source_dsn,
+                "--rate",
+                f"{plan.writer_rate:g}",
+                "--batch",
+                "1",
+                "--seed",
+                "1",
+                "--log-format",
+                "text",
+            ],
+            ctx.log_dir,
+        )
+        procs.append(writer)
+        time.sleep(2.0)  # the writer connects and reaches its rate
+        probes = Probes()
+        threads = [
+            threading.Thread(
+                target=_arrival_poller, args=(target_dsn, probes, 1, plan.poll_interval, stop_poll), daemon=True
+            ),
+            threading.Thread(
+                target=_probe_writer, args=(source_dsn, probes, 1, plan.probe_interval, stop_probes), daemon=True
+            ),
+        ]
+        started_wall = time.time()
+        for thread in threads:
+            thread.start()
+        time.sleep(seconds)
+        stop_probes.set()
+        threads[1].join()
+        writer_code = writer.stop()
+        last = max(probes.committed, default=0)
+        with contextlib.suppress(TimeoutError, RuntimeError):
+            _wait_for(lambda: last in probes.arrived, 30, "the last probes", (source, sink))
+        stop_poll.set()
+        threads[0].join()
+        if probes.errors:
+            raise RuntimeError("; ".join(probes.errors))
+
+        samples = sorted(
+            (probes.committed[i] - started_wall, (probes.arrived[i] - probes.committed[i]) * 1000.0)
+            for i in probes.committed
+            if i in probes.arrived
+        )
+        latencies = [ms for _, ms in samples]
+        if not latencies:
+            raise RuntimeError(f"no probe reached the target; {sink.tail(5)}")
+        wrote = WROTE.search(writer.stdout_text())
+        result: dict[str, Any] = {
+            "tag": tag,
+            "seconds": seconds,
+            "writer_rate_requested": plan.writer_rate,
+            "writer_batch": 1,
+            "writer_exit_code": writer_code,
+            "writer_rate_achieved": round(int(wrote[1]) / float(wrote[2]), 1) if wrote else None,
+            "probe_interval_ms": plan.probe_interval * 1000,
+            "poll_interval_ms": plan.poll_interval * 1000,
+            "probes_sent": len(probes.committed),
+            "probes_arrived": len(latencies),
+            "latency_ms": summarize(latencies),
+            "source": source.resources(),
+            "sink": sink.resources(),
+            "samples": [[round(t, 3), round(ms, 2)] for t, ms in samples],
+        }
+        log.info(
+            "%s: latency p50 %.1f ms, p99 %.1f ms, max %.1f ms (%d probes)",
+            tag,
+            result["latency_ms"]["p50"],
+            result["latency_ms"]["p99"],
+            result["latency_ms"]["max"],
+            len(latencies),
+        )
+        return result
+    finally:
+        stop_probes.set()
+        stop_poll.set()
+        for proc in reversed(procs):
+            proc.stop()
+        scratch.cleanup()
+        delete_prefix(ctx.bootstrap, prefix, (group,))
