@@ -7,11 +7,13 @@ of each of its UTF-8 bytes, so `public.person` stays `cdc.public.person` and `"O
 """
 
 import re
+from collections.abc import Iterable
 
 from cdc_common.errors import ConfigError
 from cdc_common.tables import TableName
 
 MAX_TOPIC_LENGTH = 249
+DLQ_SUFFIX = ".dlq"
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 _ESCAPE = re.compile(r"-([0-9A-F]{2})")
 
@@ -42,7 +44,7 @@ def decode_identifier(part: str) -> str:
 def topic_for(prefix: str, table: TableName) -> str:
     """The topic that carries the changes of `table`."""
     topic = f"{prefix}.{encode_identifier(table.schema)}.{encode_identifier(table.name)}"
-    if len(topic) > MAX_TOPIC_LENGTH:
+    if len(topic) > MAX_TOPIC_LENGTH - len(DLQ_SUFFIX):  # room for its dead-letter topic
         raise ConfigError(
             f"the topic name for table {table} would be longer than Kafka's {MAX_TOPIC_LENGTH} characters"
         )
@@ -57,9 +59,13 @@ def table_for(prefix: str, topic: str) -> TableName | None:
     if len(parts) != 2 or not all(parts):
         return None
     try:
-        return TableName(decode_identifier(parts[0]), decode_identifier(parts[1]))
-    except (ValueError, UnicodeDecodeError):
+        table = TableName(decode_identifier(parts[0]), decode_identifier(parts[1]))
+    except (ValueError, UnicodeDecodeError, IndexError):
         return None
+    # Only the names topic_for gives: `order-2024` is no table's topic, even if it decodes.
+    return (
+        table if f"{prefix}.{encode_identifier(table.schema)}.{encode_identifier(table.name)}" == topic else None
+    )
 
 
 def change_topic_pattern(prefix: str) -> str:
@@ -74,4 +80,17 @@ def state_topic(prefix: str) -> str:
 
 def dlq_topic(topic: str) -> str:
     """Where the sink parks messages it cannot apply, with `--on-error dlq`."""
-    return f"{topic}.dlq"
+    return topic + DLQ_SUFFIX
+
+
+def collisions(topics: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs of distinct topics Kafka refuses to hold together: it treats '.' and '_' as the same
+    character in topic names (`cdc.sales_eu.orders` and `cdc.sales.eu_orders` collide)."""
+    seen: dict[str, str] = {}
+    found = []
+    for topic in sorted(set(topics)):
+        folded = topic.replace(".", "_")
+        other = seen.setdefault(folded, topic)
+        if other != topic:
+            found.append((other, topic))
+    return found

@@ -335,10 +335,13 @@ class Sink:
         if self.options.on_error == "dlq":
             self.dead_letters = DeadLetters(self.settings, self.admin)
         topics = self._topics_in_scope()
-        for topic in topics:  # bulk copies before consuming, so a long copy cannot stall the group
-            table = self._table_of(topic)
-            if self.options.snapshot == "copy" and table not in self.options.rebuild:
-                self._prepare(table, None)
+        # Bulk copies before consuming, so that a long copy cannot stall the group: the tables named
+        # in --tables (whether or not the source created their topics yet), else those with a topic.
+        wanted = list(self.settings.tables) or [self._table_of(t) for t in topics]
+        if self.options.snapshot == "copy":
+            for table in wanted:
+                if table not in self.options.rebuild:
+                    self._prepare(table, None)
         if self.options.once:
             self.end_offsets = self._end_offsets(topics)
         self.consumer = Consumer(self._consumer_config())

@@ -11,12 +11,12 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from psycopg2 import sql
 
-from cdc_common.errors import SourceError
+from cdc_common.errors import ConfigError, SourceError
 from cdc_common.kafka import HISTORY_TOPIC_CONFIG, ensure_topics, wait_for_kafka
 from cdc_common.pg import connect
 from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
-from schemas.topics import state_topic
+from schemas.topics import collisions, state_topic
 from source_connector.catalog import Catalog
 from source_connector.events import EventBuilder, snapshot_values
 from source_connector.slot import ServerInfo, check_slot, create_slot, drop_slot, get_slot, server_info
@@ -198,6 +198,14 @@ class SourceConnector:
         wait_for_kafka(settings, self.admin, options.kafka_timeout, self.stop)
         self.state_topic = state_topic(settings.topic_prefix)
         ensure_topics(self.admin, [self.state_topic], 1, options.replication_factor, STATE_TOPIC_CONFIG)
+        existing = self.admin.list_topics(timeout=10).topics
+        wanted = {i.topic: i.name for i in infos}
+        for a, b in collisions([*existing, *wanted]):
+            if a in wanted or b in wanted:
+                raise ConfigError(
+                    f"topics {a} and {b} cannot both exist: Kafka treats '.' and '_' alike in topic names. "
+                    "Rename one of the tables, or replicate them with separate --topic-prefix values"
+                )
         self.partition_counts.update(
             ensure_topics(
                 self.admin,
