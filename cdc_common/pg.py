@@ -56,7 +56,7 @@ def connect(
     that says where (password masked), why, and which setting to check."""
     parts = parse(dsn, setting)
     kwargs: dict[str, Any] = {k: v for k, v in _TCP_DEFAULTS.items() if k not in parts}
-    kwargs["options"] = (parts.get("options", "") + " " + SESSION_OPTIONS).strip()
+    kwargs["options"] = " ".join(filter(None, (parts.get("options", ""), SESSION_OPTIONS, extra.pop("options", ""))))
     kwargs["application_name"] = parts.get("application_name", application_name)
     if replication:
         kwargs["connection_factory"] = psycopg2.extras.LogicalReplicationConnection

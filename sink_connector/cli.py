@@ -42,7 +42,7 @@ def sink_options(func: Any) -> Any:
             "--batch-size",
             envvar="SINK_BATCH_SIZE",
             type=click.IntRange(min=1),
-            default=5000,
+            default=10000,
             help="Most messages applied in one transaction.",
         ),
         click.option(

@@ -51,7 +51,7 @@ class SinkOptions:
     on_error: str = "fail"  # fail | dlq
     slot: str = "cdc_slot"
     state_schema: str = "cdc_sink"
-    batch_size: int = 5000
+    batch_size: int = 10000
     batch_wait: float = 0.02
     once: bool = False
     kafka_timeout: float = 60.0
@@ -110,6 +110,7 @@ class Sink:
         self.copied_rows: Counter[str] = Counter()
         self.lag: dict[TP, int] = {}
         self.next_lag_check = 0.0
+        self.next_offsets_check = 0.0
         self.target_down_since: float | None = None
         self.kafka_down_since: float | None = None
         self.fenced = 0
@@ -123,6 +124,10 @@ class Sink:
             setting="--target-dsn / TARGET_DSN",
             application_name="cdc-sink",
             autocommit=False,
+            # Safe for exactly-once: a batch's rows and its offsets commit together, so a target crash
+            # that loses the last commits loses both, and the sink re-applies them from the older
+            # offsets. (PostgreSQL's own subscriptions commit the same way by default.)
+            options="-c synchronous_commit=off",
         )
 
     def _reconnect(self, exc: BaseException, backoff: Backoff) -> None:
@@ -285,9 +290,9 @@ class Sink:
                 "heartbeat.interval.ms": 2_000,
                 "max.poll.interval.ms": 900_000,
                 "topic.metadata.refresh.interval.ms": 5_000,
-                "queued.max.messages.kbytes": 32_768,
-                "fetch.max.bytes": 33_554_432,
-                "max.partition.fetch.bytes": 8_388_608,
+                "queued.max.messages.kbytes": 16_384,
+                "fetch.max.bytes": 16_777_216,
+                "max.partition.fetch.bytes": 4_194_304,
                 "error_cb": on_error,
             }
         )
@@ -379,8 +384,16 @@ class Sink:
             probe.close()
 
     def _caught_up(self) -> bool:
+        """--once: every partition's applied offset reached its end at start-up. Our own partitions
+        are known here; others' (another member's) are read from the target now and then."""
+        pending = [tp for tp, high in self.end_offsets.items() if high and (self.expected.get(tp) or 0) < high]
+        if not pending:
+            return True
+        if all(tp in self.expected for tp in pending) or time.monotonic() < self.next_offsets_check:
+            return False
+        self.next_offsets_check = time.monotonic() + 1.0
         stored = self.book.all_offsets(self.conn)
-        return all(high == 0 or (stored.get(tp) or 0) >= high for tp, high in self.end_offsets.items())
+        return all((stored.get(tp) or 0) >= self.end_offsets[tp] for tp in pending)
 
     def _loop(self) -> None:
         backoff = Backoff(base=0.5, cap=15.0)
