@@ -92,6 +92,13 @@ def main() -> None:
     default=100_000,
     help="Messages waiting for Kafka before WAL reading pauses.",
 )
+@click.option(
+    "--metrics-port",
+    envvar="METRICS_PORT",
+    type=click.IntRange(min=0, max=65535),
+    default=0,
+    help="Serve Prometheus /metrics and /healthz on this port (0: off).",
+)
 def run(**kwargs: Any) -> None:
     """Stream changes until stopped (SIGTERM/SIGINT: finish, confirm, exit 0)."""
     with program("cdc-source", kwargs) as settings:
@@ -104,6 +111,7 @@ def run(**kwargs: Any) -> None:
             kafka_timeout=kwargs["kafka_timeout"],
             heartbeat_interval=kwargs["heartbeat_interval"],
             max_in_flight=kwargs["max_in_flight"],
+            metrics_port=kwargs["metrics_port"],
         )
         SourceConnector(settings, options, StopFlag().install()).run()
 

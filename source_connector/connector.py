@@ -14,11 +14,13 @@ from psycopg2 import sql
 from cdc_common.errors import ConfigError, SourceError
 from cdc_common.kafka import HISTORY_TOPIC_CONFIG, ensure_topics, wait_for_kafka
 from cdc_common.pg import connect
+from cdc_common.service import OpsServer
 from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
 from schemas.topics import collisions, state_topic
 from source_connector.catalog import Catalog
 from source_connector.events import EventBuilder, snapshot_values
+from source_connector.metrics import collect
 from source_connector.slot import ServerInfo, check_slot, create_slot, drop_slot, get_slot, server_info
 from source_connector.snapshot import publish_snapshot, text_of
 from source_connector.state import STATE_TOPIC_CONFIG, SourceState, clear_state, read_state, state_key
@@ -52,6 +54,7 @@ class SourceOptions:
     kafka_timeout: float = 60.0
     heartbeat_interval: float = 0.0
     max_in_flight: int = 100_000
+    metrics_port: int = 0
 
 
 def producer_config(settings: Settings, options: SourceOptions, errors: Counter[str]) -> dict[str, Any]:
@@ -93,6 +96,14 @@ class SourceConnector:
         self.nan_logged: set[tuple[str, str]] = set()
         self.nan_counts: Counter[tuple[str, str]] = Counter()
         self.refetched: Counter[str] = Counter()
+        self.snapshot_rows: Counter[str] = Counter()
+        self.builder: EventBuilder | None = None
+        self.slot_state: tuple[str | None, int | None, int | None] = (
+            None,
+            None,
+            None,
+        )  # wal_status, safe, retained
+        self.wal_warned: str | None = None
         self.partition_counts: dict[str, int] = {}
         self.stream: Stream | None = None
 
@@ -174,6 +185,51 @@ class SourceConnector:
     # --- the whole run -----------------------------------------------------------------------
 
     def run(self) -> None:
+        port = self.options.metrics_port
+        server = OpsServer(port, lambda: collect(self), self.health).start() if port else None
+        try:
+            self._run()
+        finally:
+            if server is not None:
+                server.stop()
+
+    def health(self) -> tuple[bool, str]:
+        if self.stream is None:
+            return True, "starting"
+        return self.stream.health()
+
+    def _check_slot(self) -> None:
+        """Every 30 s: how much WAL the slot holds, and a warning when it is about to lose some."""
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(
+                    "SELECT wal_status, safe_wal_size, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
+                    "FROM pg_replication_slots WHERE slot_name = %s",
+                    (self.options.slot,),
+                )
+                row = cur.fetchone()
+        except Exception as exc:  # the stream reports a lost source; this check is only advisory
+            log.debug("slot check failed: %s", exc)
+            return
+        if row is None:
+            return
+        self.slot_state = (row[0], row[1], row[2])
+        if row[0] in ("extended", "unreserved", "lost") and row[0] != self.wal_warned:
+            self.wal_warned = row[0]
+            log.warning(
+                "slot %s has wal_status %s: %s",
+                self.options.slot,
+                row[0],
+                "its WAL is gone, changes were lost; rebuild with a new slot"
+                if row[0] == "lost"
+                else "it holds more WAL than max_wal_size and may lose it (max_slot_wal_keep_size); "
+                "check that Kafka keeps up",
+                extra={"slot": self.options.slot},
+            )
+        elif row[0] in ("reserved", None):
+            self.wal_warned = None
+
+    def _run(self) -> None:
         settings, options = self.settings, self.options
         self.conn = connect(
             settings.source_dsn,
@@ -216,7 +272,7 @@ class SourceConnector:
             )
         )
         self.producer = Producer(producer_config(settings, options, self.kafka_errors))
-        builder = EventBuilder(
+        builder = self.builder = EventBuilder(
             settings.topic_prefix,
             server.database,
             options.slot,
@@ -240,6 +296,7 @@ class SourceConnector:
             emit_heartbeat=self._heartbeat if options.heartbeat_interval > 0 else None,
             heartbeat_interval=options.heartbeat_interval,
         )
+        self.stream.periodic = self._check_slot
         self.stream.run(repl_conn)
         self.producer.flush(30)
 
@@ -354,7 +411,14 @@ class SourceConnector:
             )
             try:
                 rows = publish_snapshot(
-                    snap_conn, snapshot_name, consistent, infos, builder, self.producer, self.stop
+                    snap_conn,
+                    snapshot_name,
+                    consistent,
+                    infos,
+                    builder,
+                    self.producer,
+                    self.stop,
+                    self.snapshot_rows,
                 )
             finally:
                 snap_conn.close()

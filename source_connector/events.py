@@ -10,6 +10,7 @@ One message per row change, keyed by the primary key:
 """
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +64,8 @@ class EventBuilder:
         self.partitions = partitions
         self.on_nan = on_nan
         self.refetch = refetch
+        self.events: Counter[tuple[str, str]] = Counter()  # by table and op, for the metrics
+        self.bytes: Counter[str] = Counter()
 
     # --- envelope -------------------------------------------------------------------------
 
@@ -104,7 +107,10 @@ class EventBuilder:
         }
         if extra:
             env.update(extra)
-        return orjson.dumps(env)
+        value = orjson.dumps(env)
+        self.events[(info.label, op)] += 1
+        self.bytes[info.label] += len(value)
+        return value
 
     @staticmethod
     def key(info: TableInfo, row: dict[str, Any]) -> bytes:

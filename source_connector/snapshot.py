@@ -4,6 +4,7 @@ its table's complete history."""
 
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 from psycopg2 import sql
@@ -53,6 +54,7 @@ def publish_snapshot(
     builder: EventBuilder,
     producer: Any,
     stop: StopFlag,
+    counts: Counter[str] | None = None,
 ) -> int:
     """Read every table under the exported snapshot and publish it; returns the row count once
     Kafka acknowledged every row."""
@@ -98,6 +100,8 @@ def publish_snapshot(
                             if tracker.failures:
                                 raise_delivery_failure(tracker)
                 progress.finish(task, rows)
+                if counts is not None:
+                    counts[info.label] += rows
                 total += rows
                 log.info(
                     "snapshot of %s: %d rows in %.1f s",

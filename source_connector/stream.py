@@ -42,6 +42,7 @@ HOUSEKEEPING_EVERY = 512  # messages between producer polls and feedback checks
 CONFIRM_INTERVAL = 0.5  # seconds between attempts to confirm a new position
 KEEPALIVE_INTERVAL = 10.0  # seconds between feedback messages when nothing moves
 STALL_LOG_INTERVAL = 10.0
+PERIODIC_INTERVAL = 30.0
 # How long a start waits for a slot that another process holds (the walsender of a previous run that
 # was killed may still be exiting) before reporting it, rather than waiting forever.
 SLOT_BUSY_TIMEOUT = 15.0
@@ -84,6 +85,11 @@ class Stream:
         self.next_heartbeat = time.monotonic() + heartbeat_interval
         self.stalled_since: float | None = None
         self.connected = False
+        self.down_since: float | None = None  # when the replication connection was lost
+        self.wal_end = 0  # the server's WAL end, as last reported
+        self.last_commit_us: int | None = None  # source commit time of the newest transaction read
+        self.periodic: Callable[[], None] | None = None  # called every PERIODIC_INTERVAL (slot checks)
+        self.next_periodic = 0.0
         self.has_streamed = False  # this process streamed from the slot at least once
         self.transactions = 0
         self.messages = 0
@@ -129,13 +135,17 @@ class Stream:
                 raise
             if self.numbers_as_strings is None:
                 self.numbers_as_strings = attempt
-                log.info(
-                    "wal2json %s numeric-data-types-as-string",
-                    "supports" if attempt else "does not support (before 2.6): NaN and Infinity arrive as null;",
-                )
+                if attempt:
+                    log.info("wal2json sends every number as a string (numeric-data-types-as-string)")
+                else:
+                    log.info(
+                        "wal2json here is older than 2.6 (no numeric-data-types-as-string): NaN and Infinity "
+                        "in numeric, real and double precision columns arrive as null"
+                    )
             self.decoder = Decoder(numbers_as_strings=attempt)
             log.info("streaming from slot %s at %s", self.slot, int_to_lsn(start_lsn), extra={"slot": self.slot})
             self.connected = True
+            self.down_since = None
             return conn, cur
         raise AssertionError("unreachable")
 
@@ -154,6 +164,7 @@ class Stream:
                 return
             except psycopg2.Error as exc:
                 self.connected = False
+                self.down_since = self.down_since or time.monotonic()
                 conn = None
                 known = replication_error(exc, self.slot)
                 busy = known is not None and getattr(exc, "pgcode", "") == "55006"
@@ -185,6 +196,7 @@ class Stream:
                 self.stop.wait(delay or 1.0)
             except ConnectError as exc:
                 self.connected = False
+                self.down_since = self.down_since or time.monotonic()
                 conn = None
                 delay = backoff.next_delay(time.monotonic())
                 log.warning("%s; retrying in %.1f s", exc, delay or 0)
@@ -232,6 +244,7 @@ class Stream:
                 tracker.commit(tx)  # type: ignore[arg-type]
                 tx = None
                 self.transactions += 1
+                self.last_commit_us = ctx.ts_us  # type: ignore[union-attr]
             elif kind == b"T":
                 for topic, key, value, partition in self.builder.truncate(decode(payload), ctx):  # type: ignore[arg-type]
                     tx.outstanding += 1  # type: ignore[union-attr]
@@ -298,11 +311,14 @@ class Stream:
         if self.heartbeat_interval > 0 and now >= self.next_heartbeat and self.emit_heartbeat is not None:
             self.next_heartbeat = now + self.heartbeat_interval
             self.emit_heartbeat()
+        if self.periodic is not None and now >= self.next_periodic:
+            self.next_periodic = now + PERIODIC_INTERVAL
+            self.periodic()
         if now < self.next_confirm:
             return
         self.next_confirm = now + CONFIRM_INTERVAL
         target = self.tracker.advance()
-        wal_end = cur.wal_end
+        wal_end = self.wal_end = cur.wal_end
         if idle:
             target = self.tracker.caught_up_to(wal_end)
         if last is not None:
@@ -328,6 +344,15 @@ class Stream:
             # would answer it with a flush position raised past that unfinished transaction.
             cur.send_feedback(write_lsn=self.received_lsn, force=True)
             self.last_feedback = now
+
+    def health(self) -> tuple[bool, str]:
+        """Can the stream make progress? Not when the source or Kafka has been gone for long."""
+        now = time.monotonic()
+        if self.down_since is not None and now - self.down_since > 30:
+            return False, f"replication connection lost for {now - self.down_since:.0f} s"
+        if self.stalled_since is not None and now - self.stalled_since > 60:
+            return False, f"Kafka has not accepted messages for {now - self.stalled_since:.0f} s"
+        return True, f"ok: confirmed {int_to_lsn(self.gate.sent)}, {self.transactions} transactions read"
 
     def _write_state(self, confirmed: int, bound: int) -> None:
         self.state = SourceState(

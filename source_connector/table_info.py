@@ -41,8 +41,10 @@ class TableInfo:
     integer_columns: frozenset[str] = field(init=False)
     boolean_columns: frozenset[str] = field(init=False)
     nan_columns: tuple[str, ...] = field(init=False)
+    label: str = field(init=False)  # `schema.table` for logs and metrics
 
     def __post_init__(self) -> None:
+        self.label = str(self.name)
         self.wal2json_types = [wal2json_type(self.types[c]) for c in self.columns]
         self.columns_json = orjson.Fragment(orjson.dumps({c: self.types[c] for c in self.columns}))
         self.key_json = orjson.Fragment(orjson.dumps(list(self.key)))

@@ -1,0 +1,111 @@
+"""cdc-source's Prometheus metrics, read from the connector's plain counters at scrape time."""
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from cdc_common.service import counter, gauge
+
+if TYPE_CHECKING:
+    from source_connector.connector import SourceConnector
+
+
+def collect(connector: "SourceConnector") -> Iterator[Any]:
+    builder, stream = connector.builder, connector.stream
+    if builder is not None:
+        yield counter(
+            "cdc_source_events_total",
+            "Change events published, by table and op (c u d r t).",
+            ["table", "op"],
+            [((t, op), n) for (t, op), n in list(builder.events.items())],
+        )
+        yield counter(
+            "cdc_source_bytes_total",
+            "Bytes of event values published, by table.",
+            ["table"],
+            [((t,), n) for t, n in list(builder.bytes.items())],
+        )
+    yield counter(
+        "cdc_source_snapshot_rows_total",
+        "Rows published by the initial snapshot, by table.",
+        ["table"],
+        [((t,), n) for t, n in list(connector.snapshot_rows.items())],
+    )
+    yield counter(
+        "cdc_source_nan_nulls_total",
+        "NOT NULL numeric/float values wal2json turned into null (NaN, Infinity), by table and column.",
+        ["table", "column"],
+        [((t, c), n) for (t, c), n in list(connector.nan_counts.items())],
+    )
+    yield counter(
+        "cdc_source_refetched_total",
+        "Key changes whose unchanged TOASTed columns were read back from the table, by table.",
+        ["table"],
+        [((t,), n) for t, n in list(connector.refetched.items())],
+    )
+    yield counter(
+        "cdc_source_errors_total",
+        "Errors by kind (Kafka client errors by their code).",
+        ["kind"],
+        [((k,), n) for k, n in list(connector.kafka_errors.items())],
+    )
+    wal_status, safe_wal_size, retained = connector.slot_state
+    if retained is not None:
+        yield gauge(
+            "cdc_source_slot_retained_wal_bytes",
+            "WAL the slot holds on the source (restart_lsn to now).",
+            float(retained),
+        )
+    if safe_wal_size is not None:
+        yield gauge(
+            "cdc_source_slot_safe_wal_size_bytes",
+            "WAL that can be written before the slot loses some.",
+            float(safe_wal_size),
+        )
+    if wal_status is not None:
+        yield gauge(
+            "cdc_source_slot_wal_status",
+            "The slot's wal_status (1 for the current one).",
+            labels=["status"],
+            values=[
+                ((s,), 1.0 if s == wal_status else 0.0) for s in ("reserved", "extended", "unreserved", "lost")
+            ],
+        )
+    if stream is not None:
+        yield counter(
+            "cdc_source_transactions_total", "Source transactions read.", [], [((), stream.transactions)]
+        )
+        yield counter("cdc_source_messages_total", "wal2json messages read.", [], [((), stream.messages)])
+        yield counter(
+            "cdc_source_heartbeats_total",
+            "Heartbeat messages read back from the WAL.",
+            [],
+            [((), stream.heartbeats_seen)],
+        )
+        yield gauge(
+            "cdc_source_confirmed_lsn",
+            "The position confirmed to the slot (flushed to Kafka).",
+            float(stream.gate.sent),
+        )
+        yield gauge(
+            "cdc_source_received_lsn", "The newest position read from the slot.", float(stream.received_lsn)
+        )
+        if stream.wal_end:
+            yield gauge(
+                "cdc_source_slot_lag_bytes",
+                "Server WAL end minus the confirmed position.",
+                float(max(0, stream.wal_end - stream.gate.sent)),
+            )
+        yield gauge(
+            "cdc_source_in_flight_messages",
+            "Messages handed to Kafka and not yet acknowledged.",
+            float(len(connector.producer)),
+        )
+        if stream.last_commit_us is not None:
+            yield gauge(
+                "cdc_source_last_commit_timestamp_seconds",
+                "Commit time of the newest transaction read.",
+                stream.last_commit_us / 1e6,
+            )
+    yield gauge(
+        "cdc_source_up", "1 while the source connector can make progress.", 1.0 if connector.health()[0] else 0.0
+    )
