@@ -32,9 +32,10 @@ def admin_client(settings: Settings) -> Any:
 def wait_for_kafka(settings: Settings, admin: Any, timeout: float, stop: Any = None) -> Any:
     """The cluster metadata, retrying with backoff until `timeout` seconds have passed."""
     backoff = Backoff(base=0.5, cap=5.0, deadline=timeout)
+    deadline = time.monotonic() + timeout
     while True:
         try:
-            metadata = admin.list_topics(timeout=5)
+            metadata = admin.list_topics(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
             if metadata.brokers:
                 return metadata
             reason = "no broker in the metadata"

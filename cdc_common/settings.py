@@ -1,7 +1,9 @@
 """Settings shared by every program: each a flag and an environment variable, defaulting to the
 local stack, so one environment file configures the whole pipeline."""
 
+import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -22,6 +24,27 @@ KAFKA_PASSTHROUGH_PREFIXES = ("KAFKA_SECURITY_", "KAFKA_SASL_", "KAFKA_SSL_", "K
 SECRET_KAFKA_KEYS = frozenset({"sasl.password", "ssl.key.password", "ssl.keystore.password"})
 
 
+class _Throttle(logging.Filter):
+    """librdkafka repeats a failing connect every few hundred ms: one line per kind per 30 s."""
+
+    def __init__(self, seconds: float = 30.0) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = record.getMessage().split("|")[0][:80] if "|" in record.getMessage() else record.getMessage()[:80]
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) < self.seconds:
+            return False
+        self.last[key] = now
+        return True
+
+
+KAFKA_CLIENT_LOG = logging.getLogger("kafka.client")
+KAFKA_CLIENT_LOG.addFilter(_Throttle())
+
+
 @dataclass(frozen=True)
 class Settings:
     """What every program needs to find the pipeline's three services and its topics."""
@@ -34,8 +57,9 @@ class Settings:
     kafka: Mapping[str, str] = field(repr=False, default_factory=dict)
 
     def kafka_config(self, **extra: Any) -> dict[str, Any]:
-        """librdkafka configuration: bootstrap servers, pass-through security settings, then `extra`."""
-        return {"bootstrap.servers": self.bootstrap_servers, **self.kafka, **extra}
+        """librdkafka configuration: bootstrap servers, pass-through security settings, then `extra`.
+        librdkafka's own log lines go through Python logging (throttled), not straight to stderr."""
+        return {"bootstrap.servers": self.bootstrap_servers, "logger": KAFKA_CLIENT_LOG, **self.kafka, **extra}
 
     def describe(self) -> dict[str, str]:
         """The settings as printable text, secrets masked."""

@@ -36,7 +36,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # the broker is unreachable: they bypassed the text/JSON log format and buried the one-line error.
 # Given a `logger`, a client hands them to Python logging instead, when it is polled (the producer
 # and consumers are; the admin client never is, and wait_for_kafka reports what it needs to).
-KAFKA_CLIENT_LOG = logging.getLogger("kafka.client")
+KAFKA_CLIENT_LOG = logging.getLogger("kafka.client")  # librdkafka's lines (see Settings.kafka_config)
 
 
 def kafka_admin(settings: Settings) -> Any:
