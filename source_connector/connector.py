@@ -375,10 +375,11 @@ class SourceConnector:
                 f"{int_to_lsn(state.confirmed_lsn)}), so changes since then are lost from the WAL. To start over "
                 f"with a fresh snapshot run `cdc-source drop-slot --slot {slot_name}`, then rebuild the target"
             )
-        return self._create_slot(server, infos, builder, key), None
+        restart = state is not None and state.snapshot == "started"
+        return self._create_slot(server, infos, builder, restart), None
 
     def _create_slot(
-        self, server: ServerInfo, infos: list[TableInfo], builder: EventBuilder, key: bytes
+        self, server: ServerInfo, infos: list[TableInfo], builder: EventBuilder, restart: bool
     ) -> SourceState:
         slot_name = self.options.slot
         repl = connect(
@@ -419,6 +420,7 @@ class SourceConnector:
                     self.producer,
                     self.stop,
                     self.snapshot_rows,
+                    restart,
                 )
             finally:
                 snap_conn.close()

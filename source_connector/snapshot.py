@@ -15,6 +15,7 @@ from cdc_common.signals import StopFlag
 from source_connector.events import EventBuilder, TxContext, snapshot_values
 from source_connector.flush import FlushTracker
 from source_connector.table_info import TableInfo
+from source_connector.wal2json import int_to_lsn
 
 log = logging.getLogger("source.snapshot")
 
@@ -55,6 +56,7 @@ def publish_snapshot(
     producer: Any,
     stop: StopFlag,
     counts: Counter[str] | None = None,
+    restart: bool = False,
 ) -> int:
     """Read every table under the exported snapshot and publish it; returns the row count once
     Kafka acknowledged every row."""
@@ -74,6 +76,13 @@ def publish_snapshot(
                     sql.Identifier(info.name.schema, info.name.name),
                 )
                 ctx = TxContext(None, consistent_lsn, int(time.time() * 1_000_000))
+                if restart:
+                    # An earlier attempt died half-way and its `r` events are in the topic: a `t` first,
+                    # so a consumer replaying the topic drops them (a row deleted since would come back).
+                    doc = {"schema": info.name.schema, "table": info.name.name, "lsn": int_to_lsn(consistent_lsn)}
+                    for topic, key, value, partition in builder.truncate(doc, ctx):
+                        tx.outstanding += 1
+                        producer.produce(topic, value, key, partition, on_delivery=tx.ack)
                 rows = 0
                 with conn.cursor(name=f"cdc_snapshot_{abs(hash(info.name))}") as named:
                     named.itersize = FETCH_ROWS
