@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from cdc_common.dsn import describe, mask
 from cdc_common.errors import ConfigError
 from cdc_common.retry import Backoff
-from cdc_common.settings import Settings, build_settings, kafka_from_environment, read_properties
+from cdc_common.settings import KAFKA_CLIENT_LOG, Settings, build_settings, kafka_from_environment, read_properties
 from cdc_common.tables import TableName, parse_tables, quote_if_needed
 from writer.pacing import KINDS, MixSchedule, Pacer, parse_mix
 
@@ -226,7 +226,9 @@ def test_build_settings(tmp_path: Path) -> None:
     )
     assert settings.bootstrap_servers == "k:9092"
     assert settings.tables == (TableName("public", "person"),)
-    assert settings.kafka_config(**{"group.id": "g"}) == {
+    config = settings.kafka_config(**{"group.id": "g"})
+    assert config.pop("logger") is KAFKA_CLIENT_LOG  # librdkafka's lines go through logging
+    assert config == {
         "bootstrap.servers": "k:9092",
         "sasl.password": "sp",
         "sasl.username": "u",
