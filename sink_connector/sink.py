@@ -10,21 +10,17 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
-from psycopg2 import sql
 
-from cdc_common.catalog import read_table
 from cdc_common.errors import CdcError, SinkError
 from cdc_common.kafka import admin_client, wait_for_kafka
 from cdc_common.pg import connect, error_reason, is_connection_loss, sqlstate
-from cdc_common.progress import RowProgress
 from cdc_common.retry import Backoff
-from cdc_common.service import LATENCY_BUCKETS, SIZE_BUCKETS, FastHistogram, OpsServer, counter, gauge
+from cdc_common.service import LATENCY_BUCKETS, SIZE_BUCKETS, FastHistogram, OpsServer
 from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
 from cdc_common.tables import TableName
@@ -32,11 +28,11 @@ from schemas.topics import change_topic_pattern, table_for, topic_for
 from sink_connector.apply import apply_table
 from sink_connector.bookkeeping import Bookkeeping
 from sink_connector.bookkeeping import TopicPartition as TP
-from sink_connector.bulk_copy import copy_table
 from sink_connector.changes import BadMessage, Change, TableBatch, decode
 from sink_connector.dlq import DeadLetters
-from sink_connector.handover import CopySnapshot
-from sink_connector.target import TargetTable, create_from_event, create_from_source, load, reconcile
+from sink_connector.metrics import collect
+from sink_connector.preparation import TablePreparer
+from sink_connector.target import reconcile
 
 log = logging.getLogger("sink")
 
@@ -67,13 +63,6 @@ class Fenced(Exception):
         self.stored = stored
 
 
-@dataclass
-class TableState:
-    target: TargetTable
-    mode: str  # how it was first filled: copy, topic or never
-    snapshot: CopySnapshot | None  # the copy's snapshot, for the hand-over
-
-
 def classify(exc: BaseException) -> str:
     """'connection', 'retry' or 'data' for an error raised while applying a batch."""
     if is_connection_loss(exc):
@@ -90,7 +79,8 @@ class Sink:
         self.options = options
         self.stop = stop
         self.book = Bookkeeping(options.state_schema, options.group)
-        self.tables: dict[TableName, TableState] = {}
+        self.preparer = TablePreparer(settings, self.book, options.snapshot, options.rebuild, options.slot, stop)
+        self.tables = self.preparer.tables
         self.topic_tables: dict[str, TableName] = {}
         self.expected: dict[TP, int | None] = {}
         self.parked: set[tuple[str, bytes]] = set()
@@ -107,7 +97,6 @@ class Sink:
         self.batch_sizes = FastHistogram(SIZE_BUCKETS)
         self.apply_seconds = FastHistogram(LATENCY_BUCKETS)
         self.errors: Counter[str] = Counter()
-        self.copied_rows: Counter[str] = Counter()
         self.lag: dict[TP, int] = {}
         self.next_lag_check = 0.0
         self.next_offsets_check = 0.0
@@ -162,109 +151,6 @@ class Sink:
             wanted = [topic_for(self.settings.topic_prefix, t) for t in self.settings.tables]
             return [t for t in wanted if t in existing]
         return sorted(t for t in existing if table_for(self.settings.topic_prefix, t) is not None)
-
-    # --- preparing tables ---------------------------------------------------------------------
-
-    def _prepare(self, table: TableName, batch: TableBatch | None) -> TableState | None:
-        """The target table ready to take changes: bulk-copied, created or loaded. None when it
-        does not exist and the batch says nothing about its columns (only deletes)."""
-        state = self.tables.get(table)
-        if state is not None:
-            return state
-        conn = self.conn
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"cdc-sink {table}",))
-            record = self.book.initialized(cur, table)
-            target = load(conn, table)
-            if record is None:
-                mode = "topic" if table in self.options.rebuild else self.options.snapshot
-                snapshot = None
-                if mode == "copy":
-                    target, snapshot = self._copy(cur, table, target)
-                else:
-                    if target is None:
-                        if batch is None or not batch.columns:
-                            conn.rollback()
-                            return None
-                        target = create_from_event(conn, table, batch.columns, batch.key_columns)
-                    self.book.record_initialized(cur, table, mode, None, None, 0)
-            else:
-                mode, snapshot = record
-                if target is None:
-                    if batch is None or not batch.columns:
-                        conn.rollback()
-                        return None
-                    target = create_from_event(conn, table, batch.columns, batch.key_columns)
-        conn.commit()
-        state = TableState(target, mode, snapshot)
-        self.tables[table] = state
-        return state
-
-    def _wait_for_slot(self, source: Any) -> None:
-        """The copy must start after the source's slot exists, or changes in between would be lost."""
-        announced = False
-        while True:
-            with source.cursor() as cur:
-                cur.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.options.slot,))
-                if cur.fetchone() is not None:
-                    return
-            if self.stop:
-                raise CdcError("stopped while waiting for the source's replication slot")
-            if not announced:
-                log.info(
-                    "waiting for the source connector to create slot %s before copying (is cdc-source running?)",
-                    self.options.slot,
-                    extra={"slot": self.options.slot},
-                )
-                announced = True
-            self.stop.wait(1.0)
-
-    def _copy(self, cur: Any, table: TableName, target: TargetTable | None) -> tuple[TargetTable, CopySnapshot]:
-        """Create and fill the table from the source, in the caller's transaction."""
-        source = connect(
-            self.settings.source_dsn,
-            role="source",
-            setting="--source-dsn / SOURCE_DSN",
-            application_name="cdc-sink",
-        )
-        try:
-            definition = read_table(source, table)
-            if definition is None:
-                raise SinkError(
-                    f"table {table} does not exist on the source, so it cannot be copied (check --tables)"
-                )
-            if not definition.key:
-                raise SinkError(f"table {table} has no primary key on the source; it cannot be replicated")
-            self._wait_for_slot(source)
-            if target is None:
-                target = create_from_source(source, self.conn, definition)
-            else:
-                cur.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(target.ident))
-                if cur.fetchone()[0]:
-                    raise SinkError(
-                        f"target table {table} already has rows but was never filled by this sink: empty it to "
-                        "let the bulk snapshot fill it, or start with --snapshot topic (or never)"
-                    )
-            started = time.monotonic()
-            with RowProgress("copy") as progress:
-                result = copy_table(self.settings.source_dsn, cur, definition, progress)
-            self.book.record_initialized(cur, table, "copy", result.snapshot, result.lsn, result.rows)
-            self.copied_rows[str(table)] += result.rows
-            elapsed = time.monotonic() - started
-            log.info(
-                "copied %d rows of %s in %.1f s (%.0f rows/s, %s COPY)",
-                result.rows,
-                table,
-                elapsed,
-                result.rows / max(elapsed, 1e-9),
-                "binary" if result.binary else "text",
-                extra={"table": str(table)},
-            )
-            recorded = self.book.initialized(cur, table)
-            assert recorded is not None and recorded[1] is not None
-            return target, recorded[1]
-        finally:
-            source.close()
 
     # --- consumer ------------------------------------------------------------------------------
 
@@ -321,7 +207,7 @@ class Sink:
 
     def run(self) -> None:
         server = (
-            OpsServer(self.options.metrics_port, self._collect, self.health).start()
+            OpsServer(self.options.metrics_port, lambda: collect(self), self.health).start()
             if self.options.metrics_port
             else None
         )
@@ -346,7 +232,7 @@ class Sink:
         if self.options.snapshot == "copy":
             for table in wanted:
                 if table not in self.options.rebuild:
-                    self._prepare(table, None)
+                    self.preparer.prepare(self.conn, table, None)
         if self.options.once:
             self.end_offsets = self._end_offsets(topics)
         self.consumer = Consumer(self._consumer_config())
@@ -459,60 +345,6 @@ class Sink:
         if self.kafka_down_since is not None and now - self.kafka_down_since > 30:
             return False, f"Kafka unreachable for {now - self.kafka_down_since:.0f} s"
         return True, f"ok: {self.batches} batches applied"
-
-    def _collect(self) -> Iterator[Any]:
-        yield counter(
-            "cdc_sink_changes_applied_total",
-            "Changes applied to the target, by table and op.",
-            ["table", "op"],
-            [((t, op), n) for (t, op), n in list(self.applied.items())],
-        )
-        yield counter("cdc_sink_batches_total", "Batches committed to the target.", [], [((), self.batches)])
-        yield counter(
-            "cdc_sink_skipped_total",
-            "Events skipped because the bulk copy already held them.",
-            [],
-            [((), self.skipped)],
-        )
-        yield counter(
-            "cdc_sink_dlq_messages_total",
-            "Messages sent to a dead-letter topic.",
-            [],
-            [((), self.dead_letters.sent if self.dead_letters else 0)],
-        )
-        yield counter(
-            "cdc_sink_fenced_total",
-            "Batches dropped because another member moved the offsets.",
-            [],
-            [((), self.fenced)],
-        )
-        yield counter(
-            "cdc_sink_errors_total", "Errors by kind.", ["kind"], [((k,), n) for k, n in list(self.errors.items())]
-        )
-        yield counter(
-            "cdc_sink_snapshot_rows_total",
-            "Rows bulk-copied from the source, by table.",
-            ["table"],
-            [((t,), n) for t, n in list(self.copied_rows.items())],
-        )
-        yield self.latency.family(
-            "cdc_sink_end_to_end_latency_seconds", "From source commit to target commit, per change."
-        )
-        yield self.batch_sizes.family("cdc_sink_batch_size_messages", "Messages per applied batch.")
-        yield self.apply_seconds.family("cdc_sink_apply_seconds", "Time to apply and commit one batch.")
-        yield gauge(
-            "cdc_sink_consumer_lag_messages",
-            "Messages not yet applied, by topic and partition.",
-            labels=["topic", "partition"],
-            values=[((t, str(p)), n) for (t, p), n in list(self.lag.items())],
-        )
-        if self.last_applied_ts_us is not None:
-            yield gauge(
-                "cdc_sink_last_applied_commit_timestamp_seconds",
-                "Source commit time of the newest change applied.",
-                self.last_applied_ts_us / 1e6,
-            )
-        yield gauge("cdc_sink_up", "1 while the sink can make progress.", 1.0 if self.health()[0] else 0.0)
 
     def _usable(self, message: Any) -> bool:
         err = message.error()
@@ -673,7 +505,7 @@ class Sink:
                     if self.topic_tables[c.topic] == table and c.columns:
                         pending.add(c)
                         break
-                self._prepare(table, pending)
+                self.preparer.prepare(self.conn, table, pending)
         if rejected and self.dead_letters is not None:
             for m, reason in rejected:
                 self.dead_letters.send(m.topic(), m.partition(), m.offset(), m.key(), m.value(), reason)

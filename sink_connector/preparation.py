@@ -1,0 +1,155 @@
+"""Making a target table ready to take changes: loaded as it is, created from the types events
+carry, or created from the source catalog and bulk-copied (waiting for the source's slot first).
+One sink process at a time does it per table (an advisory lock), recorded in cdc_sink.snapshots."""
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg2 import sql
+
+from cdc_common.catalog import read_table
+from cdc_common.errors import CdcError, SinkError
+from cdc_common.pg import connect
+from cdc_common.progress import RowProgress
+from cdc_common.settings import Settings
+from cdc_common.signals import StopFlag
+from cdc_common.tables import TableName
+from sink_connector.bookkeeping import Bookkeeping
+from sink_connector.bulk_copy import copy_table
+from sink_connector.changes import TableBatch
+from sink_connector.handover import CopySnapshot
+from sink_connector.target import TargetTable, create_from_event, create_from_source, load
+
+log = logging.getLogger("sink.prepare")
+
+
+@dataclass
+class TableState:
+    target: TargetTable
+    mode: str  # how it was first filled: copy, topic or never
+    snapshot: CopySnapshot | None  # the copy's snapshot, for the hand-over
+
+
+class TablePreparer:
+    def __init__(
+        self,
+        settings: Settings,
+        book: Bookkeeping,
+        snapshot: str,
+        rebuild: tuple[TableName, ...],
+        slot: str,
+        stop: StopFlag,
+    ) -> None:
+        self.settings = settings
+        self.book = book
+        self.snapshot_mode = snapshot
+        self.rebuild = rebuild
+        self.slot = slot
+        self.stop = stop
+        self.tables: dict[TableName, TableState] = {}
+        self.copied_rows: Counter[str] = Counter()
+
+    def prepare(self, conn: Any, table: TableName, batch: TableBatch | None) -> TableState | None:
+        """The target table ready to take changes: bulk-copied, created or loaded. None when it
+        does not exist and the batch says nothing about its columns (only deletes)."""
+        state = self.tables.get(table)
+        if state is not None:
+            return state
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"cdc-sink {table}",))
+            record = self.book.initialized(cur, table)
+            target = load(conn, table)
+            if record is None:
+                mode = "topic" if table in self.rebuild else self.snapshot_mode
+                snapshot = None
+                if mode == "copy":
+                    target, snapshot = self._copy(conn, cur, table, target)
+                else:
+                    if target is None:
+                        if batch is None or not batch.columns:
+                            conn.rollback()
+                            return None
+                        target = create_from_event(conn, table, batch.columns, batch.key_columns)
+                    self.book.record_initialized(cur, table, mode, None, None, 0)
+            else:
+                mode, snapshot = record
+                if target is None:
+                    if batch is None or not batch.columns:
+                        conn.rollback()
+                        return None
+                    target = create_from_event(conn, table, batch.columns, batch.key_columns)
+        conn.commit()
+        state = TableState(target, mode, snapshot)
+        self.tables[table] = state
+        return state
+
+    def _wait_for_slot(self, source: Any) -> None:
+        """The copy must start after the source's slot exists, or changes in between would be lost."""
+        announced = False
+        while True:
+            with source.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.slot,))
+                if cur.fetchone() is not None:
+                    return
+            if self.stop:
+                raise CdcError("stopped while waiting for the source's replication slot")
+            if not announced:
+                log.info(
+                    "waiting for the source connector to create slot %s before copying (is cdc-source running?)",
+                    self.slot,
+                    extra={"slot": self.slot},
+                )
+                announced = True
+            self.stop.wait(1.0)
+
+    def _copy(
+        self, conn: Any, cur: Any, table: TableName, target: TargetTable | None
+    ) -> tuple[TargetTable, CopySnapshot]:
+        """Create and fill the table from the source, in the caller's transaction."""
+        source = connect(
+            self.settings.source_dsn,
+            role="source",
+            setting="--source-dsn / SOURCE_DSN",
+            application_name="cdc-sink",
+        )
+        try:
+            definition = read_table(source, table)
+            if definition is None:
+                raise SinkError(
+                    f"table {table} does not exist on the source, so it cannot be copied (check --tables)"
+                )
+            if not definition.key:
+                raise SinkError(f"table {table} has no primary key on the source; it cannot be replicated")
+            self._wait_for_slot(source)
+            if target is None:
+                target = create_from_source(source, conn, definition)
+            else:
+                cur.execute(sql.SQL("SELECT EXISTS (SELECT FROM {})").format(target.ident))
+                if cur.fetchone()[0]:
+                    raise SinkError(
+                        f"target table {table} already has rows but was never filled by this sink: empty it to "
+                        "let the bulk snapshot fill it, or start with --snapshot topic (or never)"
+                    )
+            started = time.monotonic()
+            with RowProgress("copy") as progress:
+                result = copy_table(self.settings.source_dsn, cur, definition, progress)
+            self.book.record_initialized(cur, table, "copy", result.snapshot, result.lsn, result.rows)
+            self.copied_rows[str(table)] += result.rows
+            elapsed = time.monotonic() - started
+            log.info(
+                "copied %d rows of %s in %.1f s (%.0f rows/s, %s COPY)",
+                result.rows,
+                table,
+                elapsed,
+                result.rows / max(elapsed, 1e-9),
+                "binary" if result.binary else "text",
+                extra={"table": str(table)},
+            )
+            recorded = self.book.initialized(cur, table)
+            assert recorded is not None and recorded[1] is not None
+            return target, recorded[1]
+        finally:
+            source.close()
