@@ -1,45 +1,15 @@
-"""Reading table definitions from the source catalog (columns, types, key, replica identity)."""
+"""The tables the source replicates, read from its catalog (columns, types, key, replica identity)."""
 
 import logging
 from typing import Any
 
+from cdc_common.catalog import read_table, table_exists, tables_in_schema
 from cdc_common.errors import ConfigError, SourceError
 from cdc_common.tables import TableName
 from schemas.topics import topic_for
 from source_connector.table_info import TableInfo, key_problem
 
 log = logging.getLogger("source.catalog")
-
-_TABLES_IN_SCHEMA = """
-SELECT n.nspname, c.relname
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p') AND n.nspname = %s AND NOT c.relispartition
-ORDER BY c.relname
-"""
-
-_TABLE = """
-SELECT c.oid, c.relreplident
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p') AND n.nspname = %s AND c.relname = %s
-"""
-
-_COLUMNS = """
-SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
-FROM pg_attribute a
-WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
-ORDER BY a.attnum
-"""
-
-# The primary key, else the replica identity index, with its columns in index order.
-_KEY = """
-SELECT i.indisprimary,
-       array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord)
-FROM pg_index i
-WHERE i.indrelid = %s AND (i.indisprimary OR i.indisreplident)
-ORDER BY i.indisprimary DESC
-LIMIT 1
-"""
 
 
 class Catalog:
@@ -50,15 +20,9 @@ class Catalog:
 
     def tables(self, requested: tuple[TableName, ...]) -> list[TableName]:
         """The tables to replicate: those requested (each must exist), or every table of `public`."""
-        with self.conn.cursor() as cur:
-            if not requested:
-                cur.execute(_TABLES_IN_SCHEMA, ("public",))
-                return [TableName(s, t) for s, t in cur.fetchall()]
-            missing = []
-            for table in requested:
-                cur.execute(_TABLE, (table.schema, table.name))
-                if cur.fetchone() is None:
-                    missing.append(str(table))
+        if not requested:
+            return tables_in_schema(self.conn, "public")
+        missing = [str(t) for t in requested if not table_exists(self.conn, t)]
         if missing:
             raise ConfigError(
                 f"table{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
@@ -69,30 +33,21 @@ class Catalog:
 
     def read(self, table: TableName) -> TableInfo:
         """The table's definition; a SourceError when it cannot be replicated exactly."""
-        with self.conn.cursor() as cur:
-            cur.execute(_TABLE, (table.schema, table.name))
-            found = cur.fetchone()
-            if found is None:
-                raise ConfigError(f"table {table} does not exist on the source")
-            oid, replident = found
-            cur.execute(_COLUMNS, (oid,))
-            rows = cur.fetchall()
-            cur.execute(_KEY, (oid,))
-            key_row = cur.fetchone()
-        has_pk = bool(key_row and key_row[0])
-        key = tuple(key_row[1]) if key_row else ()
-        problem = key_problem(table, key, has_pk, replident)
+        definition = read_table(self.conn, table)
+        if definition is None:
+            raise ConfigError(f"table {table} does not exist on the source")
+        problem = key_problem(table, definition.key, definition.has_pk, definition.replica_identity)
         if problem:
             raise SourceError(problem)
         return TableInfo(
             name=table,
             topic=topic_for(self.prefix, table),
-            columns=tuple(r[0] for r in rows),
-            types={r[0]: r[1] for r in rows},
-            key=key,
-            replica_identity=replident,
-            not_null=frozenset(r[0] for r in rows if r[2]),
-            key_from_pk=has_pk,
+            columns=tuple(c.name for c in definition.columns),
+            types={c.name: c.type for c in definition.columns},
+            key=definition.key,
+            replica_identity=definition.replica_identity,
+            not_null=frozenset(c.name for c in definition.columns if c.not_null),
+            key_from_pk=definition.has_pk,
         )
 
     def lookup(self, schema: str, name: str, refresh: bool) -> TableInfo | None:
