@@ -56,7 +56,9 @@ def connect(
     that says where (password masked), why, and which setting to check."""
     parts = parse(dsn, setting)
     kwargs: dict[str, Any] = {k: v for k, v in _TCP_DEFAULTS.items() if k not in parts}
-    kwargs["options"] = " ".join(filter(None, (parts.get("options", ""), SESSION_OPTIONS, extra.pop("options", ""))))
+    kwargs["options"] = " ".join(
+        filter(None, (parts.get("options", ""), SESSION_OPTIONS, extra.pop("options", "")))
+    )
     kwargs["application_name"] = parts.get("application_name", application_name)
     if replication:
         kwargs["connection_factory"] = psycopg2.extras.LogicalReplicationConnection
@@ -86,3 +88,17 @@ def is_connection_loss(exc: BaseException) -> bool:
         return False
     code = sqlstate(exc)
     return code is None or code.startswith("08") or code in {"57P01", "57P02", "57P03"}
+
+
+def connect_source(dsn: str, application_name: str, **extra: Any) -> Any:
+    """A connection to the source database (`--source-dsn` / `SOURCE_DSN`)."""
+    return connect(
+        dsn, role="source", setting="--source-dsn / SOURCE_DSN", application_name=application_name, **extra
+    )
+
+
+def connect_target(dsn: str, application_name: str, **extra: Any) -> Any:
+    """A connection to the target database (`--target-dsn` / `TARGET_DSN`)."""
+    return connect(
+        dsn, role="target", setting="--target-dsn / TARGET_DSN", application_name=application_name, **extra
+    )

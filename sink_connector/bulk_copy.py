@@ -15,7 +15,7 @@ from psycopg2 import sql
 
 from cdc_common.catalog import TableDef
 from cdc_common.errors import CdcError
-from cdc_common.pg import connect, error_reason
+from cdc_common.pg import connect_source, error_reason
 from cdc_common.progress import RowProgress
 
 log = logging.getLogger("sink.copy")
@@ -62,9 +62,7 @@ def estimated_rows(cur: Any, definition: TableDef) -> int | None:
 def copy_table(source_dsn: str, target_cur: Any, definition: TableDef, progress: RowProgress) -> CopyResult:
     """Copy the source table into the (empty) target table, inside the caller's target transaction."""
     table = definition.name
-    source = connect(
-        source_dsn, role="source", setting="--source-dsn / SOURCE_DSN", application_name="cdc-sink copy"
-    )
+    source = connect_source(source_dsn, application_name="cdc-sink copy")
     try:
         source.set_session(isolation_level="REPEATABLE READ", readonly=True, autocommit=False)
         src = source.cursor()

@@ -6,7 +6,7 @@ import click
 
 from cdc_common.cli import DefaultGroup, program
 from cdc_common.errors import ConfigError
-from cdc_common.pg import connect
+from cdc_common.pg import connect_target
 from cdc_common.settings import Settings, common_options
 from cdc_common.signals import StopFlag
 from sink_connector.bookkeeping import Bookkeeping
@@ -127,10 +127,8 @@ def rebuild(**kwargs: Any) -> None:
 
 
 def reset(settings: Settings, options: SinkOptions) -> None:
-    conn = connect(
+    conn = connect_target(
         settings.target_dsn,
-        role="target",
-        setting="--target-dsn / TARGET_DSN",
         application_name="cdc-sink",
         autocommit=False,
     )

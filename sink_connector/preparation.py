@@ -12,7 +12,7 @@ from psycopg2 import sql
 
 from cdc_common.catalog import read_table
 from cdc_common.errors import CdcError, SinkError
-from cdc_common.pg import connect
+from cdc_common.pg import connect_source
 from cdc_common.progress import RowProgress
 from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
@@ -109,10 +109,8 @@ class TablePreparer:
         self, conn: Any, cur: Any, table: TableName, target: TargetTable | None
     ) -> tuple[TargetTable, CopySnapshot]:
         """Create and fill the table from the source, in the caller's transaction."""
-        source = connect(
+        source = connect_source(
             self.settings.source_dsn,
-            role="source",
-            setting="--source-dsn / SOURCE_DSN",
             application_name="cdc-sink",
         )
         try:

@@ -18,7 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from cdc_common.errors import CdcError, SinkError
 from cdc_common.kafka import admin_client, wait_for_kafka
-from cdc_common.pg import connect, error_reason, is_connection_loss, sqlstate
+from cdc_common.pg import connect_target, error_reason, is_connection_loss, sqlstate
 from cdc_common.retry import Backoff
 from cdc_common.service import LATENCY_BUCKETS, SIZE_BUCKETS, FastHistogram, OpsServer
 from cdc_common.settings import Settings
@@ -107,10 +107,8 @@ class Sink:
     # --- connections ------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        self.conn = connect(
+        self.conn = connect_target(
             self.settings.target_dsn,
-            role="target",
-            setting="--target-dsn / TARGET_DSN",
             application_name="cdc-sink",
             autocommit=False,
             # Safe for exactly-once: a batch's rows and its offsets commit together, so a target crash

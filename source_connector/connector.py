@@ -13,7 +13,7 @@ from psycopg2 import sql
 
 from cdc_common.errors import ConfigError, SourceError
 from cdc_common.kafka import HISTORY_TOPIC_CONFIG, ensure_topics, wait_for_kafka
-from cdc_common.pg import connect
+from cdc_common.pg import connect_source
 from cdc_common.service import OpsServer
 from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
@@ -231,10 +231,8 @@ class SourceConnector:
 
     def _run(self) -> None:
         settings, options = self.settings, self.options
-        self.conn = connect(
+        self.conn = connect_source(
             settings.source_dsn,
-            role="source",
-            setting="--source-dsn / SOURCE_DSN",
             application_name="cdc-source",
         )
         server = server_info(self.conn)
@@ -307,10 +305,8 @@ class SourceConnector:
         except Exception as exc:  # a heartbeat is best effort; the stream reports real failures
             log.warning("heartbeat failed: %s", exc)
             try:
-                self.conn = connect(
+                self.conn = connect_source(
                     self.settings.source_dsn,
-                    role="source",
-                    setting="--source-dsn / SOURCE_DSN",
                     application_name="cdc-source",
                 )
                 self.catalog.conn = self.conn
@@ -382,10 +378,8 @@ class SourceConnector:
         self, server: ServerInfo, infos: list[TableInfo], builder: EventBuilder, restart: bool
     ) -> SourceState:
         slot_name = self.options.slot
-        repl = connect(
+        repl = connect_source(
             self.settings.source_dsn,
-            role="source",
-            setting="--source-dsn / SOURCE_DSN",
             application_name="cdc-source",
             replication=True,
         )
@@ -403,10 +397,8 @@ class SourceConnector:
         log.info("created slot %s at %s", slot_name, int_to_lsn(consistent), extra={"slot": slot_name})
         if initial:
             self._write_state_now(state)
-            snap_conn = connect(
+            snap_conn = connect_source(
                 self.settings.source_dsn,
-                role="source",
-                setting="--source-dsn / SOURCE_DSN",
                 application_name="cdc-source snapshot",
                 autocommit=False,
             )
@@ -432,10 +424,8 @@ class SourceConnector:
 
     def drop(self) -> bool:
         """`cdc-source drop-slot`: drop the slot and forget the connector's state for it."""
-        conn = connect(
+        conn = connect_source(
             self.settings.source_dsn,
-            role="source",
-            setting="--source-dsn / SOURCE_DSN",
             application_name="cdc-source",
         )
         server = server_info(conn)

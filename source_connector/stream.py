@@ -15,7 +15,7 @@ from typing import Any
 import psycopg2
 
 from cdc_common.errors import CdcError, ConnectError, SourceError
-from cdc_common.pg import connect, error_reason, is_connection_loss
+from cdc_common.pg import connect_source, error_reason, is_connection_loss
 from cdc_common.retry import Backoff
 from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
@@ -111,10 +111,8 @@ class Stream:
             if attempt and self.numbers_as_strings is False:
                 continue
             if conn is None:
-                conn = connect(
+                conn = connect_source(
                     self.settings.source_dsn,
-                    role="source",
-                    setting="--source-dsn / SOURCE_DSN",
                     application_name="cdc-source",
                     replication=True,
                 )

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cdc_common.cli import program
 from cdc_common.errors import ConfigError
-from cdc_common.pg import connect
+from cdc_common.pg import connect_source, connect_target
 from cdc_common.settings import common_options
 from status.report import Status, gather
 
@@ -110,12 +110,8 @@ def main(**kwargs: Any) -> None:
             "max_lag_seconds": own["max_lag_seconds"],
             "max_lag_messages": float(own["max_lag_messages"]),
         }
-        source = connect(
-            settings.source_dsn, role="source", setting="--source-dsn / SOURCE_DSN", application_name="cdc-status"
-        )
-        target = connect(
-            settings.target_dsn, role="target", setting="--target-dsn / TARGET_DSN", application_name="cdc-status"
-        )
+        source = connect_source(settings.source_dsn, application_name="cdc-status")
+        target = connect_target(settings.target_dsn, application_name="cdc-status")
         status = gather(settings, source, target, own["slot"], own["group"], own["state_schema"], quotas)
         if own["as_json"]:
             click.echo(orjson.dumps(status.as_dict()).decode())

@@ -12,7 +12,7 @@ from psycopg2 import sql
 from cdc_common.catalog import read_table, tables_in_schema
 from cdc_common.cli import program
 from cdc_common.errors import ConfigError
-from cdc_common.pg import connect
+from cdc_common.pg import connect_source, connect_target
 from cdc_common.settings import Settings, common_options
 from cdc_common.tables import TableName
 from verify.compare import TableReport, compare_table
@@ -41,17 +41,13 @@ def replicated_tables(target: Any, state_schema: str) -> list[TableName]:
 
 
 def verify(settings: Settings, state_schema: str, limit: int) -> list[TableReport]:
-    source = connect(
+    source = connect_source(
         settings.source_dsn,
-        role="source",
-        setting="--source-dsn / SOURCE_DSN",
         application_name="cdc-verify",
         autocommit=False,
     )
-    target = connect(
+    target = connect_target(
         settings.target_dsn,
-        role="target",
-        setting="--target-dsn / TARGET_DSN",
         application_name="cdc-verify",
         autocommit=False,
     )

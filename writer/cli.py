@@ -10,7 +10,7 @@ import psycopg2
 
 from cdc_common.cli import program
 from cdc_common.errors import ConnectError
-from cdc_common.pg import connect, error_reason, is_connection_loss
+from cdc_common.pg import connect_source, error_reason, is_connection_loss
 from cdc_common.retry import Backoff
 from cdc_common.settings import Settings, common_options
 from cdc_common.signals import StopFlag
@@ -94,10 +94,8 @@ def run(
     backoff = Backoff(deadline=120)
 
     def open_workload() -> tuple[Any, Workload]:
-        conn = connect(
+        conn = connect_source(
             settings.source_dsn,
-            role="source",
-            setting="--source-dsn / SOURCE_DSN",
             application_name="cdc-writer",
             autocommit=False,
         )
