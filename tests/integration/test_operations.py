@@ -1,0 +1,529 @@
+"""Running the pipeline as an operator does: the connectors' Prometheus metrics and health checks,
+`cdc-status --json` field by field (caught up, then lagging behind a stopped sink), the source's
+heartbeat keeping the slot's WAL bounded while only another database writes, and the demo under a
+terminal, stopped with Ctrl-C.
+
+Figures a report needs (WAL held by the slot, end-to-end latency) are printed: run with `-s`.
+"""
+
+import contextlib
+import fcntl
+import os
+import pty
+import re
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import psycopg2
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from psycopg2 import sql
+from psycopg2.extensions import make_dsn
+
+from tests.conftest import Databases, Stack
+from tests.helpers import REPO, psql_rows, run_cli, start_cli, wait_until
+from tests.kafka_broker import free_port
+from tests.pipeline import (
+    assert_running,
+    execute,
+    partition_ends,
+    run_writer,
+    start_sink,
+    start_source,
+    stop_cleanly,
+    stored_offsets,
+    wait_applied,
+    wait_for_output,
+    wait_identical,
+)
+
+TABLES = ("public.person", "public.orders")
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def new_names() -> tuple[str, str]:
+    return f"t_ops_{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+
+
+def topics_of(prefix: str) -> list[str]:
+    return [f"{prefix}.public.person", f"{prefix}.public.orders"]
+
+
+# --- (a) metrics and health ------------------------------------------------------------------
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return int(response.status), str(response.read().decode())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), str(exc.read().decode())
+
+
+def scrape(port: int) -> Samples:
+    status, text = http_get(port, "/metrics")
+    assert status == 200, f"/metrics answered {status}: {text}"
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
+    return samples
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    return sum(v for found, v in samples.get(name, []) if all(found.get(k) == w for k, w in labels.items()))
+
+
+def test_metrics_move_and_health_is_ok(stack: Stack, dbs: Databases, topic_prefix: str) -> None:
+    slot, group = new_names()
+    run_writer(dbs, "--count", "50", "--rate", "0", "--seed", "11")
+    source_port, sink_port = free_port(), free_port()
+    source = start_source(dbs, topic_prefix, slot, "--metrics-port", str(source_port))
+    wait_for_output(source, "streaming from slot", timeout=90)
+    sink = start_sink(dbs, topic_prefix, slot, group, "--metrics-port", str(sink_port))
+    wait_applied(dbs, stack.bootstrap_servers, group, topics_of(topic_prefix), processes=[source, sink])
+    before_source, before_sink = scrape(source_port), scrape(sink_port)
+
+    run_writer(dbs, "--count", "300", "--rate", "0", "--seed", "12")
+    wait_applied(dbs, stack.bootstrap_servers, group, topics_of(topic_prefix), processes=[source, sink])
+    # The sink's counters are read at scrape time: wait for the batch that stored the offsets.
+    wait_until(
+        lambda: (
+            total(scrape(sink_port), "cdc_sink_changes_applied_total")
+            >= total(before_sink, "cdc_sink_changes_applied_total") + 300
+        ),
+        timeout=30,
+        message="cdc_sink_changes_applied_total did not count the writer's changes",
+    )
+    after_source, after_sink = scrape(source_port), scrape(sink_port)
+
+    published = total(after_source, "cdc_source_events_total") - total(before_source, "cdc_source_events_total")
+    assert published >= 300, f"cdc_source_events_total moved by {published}"
+    for op in ("c", "u", "d"):
+        assert total(after_source, "cdc_source_events_total", table="public.person", op=op) > 0, op
+    assert total(after_source, "cdc_source_snapshot_rows_total") > 0  # the initial snapshot's rows
+    applied = total(after_sink, "cdc_sink_changes_applied_total") - total(
+        before_sink, "cdc_sink_changes_applied_total"
+    )
+    assert applied >= 300, f"cdc_sink_changes_applied_total moved by {applied}"
+    assert total(after_sink, "cdc_sink_changes_applied_total", table="public.orders") > 0
+
+    # End-to-end latency: a histogram with cumulative buckets ending in +Inf == _count.
+    count = total(after_sink, "cdc_sink_end_to_end_latency_seconds_count")
+    assert count > 0, "no latency observed"
+    buckets = sorted(
+        (float(labels["le"]), value) for labels, value in after_sink["cdc_sink_end_to_end_latency_seconds_bucket"]
+    )
+    assert len(buckets) >= 10 and buckets[-1][0] == float("inf"), buckets
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets), f"buckets are not cumulative: {buckets}"
+    assert buckets[-1][1] == count, (buckets, count)
+    assert total(after_sink, "cdc_sink_end_to_end_latency_seconds_sum") > 0
+    assert total(after_sink, "cdc_sink_up") == 1 and total(after_source, "cdc_source_up") == 1
+    assert total(after_source, "cdc_source_confirmed_lsn") > 0
+
+    for port in (source_port, sink_port):
+        status, body = http_get(port, "/healthz")
+        assert status == 200 and body.startswith("ok"), (port, status, body)
+        assert http_get(port, "/nothing-here")[0] == 404
+    stop_cleanly(source, sink)
+
+
+# --- (b) cdc-status --json ------------------------------------------------------------------------
+
+
+def status_json(dbs: Databases, prefix: str, slot: str, group: str, *extra: str) -> tuple[int, dict[str, Any]]:
+    result = run_cli(
+        [
+            "cdc-status",
+            "--source-dsn",
+            dbs.source_dsn,
+            "--target-dsn",
+            dbs.target_dsn,
+            "--topic-prefix",
+            prefix,
+            "--slot",
+            slot,
+            "--group",
+            group,
+            "--json",
+            "--log-format",
+            "text",
+            *extra,
+        ]
+    )
+    assert result.returncode in (0, 1), f"cdc-status could not tell (exit {result.returncode}):\n{result.stderr}"
+    assert result.stderr == "", result.stderr
+    return result.returncode, orjson.loads(result.stdout)
+
+
+def lsn(text: str) -> int:
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def slot_row(stack: Stack, slot: str) -> tuple[Any, ...]:
+    [row] = psql_rows(
+        stack.source_admin_dsn,
+        "SELECT active, active_pid, confirmed_flush_lsn::text, database FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    )
+    return row
+
+
+def test_status_json_field_by_field(stack: Stack, dbs: Databases, topic_prefix: str) -> None:
+    slot, group = new_names()
+    started = datetime.now(UTC)
+    run_writer(dbs, "--count", "40", "--rate", "0", "--seed", "21")
+    source = start_source(dbs, topic_prefix, slot, "--partitions", "2")
+    wait_for_output(source, "streaming from slot", timeout=90)
+    sink = start_sink(dbs, topic_prefix, slot, group)
+    run_writer(dbs, "--count", "200", "--rate", "0", "--seed", "22")
+    topics = topics_of(topic_prefix)
+    wait_applied(dbs, stack.bootstrap_servers, group, topics, processes=[source, sink])
+    wait_identical(dbs, TABLES, processes=[source, sink])
+
+    # --- caught up: exit 0, every field checked against the services themselves
+    before = slot_row(stack, slot)
+    code, report = status_json(dbs, topic_prefix, slot, group)
+    after = slot_row(stack, slot)
+    assert code == 0 and report["ok"] is True and report["problems"] == [], report
+    s = report["slot"]
+    assert s["name"] == slot and s["exists"] is True and s["active"] is True, s
+    assert s["active_pid"] == before[1] == after[1], (s, before, after)
+    assert s["plugin"] == "wal2json" and s["database"] == dbs.name, s
+    assert re.fullmatch(r"[0-9A-F]+/[0-9A-F]+", s["confirmed_flush_lsn"]), s
+    assert lsn(before[2]) <= lsn(s["confirmed_flush_lsn"]) <= lsn(after[2]), (s, before, after)
+    assert isinstance(s["retained_wal_bytes"], int) and s["retained_wal_bytes"] >= 0, s
+    assert s["wal_status"] == "reserved", s
+    assert report["sink"] == {"group": group, "lag_messages": 0, "lag_seconds": 0.0}, report["sink"]
+
+    ends = partition_ends(stack.bootstrap_servers, topics)
+    stored = stored_offsets(dbs, group)
+    progress = {
+        f"{schema}.{name}": (commit_at, changes)
+        for schema, name, commit_at, changes in psql_rows(
+            dbs.target_dsn,
+            "SELECT schema_name, table_name, last_commit_at, changes FROM cdc_sink.tables WHERE group_id = %s",
+            (group,),
+        )
+    }
+    by_table = {t["table"]: t for t in report["tables"]}
+    assert sorted(by_table) == sorted(TABLES), report["tables"]
+    for table, topic in zip(TABLES, topics, strict=True):
+        t = by_table[table]
+        assert t["topic"] == topic and t["partitions"] == 2, t
+        assert t["end_offsets"] == {str(p): ends[(topic, p)] for p in (0, 1)}, (t, ends)
+        assert t["applied_offsets"] == {str(p): stored[(topic, p)] for p in (0, 1)}, (t, stored)
+        assert t["applied_offsets"] == t["end_offsets"], t
+        assert t["lag_messages"] == 0 and t["lag_seconds"] == 0.0, t
+        commit_at, changes = progress[table]
+        last = datetime.fromisoformat(t["last_applied_commit"])
+        assert last == commit_at, (t, commit_at)
+        assert started - timedelta(seconds=5) <= last <= datetime.now(UTC), (started, last)
+        assert t["changes_applied"] == changes > 0, t
+
+    # --- the sink stops, the writer goes on: lag builds, exit 1 naming the tables
+    stop_cleanly(sink)
+    applied_before = {tp: o for tp, o in stored_offsets(dbs, group).items()}
+    run_writer(dbs, "--count", "120", "--rate", "0", "--seed", "23")
+    wait_until(
+        lambda: sum(partition_ends(stack.bootstrap_servers, topics).values()) >= sum(ends.values()) + 120,
+        timeout=60,
+        message="the source did not publish the writer's changes",
+    )
+    time.sleep(1.5)  # the oldest change not applied gets older than --max-lag-seconds 1
+    ends = partition_ends(stack.bootstrap_servers, topics)
+    code, report = status_json(dbs, topic_prefix, slot, group, "--max-lag-messages", "10")
+    assert code == 1 and report["ok"] is False, report
+    lagging = []
+    for t in report["tables"]:
+        expected = sum(ends[(t["topic"], p)] - (applied_before[(t["topic"], p)] or 0) for p in (0, 1))
+        assert t["lag_messages"] == expected, (t, ends, applied_before)
+        assert t["applied_offsets"] == {str(p): applied_before[(t["topic"], p)] for p in (0, 1)}, t
+        if t["lag_messages"] > 10:
+            lagging.append(t)
+            assert t["lag_seconds"] > 1.0, t
+            assert any(
+                p.startswith(f"sink group {group} is behind on {t['table']}: {t['lag_messages']} messages")
+                for p in report["problems"]
+            ), report["problems"]
+    assert lagging, report
+    assert report["sink"]["lag_messages"] == sum(t["lag_messages"] for t in report["tables"]) > 10, report
+    code, by_seconds = status_json(dbs, topic_prefix, slot, group, "--max-lag-seconds", "1")
+    assert code == 1 and any("is behind on public.person" in p for p in by_seconds["problems"]), by_seconds
+    # Below the quotas the same lag is no problem.
+    code, relaxed = status_json(dbs, topic_prefix, slot, group)
+    assert code == 0 and relaxed["problems"] == [], relaxed
+
+    # --- the sink catches up: exit 0 again
+    sink = start_sink(dbs, topic_prefix, slot, group)
+    wait_applied(dbs, stack.bootstrap_servers, group, topics, processes=[source, sink])
+    code, report = status_json(
+        dbs, topic_prefix, slot, group, "--max-lag-messages", "10", "--max-lag-seconds", "1"
+    )
+    assert code == 0 and all(t["lag_messages"] == 0 for t in report["tables"]), report
+    stop_cleanly(source, sink)
+    # A stopped source: the slot is reported inactive (no problem while it holds less than --max-slot-lag).
+    code, report = status_json(dbs, topic_prefix, slot, group)
+    assert report["slot"]["active"] is False and report["slot"]["active_pid"] is None, report
+    code, report = status_json(dbs, topic_prefix, slot, group, "--max-slot-lag", "0")
+    assert code == 1 and any(f"slot {slot} is inactive" in p for p in report["problems"]), report
+
+
+# --- (c) the heartbeat -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def noise_database(stack: Stack, dbs: Databases) -> Iterator[str]:
+    """A second database on the same source server (dropped after the test), for WAL noise."""
+    name = dbs.name + "_noise"
+    psql_rows(stack.source_admin_dsn, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_dsn(stack.source_admin_dsn, dbname=name)
+    finally:
+        psql_rows(
+            stack.source_admin_dsn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def wal_sample(stack: Stack, slot: str) -> tuple[int, int, int]:
+    """(current WAL position, the slot's restart_lsn, its confirmed_flush_lsn) as integers."""
+    [(current, restart, confirmed)] = psql_rows(
+        stack.source_admin_dsn,
+        "SELECT pg_current_wal_lsn()::text, restart_lsn::text, confirmed_flush_lsn::text "
+        "FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    )
+    return lsn(current), lsn(restart), lsn(confirmed)
+
+
+@pytest.mark.parametrize("heartbeat", [1.0, 0.0], ids=["heartbeat-1s", "no-heartbeat"])
+def test_heartbeat_keeps_the_slot_moving_while_another_database_writes(
+    stack: Stack, dbs: Databases, topic_prefix: str, noise_database: str, heartbeat: float
+) -> None:
+    execute(
+        dbs.source_dsn, "CREATE TABLE quiet (id int PRIMARY KEY, label text)", "INSERT INTO quiet VALUES (1, 'a')"
+    )
+    slot, _ = new_names()
+    port = free_port()
+    source = start_source(
+        dbs, topic_prefix, slot, "--tables", "public.quiet", "--heartbeat-interval", str(heartbeat),
+        "--metrics-port", str(port),
+    )  # fmt: skip
+    wait_for_output(source, "streaming from slot", timeout=90)
+    noise = start_cli(
+        ["cdc-writer", "--source-dsn", noise_database, "--rate", "100", "--batch", "10", "--log-format", "text"]
+    )
+    try:
+        wait_for_output(noise, "writing to", timeout=60)
+        start = wal_sample(stack, slot)
+        samples = []
+        deadline = time.monotonic() + 35
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            assert_running(source, noise)
+            samples.append(wal_sample(stack, slot))
+    finally:
+        stop_cleanly(noise)
+    end = samples[-1]
+    generated = end[0] - start[0]
+    retained = [current - restart for current, restart, _ in samples]
+    unconfirmed = [current - confirmed for current, _, confirmed in samples]
+    heartbeats = total(scrape(port), "cdc_source_heartbeats_total")
+    print(
+        f"\n[heartbeat {heartbeat:g} s] WAL written in 35 s: {generated / 2**20:.1f} MiB; "
+        f"retained by the slot (current - restart_lsn) first/max/last: {retained[0] / 2**20:.2f}/"
+        f"{max(retained) / 2**20:.2f}/{retained[-1] / 2**20:.2f} MiB; "
+        f"unconfirmed (current - confirmed_flush_lsn) max of the last 10 s: {max(unconfirmed[-10:]) / 2**20:.2f} MiB; "
+        f"confirmed_flush_lsn advanced {(end[2] - start[2]) / 2**20:.1f} MiB, restart_lsn {(end[1] - start[1]) / 2**20:.1f} MiB; "
+        f"heartbeats read back: {heartbeats:g}"
+    )
+    stop_cleanly(source)
+    assert generated > 4 * 2**20, f"the noise wrote only {generated} bytes of WAL"
+    # Either way the confirmed position follows the WAL although the replicated table never changes
+    # (without a heartbeat, through the idle keepalives).
+    assert end[2] - start[2] > generated / 2, (start, end)
+    assert max(unconfirmed[-10:]) < generated / 3, unconfirmed
+    if heartbeat:
+        assert heartbeats >= 10, heartbeats
+        # With the heartbeat the slot lets go of the WAL: restart_lsn follows (it moves at the
+        # running-xacts records PostgreSQL logs every 15 s), and within any 15 s the WAL it holds
+        # falls back to a few seconds' worth: bounded, not growing with what was written.
+        assert end[1] - start[1] > generated / 2, f"restart_lsn moved {end[1] - start[1]} of {generated} bytes"
+        assert min(retained[-16:]) < generated / 4, retained
+        assert max(unconfirmed[-10:]) < generated / 8, unconfirmed  # a few seconds of WAL at most
+    else:
+        assert heartbeats == 0, heartbeats
+
+
+# --- (d) the demo under a terminal --------------------------------------------------------------
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-Za-z]|\r")
+ROW = re.compile(r"│\s*(person|orders)\s*│\s*(\d+|-)\s*│\s*(\d+|-)\s*│")
+# The caption wraps at the table's width: any whitespace between its words.
+LATENCY = re.compile(r"latency\s+\(last\s+10\s+s\)\s+p50\s+≤\s+(\d+\s+ms|-),\s+p99\s+≤\s+(\d+\s+ms|-)")
+
+
+class Terminal:
+    """A program on a pseudo-terminal of 160x50; everything it prints is collected."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+        self.process = subprocess.Popen(
+            args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=REPO, start_new_session=True
+        )
+        os.close(slave)
+        self.master = master
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: the program closed the terminal
+                return
+            if not data:
+                return
+            self.chunks.append(data)
+
+    def text(self) -> str:
+        return ANSI.sub("", b"".join(self.chunks).decode(errors="replace"))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.reader.join(10)
+        os.close(self.master)
+
+
+def table_rows(text: str) -> list[tuple[str, int | None, int | None]]:
+    return [(name, None if s == "-" else int(s), None if t == "-" else int(t)) for name, s, t in ROW.findall(text)]
+
+
+def pipeline_processes(slot: str) -> list[psutil.Process]:
+    """The cdc-* processes started with SOURCE_SLOT=slot (the demo's children)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            cmdline = process.info["cmdline"] or []
+            ours = any(Path(part).name.startswith("cdc-") for part in cmdline[:2])
+            if ours and process.environ().get("SOURCE_SLOT") == slot:
+                found.append(process)
+    return found
+
+
+def demo_environment(
+    stack: Stack, dbs: Databases, prefix: str, slot: str, group: str, logs: Path
+) -> dict[str, str]:
+    private = ("SOURCE_", "TARGET_", "TOPIC_", "TABLES", "WRITER_", "LOG_", "SINK_", "METRICS_", "KAFKA_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(private)}
+    return env | {
+        "SOURCE_DSN": dbs.source_dsn,
+        "TARGET_DSN": dbs.target_dsn,
+        "KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers,
+        "TOPIC_PREFIX": prefix,
+        "SOURCE_SLOT": slot,
+        "SINK_GROUP": group,
+        "STACK_DIR": str(logs),  # the demo's logs go to $STACK_DIR/demo
+        "PYTHONUNBUFFERED": "1",
+        "TERM": "xterm-256color",
+        "COLUMNS": "160",
+        "LINES": "50",
+    }
+
+
+def probe_latency(dbs: Databases, key: int, timeout: float = 10) -> float:
+    """Insert one probe row on the source; seconds until the target has it."""
+    execute(dbs.source_dsn, "INSERT INTO probe VALUES (%s, clock_timestamp())", params=(key,))
+    committed = time.monotonic()
+    while time.monotonic() - committed < timeout:
+        with contextlib.suppress(psycopg2.errors.UndefinedTable):  # until the sink created it
+            if psql_rows(dbs.target_dsn, "SELECT 1 FROM probe WHERE id = %s", (key,)):
+                return time.monotonic() - committed
+        time.sleep(0.01)
+    raise AssertionError(f"probe row {key} did not reach the target within {timeout:g} s")
+
+
+def test_demo_under_a_terminal_stops_cleanly_on_ctrl_c(
+    stack: Stack, dbs: Databases, topic_prefix: str, tmp_path: Path
+) -> None:
+    slot, group = new_names()
+    # A table of the test's own, replicated along (the demo replicates every table of public), to
+    # time single rows from source commit to target visibility.
+    execute(dbs.source_dsn, "CREATE TABLE probe (id int PRIMARY KEY, written_at timestamptz NOT NULL)")
+    env = demo_environment(stack, dbs, topic_prefix, slot, group, tmp_path)
+    started = time.monotonic()
+    terminal = Terminal([sys.executable, "-m", "demo", "--seconds", "15"], env)
+    latencies: list[float] = []
+    try:
+
+        def replicating() -> bool:
+            rows = dict((name, (s, t)) for name, s, t in table_rows(terminal.text()))
+            assert terminal.process.poll() is None, f"the demo exited early:\n{terminal.text()[-3000:]}"
+            return all(
+                (rows.get(n, (None, None))[0] or 0) > 0 and (rows.get(n, (None, None))[1] or 0) > 0
+                for n in ("person", "orders")
+            )
+
+        wait_until(replicating, timeout=12, interval=0.2, message="the live table never showed rows on both sides")
+        # The first probe row makes the sink create (copy) the probe table: a warm-up, not timed.
+        probe_latency(dbs, 0, timeout=8)
+        key = 0
+        while key < 20 and (key < 3 or time.monotonic() - started < 11):
+            key += 1
+            latencies.append(probe_latency(dbs, key, timeout=3))
+            time.sleep(0.1)
+        assert time.monotonic() - started < 14, "too slow to interrupt the demo before its 15 s"
+        assert terminal.process.poll() is None, "the demo ended before Ctrl-C"
+        before_stop = terminal.text()
+        terminal.process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground program
+        stopped_at = time.monotonic()
+        code = terminal.process.wait(120)
+        stop_seconds = time.monotonic() - stopped_at
+        terminal.reader.join(10)
+        output = terminal.text()
+    finally:
+        terminal.close()
+        leftovers = pipeline_processes(slot)
+        for process in leftovers:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+    assert not leftovers, f"the demo left running: {[p.cmdline() for p in leftovers]}"
+    assert code == 0, f"the demo exited with {code}:\n{output[-3000:]}"
+    assert "Traceback" not in output, output[-5000:]
+    assert "stopping: the writer first, then the connectors once the target caught up" in output, output[-3000:]
+    assert "identical: 2 of 2 tables match" in output, output[-3000:]
+    assert "public.person: identical" in output and "public.orders: identical" in output, output[-3000:]
+    final = table_rows(output)[-2:]
+    assert {name for name, _, _ in final} == {"person", "orders"}, final
+    assert all(s == t for _, s, t in final), f"the last live table still shows a difference: {final}"
+    shown = LATENCY.findall(before_stop)
+    assert shown, f"the demo never showed its latency line:\n{before_stop[-2000:]}"
+    p50, p99 = shown[-1]
+    assert p50 != "-" and p99 != "-", f"the demo showed no latency figures: {shown}"
+    latencies.sort()
+    print(
+        f"\n[demo] stopped {stop_seconds:.1f} s after Ctrl-C; the demo showed latency p50 ≤ {p50}, p99 ≤ {p99}; "
+        f"{len(latencies)} probe rows, commit to visible in the target: min {latencies[0] * 1000:.0f} ms, "
+        f"median {latencies[len(latencies) // 2] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
+    )
+    assert latencies and latencies[len(latencies) // 2] < 2.0, latencies
+    assert (tmp_path / "demo" / "cdc-source.log").exists(), "the demo's logs are not under $STACK_DIR/demo"
