@@ -9,10 +9,12 @@ from typing import Any
 
 import click
 import orjson
+import psycopg2.errors
 
 from cdc_common.dsn import mask
 from cdc_common.errors import CdcError
 from cdc_common.logs import setup_logging, use_json
+from cdc_common.pg import error_reason
 from cdc_common.settings import Settings, settings_from
 
 EXIT_ERROR = 1
@@ -39,6 +41,13 @@ def program(name: str, kwargs: dict[str, Any], error_exit: int = EXIT_ERROR) -> 
     except CdcError as exc:
         logging.getLogger(name).debug("fatal", exc_info=True)
         fail(name, str(exc), use_json(log_format))
+        sys.exit(error_exit)
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        fail(
+            name,
+            f"permission denied: {error_reason(exc)}; grant it to the role in the DSN (see docs/roles.sql)",
+            use_json(log_format),
+        )
         sys.exit(error_exit)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)

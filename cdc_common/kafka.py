@@ -29,18 +29,37 @@ def admin_client(settings: Settings) -> Any:
     return AdminClient(settings.kafka_config(**{"socket.timeout.ms": 10000}))
 
 
-def wait_for_kafka(settings: Settings, admin: Any, timeout: float, stop: Any = None) -> Any:
-    """The cluster metadata, retrying with backoff until `timeout` seconds have passed."""
+AUTH_ERRORS = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED}
+
+
+def wait_for_kafka(settings: Settings, timeout: float, stop: Any = None) -> Any:
+    """The cluster metadata, retrying with backoff until `timeout` seconds have passed. Refused
+    credentials and TLS failures are named as such, not as an unreachable broker."""
+    errors: list[KafkaError] = []
+    probe = AdminClient(settings.kafka_config(**{"socket.timeout.ms": 10000, "error_cb": errors.append}))
     backoff = Backoff(base=0.5, cap=5.0, deadline=timeout)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            metadata = admin.list_topics(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+            metadata = probe.list_topics(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
             if metadata.brokers:
                 return metadata
             reason = "no broker in the metadata"
         except KafkaException as exc:
             reason = kafka_reason(exc)
+        probe.poll(0)
+        for err in errors:
+            if err.code() in AUTH_ERRORS:
+                raise ConnectError(
+                    f"Kafka at {settings.bootstrap_servers} refused the credentials ({err.str()}); check "
+                    "KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD (or --kafka-config)"
+                )
+            if err.code() == KafkaError._SSL:
+                raise ConnectError(
+                    f"TLS with Kafka at {settings.bootstrap_servers} failed ({err.str()}); check "
+                    "KAFKA_SECURITY_PROTOCOL, KAFKA_SSL_CA_LOCATION and the broker's certificate"
+                )
+        errors.clear()
         delay = backoff.next_delay(time.monotonic())
         if delay is None or (stop is not None and stop):
             raise ConnectError(
@@ -63,6 +82,7 @@ def ensure_topics(
     replication_factor: int,
     config: Mapping[str, str],
     timeout: float = 30,
+    quiet: bool = False,
 ) -> dict[str, int]:
     """Create the topics that do not exist; returns every topic's partition count."""
     wanted = list(dict.fromkeys(topics))
@@ -80,7 +100,13 @@ def ensure_topics(
         for topic, future in futures.items():
             try:
                 future.result()
-                log.info("created topic %s (%d partitions)", topic, partitions, extra={"topic": topic})
+                log.log(
+                    logging.DEBUG if quiet else logging.INFO,
+                    "created topic %s (%d partitions)",
+                    topic,
+                    partitions,
+                    extra={"topic": topic},
+                )
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise ConnectError(f"cannot create Kafka topic {topic}: {kafka_reason(exc)}") from None

@@ -73,5 +73,7 @@ def setup_logging(component: str, log_format: str = "auto", level: str = "info")
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("faker", "kafka"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("faker").setLevel(logging.WARNING)
+    # librdkafka's own lines (a failed connect every few hundred ms) only with --log-level debug: the
+    # connectors report Kafka errors through its error callback, the commands through their error.
+    logging.getLogger("kafka.client").setLevel(logging.DEBUG if level.lower() == "debug" else logging.CRITICAL)

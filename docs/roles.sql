@@ -64,9 +64,4 @@ FROM unnest(string_to_array(:'schemas', ',')) AS s(name)
 SELECT format('GRANT USAGE, CREATE ON SCHEMA %I TO %I', trim(s.name), :'target_role')
 FROM unnest(string_to_array(:'schemas', ',')) AS s(name)
 \gexec
-
--- CREATE on the database, although every schema exists: cdc-sink runs CREATE SCHEMA IF NOT EXISTS
--- for its state schema and for each table's schema, and PostgreSQL checks this privilege before it
--- looks whether the schema exists. It lets the role create schemas, nothing more.
-GRANT CREATE ON DATABASE :"DBNAME" TO :"target_role";
 \endif

@@ -15,6 +15,7 @@ from psycopg2 import sql
 
 from cdc_common.tables import TableName
 from sink_connector.handover import CopySnapshot
+from sink_connector.target import ensure_schema
 
 TopicPartition = tuple[str, int]
 
@@ -70,7 +71,7 @@ class Bookkeeping:
 
     def install(self, conn: Any) -> None:
         with conn.cursor() as cur:
-            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(self.s))
+            ensure_schema(cur, self.schema)
             for statement in _TABLES:
                 cur.execute(sql.SQL(statement).format(schema=self.s))
         conn.commit()

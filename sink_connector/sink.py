@@ -219,7 +219,7 @@ class Sink:
         self._connect()
         self.book.install(self.conn)
         self.admin = admin_client(self.settings)
-        wait_for_kafka(self.settings, self.admin, self.options.kafka_timeout, self.stop)
+        wait_for_kafka(self.settings, self.options.kafka_timeout, self.stop)
         self.parked = self.book.parked(self.conn)
         if self.options.on_error == "dlq":
             self.dead_letters = DeadLetters(self.settings, self.admin)

@@ -61,8 +61,12 @@ def load(conn: Any, table: TableName) -> TargetTable | None:
     return TargetTable(table, {c.name: c.type for c in definition.columns}, definition.key)
 
 
-def _create_schema(cur: Any, schema: str) -> None:
-    cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+def ensure_schema(cur: Any, schema: str) -> None:
+    """Create the schema when it is missing. (CREATE SCHEMA IF NOT EXISTS would need the CREATE
+    privilege on the database even when the schema exists.)"""
+    cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+    if cur.fetchone() is None:
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
 
 
 def _type_exists(cur: Any, schema: str, name: str) -> bool:
@@ -89,7 +93,7 @@ def _ensure_user_types(source_conn: Any, cur: Any, table: TableName, columns: tu
         if oid < FIRST_USER_OID or _type_exists(cur, schema, name):
             continue
         if kind == "e":
-            _create_schema(cur, schema)
+            ensure_schema(cur, schema)
             labels = enum_labels(source_conn, oid)
             cur.execute(
                 sql.SQL("CREATE TYPE {} AS ENUM ({})").format(
@@ -108,7 +112,7 @@ def create_from_source(source_conn: Any, conn: Any, definition: TableDef) -> Tar
     """CREATE TABLE with the source's columns, types, NOT NULLs and key."""
     table = definition.name
     with conn.cursor() as cur:
-        _create_schema(cur, table.schema)
+        ensure_schema(cur, table.schema)
         _ensure_user_types(source_conn, cur, table, definition.columns)
         cur.execute(
             sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
@@ -133,7 +137,7 @@ def create_from_event(conn: Any, table: TableName, columns: dict[str, str], key:
     if not columns or not key or any(k not in columns for k in key):
         raise SinkError(f"cannot create target table {table}: its events carry no usable columns and key")
     with conn.cursor() as cur:
-        _create_schema(cur, table.schema)
+        ensure_schema(cur, table.schema)
         cur.execute(
             sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
                 sql.Identifier(table.schema, table.name),

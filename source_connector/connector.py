@@ -229,29 +229,22 @@ class SourceConnector:
         elif row[0] in ("reserved", None):
             self.wal_warned = None
 
-    def _run(self) -> None:
-        settings, options = self.settings, self.options
-        self.conn = connect_source(
-            settings.source_dsn,
-            application_name="cdc-source",
-        )
-        server = server_info(self.conn)
-        self.catalog = Catalog(self.conn, settings.topic_prefix)
-        tables = self.catalog.tables(settings.tables)
-        infos = [self.catalog.read(t) for t in tables]  # refuses tables that cannot be replicated
-        for info in infos:
-            self.catalog.cache[(info.name.schema, info.name.name)] = info
-        log.info(
-            "replicating %d tables of %s: %s",
-            len(infos),
-            server.database,
-            ", ".join(str(i.name) for i in infos) or "(none yet)",
-        )
+    def _check_readable(self, infos: list[TableInfo]) -> None:
+        """The snapshot and the key-change read-back SELECT from the tables: refuse before a slot exists."""
+        with self.conn.cursor() as cur:
+            for info in infos:
+                cur.execute(
+                    "SELECT has_table_privilege(format('%%I.%%I', %s::text, %s::text), 'SELECT')",
+                    (info.name.schema, info.name.name),
+                )
+                if not cur.fetchone()[0]:
+                    raise SourceError(
+                        f"the source role may not read table {info.name}: GRANT SELECT ON {info.name} TO <role> "
+                        "(see docs/roles.sql)"
+                    )
 
-        self.admin = kafka_admin(settings)
-        wait_for_kafka(settings, self.admin, options.kafka_timeout, self.stop)
-        self.state_topic = state_topic(settings.topic_prefix)
-        ensure_topics(self.admin, [self.state_topic], 1, options.replication_factor, STATE_TOPIC_CONFIG)
+    def _ensure_change_topics(self, infos: list[TableInfo]) -> None:
+        """The tables' topics, created when missing (after the slot: a refused start leaves none)."""
         existing = self.admin.list_topics(timeout=10).topics
         wanted = {i.topic: i.name for i in infos}
         for a, b in collisions([*existing, *wanted]):
@@ -264,10 +257,31 @@ class SourceConnector:
             ensure_topics(
                 self.admin,
                 [i.topic for i in infos],
-                options.partitions,
-                options.replication_factor,
+                self.options.partitions,
+                self.options.replication_factor,
                 self._topic_config(),
             )
+        )
+
+    def _run(self) -> None:
+        settings, options = self.settings, self.options
+        self.conn = connect_source(
+            settings.source_dsn,
+            application_name="cdc-source",
+        )
+        server = server_info(self.conn)
+        self.catalog = Catalog(self.conn, settings.topic_prefix)
+        tables = self.catalog.tables(settings.tables)
+        infos = [self.catalog.read(t) for t in tables]  # refuses tables that cannot be replicated
+        for info in infos:
+            self.catalog.cache[(info.name.schema, info.name.name)] = info
+        self._check_readable(infos)
+
+        self.admin = kafka_admin(settings)
+        wait_for_kafka(settings, options.kafka_timeout, self.stop)
+        self.state_topic = state_topic(settings.topic_prefix)
+        ensure_topics(
+            self.admin, [self.state_topic], 1, options.replication_factor, STATE_TOPIC_CONFIG, quiet=True
         )
         self.producer = Producer(producer_config(settings, options, self.kafka_errors))
         builder = self.builder = EventBuilder(
@@ -281,6 +295,13 @@ class SourceConnector:
         )
 
         state, repl_conn = self._prepare_slot(server, infos, builder)
+        self._ensure_change_topics(infos)
+        log.info(
+            "replicating %d tables of %s: %s",
+            len(infos),
+            server.database,
+            ", ".join(str(i.name) for i in infos) or "(none yet)",
+        )
         add_tables = add_tables_option([i.name for i in infos]) if settings.tables else ["public.*"]
         self.stream = Stream(
             settings,
@@ -384,6 +405,7 @@ class SourceConnector:
             replication=True,
         )
         consistent, snapshot_name = create_slot(repl.cursor(), slot_name)
+        self._ensure_change_topics(infos)
         initial = self.options.snapshot == "initial"
         state = SourceState(
             slot_name,
@@ -431,7 +453,7 @@ class SourceConnector:
         server = server_info(conn)
         dropped = drop_slot(conn, self.options.slot)
         admin = kafka_admin(self.settings)
-        wait_for_kafka(self.settings, admin, self.options.kafka_timeout, self.stop)
+        wait_for_kafka(self.settings, self.options.kafka_timeout, self.stop)
         topic = state_topic(self.settings.topic_prefix)
         if topic in admin.list_topics(timeout=10).topics:
             producer = Producer(

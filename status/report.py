@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from psycopg2 import sql
 
+from cdc_common.errors import ConnectError
+from cdc_common.kafka import kafka_reason, wait_for_kafka
 from cdc_common.settings import Settings
 from schemas.topics import table_for, topic_for
 
@@ -174,10 +176,17 @@ def gather(
                 )
             )
     offsets, progress = sink_progress(target, schema, group)
+    wait_for_kafka(settings, timeout=10)
     consumer = Consumer(settings.kafka_config(**{"group.id": group + "-status", "enable.auto.commit": False}))
     tables: list[TableStatus] = []
     try:
-        metadata = consumer.list_topics(timeout=10)
+        try:
+            metadata = consumer.list_topics(timeout=10)
+        except KafkaException as exc:
+            raise ConnectError(
+                f"Kafka is unreachable at {settings.bootstrap_servers} ({kafka_reason(exc)}); check "
+                "--bootstrap-servers / KAFKA_BOOTSTRAP_SERVERS, the security settings, and that the broker runs"
+            ) from None
         if settings.tables:
             topics = [topic_for(settings.topic_prefix, t) for t in settings.tables]
         else:

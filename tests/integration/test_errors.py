@@ -253,15 +253,7 @@ def test_unknown_database(
     [
         "cdc-source",
         "cdc-sink",
-        pytest.param(
-            "cdc-status",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: cdc-status with Kafka unreachable dies with a KafkaException Traceback "
-                "(status/report.py gather(): consumer.list_topics is not turned into a CdcError) and exit 1, "
-                "the code that means 'needs attention'",
-            ),
-        ),
+        "cdc-status",
     ],
 )
 def test_kafka_unreachable(stack: Stack, owned: Databases, topic_prefix: str, program: str) -> None:
@@ -557,15 +549,7 @@ def test_wal_level_not_logical(private_pg: PrivatePostgres, stack: Stack, topic_
     "strict_one_line",
     [
         False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: a missing wal2json is found only when the slot is created, after cdc-source logged "
-                "'replicating 1 tables ...' and created its Kafka topics: the error is not the only line and the "
-                "refused start leaves topics behind",
-            ),
-        ),
+        True,
     ],
     ids=["message", "only-line"],
 )
