@@ -18,6 +18,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import IO
 
 from confluent_kafka.admin import AdminClient
 
@@ -60,6 +61,7 @@ class PrivateBroker:
         self.client_config = client_config or {}
         self.process: subprocess.Popen[bytes] | None = None
         self.cluster_id = str(uuid.uuid4())
+        self.log: IO[bytes] | None = None
         self._formatted = False
 
     @property
@@ -115,14 +117,17 @@ class PrivateBroker:
         config.write_text(self._properties())
         if not self._formatted:
             subprocess.run(
-                self._java("kafka.tools.StorageTool", "format", "--standalone", "-t", self.cluster_id, "-c", str(config)),
+                self._java(
+                    "kafka.tools.StorageTool", "format", "--standalone", "-t", self.cluster_id, "-c", str(config)
+                ),
                 check=True,
                 capture_output=True,
             )
             self._formatted = True
-        log = open(self.dir / "kafka.out", "ab")  # noqa: SIM115 - closed when the process ends
+        self._close_log()
+        self.log = open(self.dir / "kafka.out", "ab")  # noqa: SIM115 - closed by kill() and stop()
         self.process = subprocess.Popen(
-            self._java("kafka.Kafka", str(config)), stdout=log, stderr=log, start_new_session=True
+            self._java("kafka.Kafka", str(config)), stdout=self.log, stderr=self.log, start_new_session=True
         )
         self.wait_ready(timeout)
         return self
@@ -141,10 +146,16 @@ class PrivateBroker:
             time.sleep(0.3)
         raise AssertionError(f"the private broker did not answer within {timeout:g} s")
 
+    def _close_log(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(30)
+        self._close_log()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -154,3 +165,4 @@ class PrivateBroker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(30)
+        self._close_log()
