@@ -82,7 +82,7 @@ def decode(topic: str, partition: int, offset: int, key: bytes | None, value: by
             key = b""
     else:
         row = before if op == "d" else after
-        if not isinstance(row, dict) or any(k not in row for k in key_columns):
+        if not isinstance(row, dict) or not row.keys() >= set(key_columns):
             raise BadMessage(f"`{'before' if op == 'd' else 'after'}` must be an object holding the key columns")
         if not key:
             raise BadMessage("change event without a key")

@@ -290,7 +290,11 @@ class Sink:
             if not messages:
                 continue
             self.kafka_down_since = None
-            batch = [m for m in messages if self._usable(m)]
+            batch = [m for m in messages if m.error() is None]
+            if len(batch) != len(messages):
+                for m in messages:
+                    if m.error() is not None:
+                        self._usable(m)
             if not batch:
                 continue
             while True:
@@ -533,10 +537,16 @@ class Sink:
         self.batches += 1
         self.apply_seconds.observe(time.monotonic() - started)
         self.batch_sizes.observe(len(changes))
-        observe = self.latency.observe
+        # one observation per change, computed once per source transaction (they share a commit time)
+        last_ts, same = None, 0
         for c in changes:
-            if c.ts_us is not None:
-                observe((committed_us - c.ts_us) / 1e6)
+            if c.ts_us != last_ts:
+                if last_ts is not None and same:
+                    self.latency.observe((committed_us - last_ts) / 1e6, same)
+                last_ts, same = c.ts_us, 0
+            same += 1
+        if last_ts is not None and same:
+            self.latency.observe((committed_us - last_ts) / 1e6, same)
         for b in batches:
             name = str(b.table)
             for op, n in b.ops.items():
