@@ -13,7 +13,7 @@ from psycopg2 import sql
 from bench.config import PG_BIN
 from bench.context import Context
 from bench.pg import confirmed_flush, connect, execute, int_to_lsn
-from bench.procs import Proc, script
+from bench.procs import Proc, script, sink_args
 from bench.workload import QUALIFIED, TABLE, create_table_only, fingerprint
 from source_connector.wal2json import WAL2JSON_OPTIONS
 
@@ -220,29 +220,7 @@ def sink_once(
     expected: tuple[int, int, str],
 ) -> dict[str, Any]:
     """cdc-sink --snapshot topic --once from process start to exit, into an empty target database."""
-    args = [
-        script("cdc-sink"),
-        "run",
-        "--source-dsn",
-        source_dsn,
-        "--target-dsn",
-        target_dsn,
-        "--bootstrap-servers",
-        ctx.bootstrap,
-        "--topic-prefix",
-        prefix,
-        "--tables",
-        QUALIFIED,
-        "--group",
-        group,
-        "--slot",
-        slot,
-        "--snapshot",
-        "topic",
-        "--once",
-        "--log-format",
-        "text",
-    ]
+    args = sink_args(ctx.bootstrap, source_dsn, target_dsn, prefix, QUALIFIED, group, slot, "topic")
     proc = Proc(f"cdc-sink-{group}", args, ctx.log_dir, sample_rss=True)
     try:
         code = proc.wait(_timeout(n))

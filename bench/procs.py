@@ -207,3 +207,39 @@ class Proc:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def sink_args(
+    bootstrap: str,
+    source_dsn: str,
+    target_dsn: str,
+    prefix: str,
+    tables: str,
+    group: str,
+    slot: str,
+    snapshot: str,
+) -> list[str]:
+    """`cdc-sink run ... --once` for one benchmark scenario."""
+    return [
+        script("cdc-sink"),
+        "run",
+        "--source-dsn",
+        source_dsn,
+        "--target-dsn",
+        target_dsn,
+        "--bootstrap-servers",
+        bootstrap,
+        "--topic-prefix",
+        prefix,
+        "--tables",
+        tables,
+        "--group",
+        group,
+        "--slot",
+        slot,
+        "--snapshot",
+        snapshot,
+        "--once",
+        "--log-format",
+        "text",
+    ]

@@ -12,7 +12,7 @@ from bench.config import scenario_tag
 from bench.context import Context
 from bench.kafka import create_topic, delete_prefix
 from bench.pg import Scratch, connect, create_logical_slot
-from bench.procs import Proc, environment, script
+from bench.procs import Proc, environment, sink_args
 from bench.workload import QUALIFIED, TABLE, create_schema, create_table_only, fill, fingerprint
 
 log = logging.getLogger("bench.snapshot")
@@ -61,29 +61,7 @@ def copy_pipe(ctx: Context, source_dsn: str, target_dsn: str, rows: int) -> dict
 def sink_copy(
     ctx: Context, source_dsn: str, target_dsn: str, prefix: str, slot: str, group: str, rows: int
 ) -> dict[str, Any]:
-    args = [
-        script("cdc-sink"),
-        "run",
-        "--source-dsn",
-        source_dsn,
-        "--target-dsn",
-        target_dsn,
-        "--bootstrap-servers",
-        ctx.bootstrap,
-        "--topic-prefix",
-        prefix,
-        "--tables",
-        QUALIFIED,
-        "--group",
-        group,
-        "--slot",
-        slot,
-        "--snapshot",
-        "copy",
-        "--once",
-        "--log-format",
-        "text",
-    ]
+    args = sink_args(ctx.bootstrap, source_dsn, target_dsn, prefix, QUALIFIED, group, slot, "copy")
     proc = Proc(f"cdc-sink-{group}", args, ctx.log_dir, sample_rss=True)
     try:
         code = proc.wait(900)
