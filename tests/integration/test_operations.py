@@ -311,6 +311,39 @@ def wal_sample(stack: Stack, slot: str) -> tuple[int, int, int]:
     return lsn(current), lsn(restart), lsn(confirmed)
 
 
+WINDOW = 60  # seconds of noise: four running-xacts records
+
+
+class BulkNoise(threading.Thread):
+    """Inserts (and deletes) 500 rows of 1 KB every second into another database until stopped."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(daemon=True)
+        self.dsn = dsn
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            conn = psycopg2.connect(self.dsn)
+            conn.autocommit = True
+            with conn.cursor() as cur:  # not `with conn`: that opens a transaction even in autocommit
+                cur.execute("CREATE TABLE IF NOT EXISTS bulk_noise (id serial PRIMARY KEY, filler text)")
+                while not self.stopping.wait(1):
+                    cur.execute(
+                        "INSERT INTO bulk_noise (filler) SELECT repeat(md5(g::text), 32) FROM generate_series(1, 500) g"
+                    )
+                    cur.execute("DELETE FROM bulk_noise")
+            conn.close()
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            self.join(timeout=30)
+
+
 @pytest.mark.parametrize("heartbeat", [1.0, 0.0], ids=["heartbeat-1s", "no-heartbeat"])
 def test_heartbeat_keeps_the_slot_moving_while_another_database_writes(
     stack: Stack, dbs: Databases, topic_prefix: str, noise_database: str, heartbeat: float
@@ -325,19 +358,25 @@ def test_heartbeat_keeps_the_slot_moving_while_another_database_writes(
         "--metrics-port", str(port),
     )  # fmt: skip
     wait_for_output(source, "streaming from slot", timeout=90)
+    # The writer at a visible rate, plus bulk rows of 1 KB: about 0.5 MiB of WAL a second whatever
+    # the machine, so the slot has something to hold.
     noise = start_cli(
         ["cdc-writer", "--source-dsn", noise_database, "--rate", "100", "--batch", "10", "--log-format", "text"]
     )
+    bulk = BulkNoise(noise_database)
     try:
         wait_for_output(noise, "writing to", timeout=60)
         start = wal_sample(stack, slot)
+        bulk.start()
         samples = []
-        deadline = time.monotonic() + 35
+        deadline = time.monotonic() + WINDOW
         while time.monotonic() < deadline:
             time.sleep(1)
             assert_running(source, noise)
+            assert bulk.error is None, bulk.error
             samples.append(wal_sample(stack, slot))
     finally:
+        bulk.stop()
         stop_cleanly(noise)
     end = samples[-1]
     generated = end[0] - start[0]
@@ -345,7 +384,7 @@ def test_heartbeat_keeps_the_slot_moving_while_another_database_writes(
     unconfirmed = [current - confirmed for current, _, confirmed in samples]
     heartbeats = total(scrape(port), "cdc_source_heartbeats_total")
     print(
-        f"\n[heartbeat {heartbeat:g} s] WAL written in 35 s: {generated / 2**20:.1f} MiB; "
+        f"\n[heartbeat {heartbeat:g} s] WAL written in {WINDOW} s: {generated / 2**20:.1f} MiB; "
         f"retained by the slot (current - restart_lsn) first/max/last: {retained[0] / 2**20:.2f}/"
         f"{max(retained) / 2**20:.2f}/{retained[-1] / 2**20:.2f} MiB; "
         f"unconfirmed (current - confirmed_flush_lsn) max of the last 10 s: {max(unconfirmed[-10:]) / 2**20:.2f} MiB; "
@@ -360,11 +399,12 @@ def test_heartbeat_keeps_the_slot_moving_while_another_database_writes(
     assert max(unconfirmed[-10:]) < generated / 3, unconfirmed
     if heartbeat:
         assert heartbeats >= 10, heartbeats
-        # With the heartbeat the slot lets go of the WAL: restart_lsn follows (it moves at the
-        # running-xacts records PostgreSQL logs every 15 s), and within any 15 s the WAL it holds
-        # falls back to a few seconds' worth: bounded, not growing with what was written.
-        assert end[1] - start[1] > generated / 2, f"restart_lsn moved {end[1] - start[1]} of {generated} bytes"
-        assert min(retained[-16:]) < generated / 4, retained
+        # With the heartbeat the slot lets go of the WAL: restart_lsn follows. It moves only at the
+        # running-xacts records PostgreSQL logs every 15 s, and to the one before when a transaction
+        # (of any database) is open at that moment, so it trails by 15 to 45 s of WAL: bounded, not
+        # growing with what was written.
+        assert end[1] - start[1] > generated / 5, f"restart_lsn moved {end[1] - start[1]} of {generated} bytes"
+        assert min(retained[-30:]) < generated * 3 / 4, retained
         assert max(unconfirmed[-10:]) < generated / 8, unconfirmed  # a few seconds of WAL at most
     else:
         assert heartbeats == 0, heartbeats
