@@ -84,9 +84,14 @@ def is_connection_loss(exc: BaseException) -> bool:
     """True for errors that mean "the connection is gone", worth a reconnect rather than a stop."""
     if isinstance(exc, psycopg2.InterfaceError):
         return True
+    code = sqlstate(exc)
+    if type(exc) is psycopg2.DatabaseError:
+        # Raised by libpq, never by the server (whose errors carry a SQLSTATE): a replication stream
+        # cut ("error with status PGRES_COPY_BOTH and no message from the libpq") or ended by a
+        # server shutting down ("no COPY in progress").
+        return code is None
     if not isinstance(exc, psycopg2.OperationalError):
         return False
-    code = sqlstate(exc)
     return code is None or code.startswith("08") or code in {"57P01", "57P02", "57P03"}
 
 

@@ -1,19 +1,22 @@
 """cdc-source, start to end: check the source, prepare topics, find or create the slot (with its
 initial snapshot), then stream. One place decides the order, as Debezium's coordinator does."""
 
+import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
+import psycopg2
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from psycopg2 import sql
 
 from cdc_common.errors import ConfigError, SourceError
 from cdc_common.kafka import HISTORY_TOPIC_CONFIG, ensure_topics, wait_for_kafka
-from cdc_common.pg import connect_source
+from cdc_common.pg import connect_source, is_connection_loss
 from cdc_common.service import OpsServer
 from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
@@ -26,6 +29,7 @@ from source_connector.snapshot import publish_snapshot, text_of
 from source_connector.state import STATE_TOPIC_CONFIG, SourceState, clear_state, read_state, state_key
 from source_connector.stream import HEARTBEAT_PREFIX, Stream, add_tables_option
 from source_connector.table_info import TableInfo
+from source_connector.visibility import visible
 from source_connector.wal2json import int_to_lsn
 
 log = logging.getLogger("source")
@@ -87,6 +91,25 @@ def producer_config(settings: Settings, options: SourceOptions, errors: Counter[
     )
 
 
+T = TypeVar("T")
+
+
+def read_if_visible(conn: Any, query: sql.Composable, xid: int | None) -> list[Any] | None:
+    """`[row]` (row None when there is none) read by `query` in a snapshot that sees transaction
+    `xid`, or None when that transaction is not visible yet."""
+    with conn.cursor() as cur:
+        cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        try:
+            cur.execute("SELECT pg_current_snapshot()::text")
+            if xid is not None and not visible(cur.fetchone()[0], xid):
+                return None
+            cur.execute(query)
+            return [cur.fetchone()]
+        finally:
+            if not conn.closed:
+                cur.execute("ROLLBACK")
+
+
 class SourceConnector:
     def __init__(self, settings: Settings, options: SourceOptions, stop: StopFlag) -> None:
         self.settings = settings
@@ -106,6 +129,8 @@ class SourceConnector:
         self.wal_warned: str | None = None
         self.partition_counts: dict[str, int] = {}
         self.stream: Stream | None = None
+        self.conn: Any = None  # the connector's own connection (catalog, read-backs, heartbeat)
+        self.catalog: Catalog
 
     # --- pieces ----------------------------------------------------------------------------
 
@@ -128,8 +153,24 @@ class SourceConnector:
                 )
             )
 
+    def _on_source(self, work: Callable[[Any], T]) -> T:
+        """`work(connection)` on the connector's own (not the replication) connection, with a new
+        connection when the old one was lost: the stream reconnects by itself, and so must this."""
+        for attempt in range(2):
+            if self.conn.closed:
+                self.conn = connect_source(self.settings.source_dsn, application_name="cdc-source")
+                self.catalog.conn = self.conn
+            try:
+                return work(self.conn)
+            except psycopg2.Error as exc:
+                if attempt or not is_connection_loss(exc):
+                    raise
+                with contextlib.suppress(Exception):
+                    self.conn.close()
+        raise AssertionError("unreachable")
+
     def _lookup(self, schema: str, name: str, refresh: bool) -> TableInfo | None:
-        info = self.catalog.lookup(schema, name, refresh)
+        info = self._on_source(lambda conn: self.catalog.lookup(schema, name, refresh))
         if info is not None:
             self._ensure_topic(info)
         return info
@@ -155,9 +196,12 @@ class SourceConnector:
                 extra={"table": str(info.name)},
             )
 
-    def _refetch(self, info: TableInfo, key: dict[str, Any], columns: list[str]) -> dict[str, Any] | None:
+    def _refetch(
+        self, info: TableInfo, key: dict[str, Any], columns: list[str], xid: int | None
+    ) -> dict[str, Any] | None:
         """The current values of `columns` in the row with `key` (a key change that did not carry
-        unchanged TOASTed columns); None when the row is gone by now."""
+        unchanged TOASTed columns); None when the row is gone by now. Read in a snapshot that sees
+        transaction `xid` (the key change): decoding can hand it over before it is visible."""
         self.refetched[str(info.name)] += 1
         # Literals, not parameters: text_of() holds a '%s' of its own.
         query = sql.SQL("SELECT {} FROM {} WHERE {}").format(
@@ -172,9 +216,29 @@ class SourceConnector:
                 for k in info.key
             ),
         )
-        with self.conn.cursor() as cur:
-            cur.execute(query)
-            row = cur.fetchone()
+        started = time.monotonic()
+        next_log = started + 10
+        while True:
+            found = self._on_source(lambda conn: read_if_visible(conn, query, xid))
+            if found is not None:
+                break
+            if self.stop:
+                raise SourceError(
+                    f"stopped while waiting for transaction {xid} to become visible; it will be re-read"
+                )
+            now = time.monotonic()
+            if now >= next_log:
+                next_log = now + 30
+                log.warning(
+                    "transaction %s is decoded but not visible for %.0f s (waiting for a synchronous "
+                    "standby?): the read-back of a key change of %s waits for it",
+                    xid,
+                    now - started,
+                    info.name,
+                    extra={"table": str(info.name)},
+                )
+            self.stop.wait(0.05)
+        [row] = found
         return None if row is None else snapshot_values(info, tuple(columns), row)
 
     def _write_state_now(self, state: SourceState) -> None:
@@ -200,14 +264,18 @@ class SourceConnector:
 
     def _check_slot(self) -> None:
         """Every 30 s: how much WAL the slot holds, and a warning when it is about to lose some."""
-        try:
-            with self.conn.cursor() as cur:
+
+        def read(conn: Any) -> Any:
+            with conn.cursor() as cur:
                 cur.execute(
                     "SELECT wal_status, safe_wal_size, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
                     "FROM pg_replication_slots WHERE slot_name = %s",
                     (self.options.slot,),
                 )
-                row = cur.fetchone()
+                return cur.fetchone()
+
+        try:
+            row = self._on_source(read)
         except Exception as exc:  # the stream reports a lost source; this check is only advisory
             log.debug("slot check failed: %s", exc)
             return
@@ -320,19 +388,14 @@ class SourceConnector:
         self.producer.flush(30)
 
     def _heartbeat(self) -> None:
-        try:
-            with self.conn.cursor() as cur:
+        def emit(conn: Any) -> None:
+            with conn.cursor() as cur:
                 cur.execute("SELECT pg_logical_emit_message(false, %s, %s)", (HEARTBEAT_PREFIX, str(time.time())))
+
+        try:
+            self._on_source(emit)
         except Exception as exc:  # a heartbeat is best effort; the stream reports real failures
             log.warning("heartbeat failed: %s", exc)
-            try:
-                self.conn = connect_source(
-                    self.settings.source_dsn,
-                    application_name="cdc-source",
-                )
-                self.catalog.conn = self.conn
-            except Exception:
-                pass
 
     def _prepare_slot(
         self, server: ServerInfo, infos: list[TableInfo], builder: EventBuilder

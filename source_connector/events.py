@@ -25,7 +25,7 @@ Message = tuple[str, bytes | None, bytes | None, int | None]
 
 TableLookup = Callable[[str, str, bool], TableInfo | None]  # (schema, table, refresh) -> info
 # (table, key values, columns) -> those columns' current values in the table, or None (row gone)
-Refetch = Callable[[TableInfo, dict[str, Any], list[str]], dict[str, Any] | None]
+Refetch = Callable[[TableInfo, dict[str, Any], list[str], int | None], dict[str, Any] | None]
 
 
 class TxContext:
@@ -166,7 +166,7 @@ class EventBuilder:
                     values = (
                         None
                         if self.refetch is None
-                        else self.refetch(info, {k: after[k] for k in info.key}, unchanged)
+                        else self.refetch(info, {k: after[k] for k in info.key}, unchanged, tx.xid)
                     )
                     if values is not None:
                         after.update(values)

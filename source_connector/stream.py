@@ -6,6 +6,7 @@ socket), the connection is re-established with backoff when it drops, and SIGTER
 waits for Kafka to acknowledge what was sent, confirms that position and returns.
 """
 
+import contextlib
 import logging
 import select
 import time
@@ -163,7 +164,12 @@ class Stream:
             except psycopg2.Error as exc:
                 self.connected = False
                 self.down_since = self.down_since or time.monotonic()
-                conn = None
+                # Close the socket now: a half-dead connection left to the garbage collector keeps
+                # the server's walsender (and so the slot) busy until wal_sender_timeout.
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                conn = cur = None
                 known = replication_error(exc, self.slot)
                 busy = known is not None and getattr(exc, "pgcode", "") == "55006"
                 transient = is_connection_loss(exc) or busy
@@ -323,9 +329,10 @@ class Stream:
             self.received_lsn = max(self.received_lsn, last.data_start)
         self.gate.observe(self.low_start, last.data_start if last is not None else 0, wal_end)
         self.low_start = 1 << 64
+        requested = self.gate.requested
         bound = self.gate.needs_state(target)
-        if bound is not None:
-            self._write_state(target, bound)
+        if bound is not None and not self._write_state(target, bound):
+            self.gate.requested = requested  # the producer's queue is full: ask again next time
         # Send the newest position that an acknowledged state record already covers. Under
         # sustained load `target` has moved past the last acknowledged bound every time we look, so
         # waiting until `target` itself was covered meant never confirming anything until the stream
@@ -352,7 +359,8 @@ class Stream:
             return False, f"Kafka has not accepted messages for {now - self.stalled_since:.0f} s"
         return True, f"ok: confirmed {int_to_lsn(self.gate.sent)}, {self.transactions} transactions read"
 
-    def _write_state(self, confirmed: int, bound: int) -> None:
+    def _write_state(self, confirmed: int, bound: int) -> bool:
+        """Queue a state record; False when the producer's queue is full (Kafka is not keeping up)."""
         self.state = SourceState(
             self.state.slot,
             self.state.database,
@@ -368,7 +376,11 @@ class Stream:
             if err is None:
                 gate.state_acknowledged(bound)
 
-        self.producer.produce(self.state_topic, self.state.encode(), self.state.key(), on_delivery=acked)
+        try:
+            self.producer.produce(self.state_topic, self.state.encode(), self.state.key(), on_delivery=acked)
+        except BufferError:
+            return False
+        return True
 
     def _settle(self, timeout: float | None = None) -> None:
         """After a lost connection: wait until Kafka acknowledged everything sent, forget the

@@ -5,12 +5,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cdc_common.dsn import describe, mask
 from cdc_common.errors import ConfigError
+from cdc_common.pg import is_connection_loss
 from cdc_common.retry import Backoff
 from cdc_common.settings import KAFKA_CLIENT_LOG, Settings, build_settings, kafka_from_environment, read_properties
 from cdc_common.tables import TableName, parse_tables, quote_if_needed
@@ -374,3 +376,14 @@ def test_pacer_catches_up_at_most_max_burst() -> None:
     # A five-second stall is not made up for: the schedule restarts from now.
     pacer.delay(10.0)
     assert pacer.delay(10.0) == pytest.approx(0.1)
+
+
+def test_libpq_errors_without_sqlstate_are_lost_connections() -> None:
+    assert is_connection_loss(psycopg2.DatabaseError("no COPY in progress"))
+    assert is_connection_loss(
+        psycopg2.DatabaseError("error with status PGRES_COPY_BOTH and no message from the libpq")
+    )
+    assert is_connection_loss(psycopg2.OperationalError("server closed the connection unexpectedly"))
+    assert is_connection_loss(psycopg2.InterfaceError("connection already closed"))
+    assert not is_connection_loss(psycopg2.ProgrammingError("syntax error"))
+    assert not is_connection_loss(psycopg2.DataError("invalid input syntax"))

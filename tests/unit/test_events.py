@@ -367,16 +367,18 @@ def test_key_change_with_an_omitted_toast_column_does_not_lose_it() -> None:
 
 def test_key_change_with_an_omitted_toast_column_reads_it_back() -> None:
     b, _ = builder()
-    asked: list[tuple[dict[str, Any], list[str]]] = []
+    asked: list[tuple[dict[str, Any], list[str], int | None]] = []
 
-    def refetch(info: TableInfo, key: dict[str, Any], columns: list[str]) -> dict[str, Any] | None:
-        asked.append((key, columns))
+    def refetch(
+        info: TableInfo, key: dict[str, Any], columns: list[str], xid: int | None
+    ) -> dict[str, Any] | None:
+        asked.append((key, columns, xid))
         return {"big": "the big value"}
 
     b.refetch = refetch
     messages = row(b, change("U", columns=cols(2, "3.00", with_big=False), identity=[("id", "bigint", bare(1))]))
     created = [envelope(v) for _, _, v, _ in messages if v is not None and envelope(v)["op"] == "c"]
-    assert asked == [({"id": 2}, ["big"])]
+    assert asked == [({"id": 2}, ["big"], tx().xid)]
     assert created[0]["after"]["big"] == "the big value"
     assert created[0]["refetched"] == ["big"]
     assert "unchanged" not in created[0]

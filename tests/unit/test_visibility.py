@@ -1,0 +1,33 @@
+from source_connector.visibility import full_xid, visible
+
+
+def test_full_xid_takes_the_epoch_of_the_snapshot() -> None:
+    assert full_xid(100, 200) == 100
+    assert full_xid(100, (3 << 32) + 200) == (3 << 32) + 100
+
+
+def test_full_xid_of_a_transaction_from_the_previous_epoch() -> None:
+    # xmax just past a wraparound: an xid near 2^32 belongs to the epoch before.
+    assert full_xid(4_294_967_000, (1 << 32) + 5) == 4_294_967_000
+
+
+def test_visible_below_xmin() -> None:
+    assert visible("500:510:", 499)
+
+
+def test_not_visible_at_or_after_xmax() -> None:
+    assert not visible("500:510:", 510)
+    assert not visible("500:510:", 600)
+
+
+def test_in_progress_list() -> None:
+    assert not visible("500:510:503,507", 503)
+    assert visible("500:510:503,507", 504)
+    assert visible("500:510:", 505)
+
+
+def test_in_progress_in_a_later_epoch() -> None:
+    base = 7 << 32
+    snapshot = f"{base + 500}:{base + 510}:{base + 503}"
+    assert not visible(snapshot, 503)
+    assert visible(snapshot, 502)
