@@ -13,9 +13,9 @@ import pytest
 
 from tests.faults.broker import FaultBroker
 from tests.faults.harness import ScenarioReport
-from tests.faults.pg_cluster import PgCluster
 from tests.faults.proxy import TcpProxy
 from tests.helpers import reap_started
+from tests.pg_cluster import PgCluster
 
 _REPORTS: list[ScenarioReport] = []
 _FAILED = pytest.StashKey[bool]()

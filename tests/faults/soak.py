@@ -33,10 +33,10 @@ from psycopg2.extensions import make_dsn
 from tests.conftest import Databases
 from tests.faults.broker import FaultBroker
 from tests.faults.harness import Pipeline, ScenarioReport, Writer, final_check, prepare_tables
-from tests.faults.pg_cluster import PgCluster
 from tests.faults.proxy import TcpProxy
 from tests.helpers import CliProcess, reap_started, stop_process
 from tests.kafka_broker import free_port
+from tests.pg_cluster import PgCluster
 from tests.pipeline import wait_for_output
 
 RECOVERY_TIMEOUT = 180.0

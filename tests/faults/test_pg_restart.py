@@ -15,7 +15,7 @@ from tests.faults.harness import (
     prepare_tables,
     settle,
 )
-from tests.faults.pg_cluster import PgCluster
+from tests.pg_cluster import PgCluster
 from tests.pipeline import stop_cleanly, wait_for_output
 
 

@@ -24,8 +24,8 @@ from tests.faults.harness import (
     prepare_tables,
     wait_applied_all,
 )
-from tests.faults.pg_cluster import PgCluster
 from tests.helpers import psql_rows
+from tests.pg_cluster import PgCluster
 from tests.pipeline import stop_cleanly, wait_for_output
 
 BIG_NOTE = (

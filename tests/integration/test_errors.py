@@ -8,12 +8,7 @@ leak cannot hide behind the stack's `postgres:postgres`. Source servers that the
 imitate (wal_level not logical, no wal2json) are private PostgreSQL clusters made by the tests.
 """
 
-import os
-import pwd
 import re
-import shutil
-import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +22,7 @@ from psycopg2 import sql
 
 from tests.conftest import Databases, Stack
 from tests.helpers import psql_rows, run_cli, start_cli, stop_process
-from tests.kafka_broker import free_port
+from tests.pg_cluster import PgCluster
 from tests.pipeline import execute, wait_for_output
 
 SECRET = "S3cr3t!pw"
@@ -37,7 +32,6 @@ PROGRAMS = ("cdc-source", "cdc-sink", "cdc-writer", "cdc-verify", "cdc-status")
 ERROR_EXIT = {"cdc-source": 1, "cdc-sink": 1, "cdc-writer": 1, "cdc-verify": 2, "cdc-status": 2}
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR)\s+(cdc-[a-z]+)  \S")
 EMPTY_LIBDIR = "<the cluster's empty folder>"
-PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
 def uri(user: str, password: str, host: str, port: int | str, database: str) -> str:
@@ -421,117 +415,32 @@ def test_writer_malformed_mix(owned: Databases, mix: str, fragment: str) -> None
 # --- source servers the shared stack cannot imitate ---------------------------------------------
 
 
-def _as_postgres(command: list[str]) -> list[str]:
-    """`command` run as the postgres user when we are root (initdb refuses root)."""
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
-
-
-class PrivatePostgres:
-    """A throw-away PostgreSQL 15 cluster on a free port: password (scram) auth on 127.0.0.1 for
-    the `postgres` user with password SECRET, and the given postgresql.conf settings."""
-
-    def __init__(self, settings: dict[str, str]) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="cdc-pg-"))
-        self.data = self.base / "data"
-        self.empty = self.base / "empty-libdir"
-        self.empty.mkdir()
-        self.port = free_port()
-        self.settings = {
-            "listen_addresses": "'127.0.0.1'",
-            "port": str(self.port),
-            "unix_socket_directories": f"'{self.base}'",
-            "shared_buffers": "16MB",
-            "fsync": "off",
-            "max_wal_senders": "4",
-            "max_replication_slots": "4",
-            **{k: f"'{self.empty}'" if v == EMPTY_LIBDIR else v for k, v in settings.items()},
-        }
-        if os.geteuid() == 0:
-            owner = pwd.getpwnam("postgres")
-            for path in (self.base, self.empty):
-                os.chown(path, owner.pw_uid, owner.pw_gid)
-
-    @property
-    def dsn(self) -> str:
-        return uri("postgres", SECRET, "127.0.0.1", self.port, "postgres")
-
-    def start(self) -> "PrivatePostgres":
-        pwfile = self.base / "pwfile"
-        pwfile.write_text(SECRET + "\n")
-        if os.geteuid() == 0:
-            owner = pwd.getpwnam("postgres")
-            os.chown(pwfile, owner.pw_uid, owner.pw_gid)
-        subprocess.run(
-            _as_postgres(
-                [
-                    str(PG_BIN / "initdb"),
-                    "-D",
-                    str(self.data),
-                    "-U",
-                    "postgres",
-                    f"--pwfile={pwfile}",
-                    "-E",
-                    "UTF8",
-                    "--locale=C.UTF-8",
-                    "--auth-local=peer",
-                    "--auth-host=scram-sha-256",
-                ]
-            ),
-            check=True,
-            capture_output=True,
-        )
-        pwfile.unlink()
-        conf = "".join(f"{k} = {v}\n" for k, v in self.settings.items())
-        subprocess.run(
-            _as_postgres(["sh", "-c", f"cat >> '{self.data}/postgresql.conf'"]), input=conf.encode(), check=True
-        )
-        subprocess.run(
-            _as_postgres(
-                [
-                    str(PG_BIN / "pg_ctl"),
-                    "-D",
-                    str(self.data),
-                    "-l",
-                    str(self.base / "log"),
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ]
-            ),
-            check=True,
-            capture_output=True,
-        )
-        return self
-
-    def stop(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            subprocess.run(
-                _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"]),
-                check=False,
-                capture_output=True,
-            )
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
 @pytest.fixture
-def private_pg(request: pytest.FixtureRequest) -> Iterator[PrivatePostgres]:
-    """A private cluster with the settings given by indirect parametrization."""
-    cluster = PrivatePostgres(dict(request.param))
+def private_pg(request: pytest.FixtureRequest) -> Iterator[PgCluster]:
+    """A private cluster (password SECRET) with the settings given by indirect parametrization;
+    EMPTY_LIBDIR stands for an empty folder of the cluster's own."""
+    cluster = PgCluster("errors", password=SECRET)
+    empty = cluster.dir / "empty-libdir"
+    cluster.settings = {
+        "wal_level": "logical",
+        **{k: f"'{empty}'" if v == EMPTY_LIBDIR else v for k, v in dict(request.param).items()},
+    }
     try:
+        cluster.init()
+        empty.mkdir()
         yield cluster.start()
     finally:
-        cluster.stop()
+        cluster.remove()
 
 
-def source_on(cluster: PrivatePostgres, stack: Stack, prefix: str) -> list[str]:
-    execute(cluster.dsn, "CREATE TABLE IF NOT EXISTS item (id int PRIMARY KEY, label text)")
-    return Run(cluster.dsn, stack.target_admin_dsn, stack.bootstrap_servers, prefix).command("cdc-source")
+def source_on(cluster: PgCluster, stack: Stack, prefix: str) -> list[str]:
+    execute(cluster.admin_dsn, "CREATE TABLE IF NOT EXISTS item (id int PRIMARY KEY, label text)")
+    return Run(cluster.admin_dsn, stack.target_admin_dsn, stack.bootstrap_servers, prefix).command("cdc-source")
 
 
 @pytest.mark.parametrize("private_pg", [{"wal_level": "replica"}], indirect=True)
-def test_wal_level_not_logical(private_pg: PrivatePostgres, stack: Stack, topic_prefix: str) -> None:
-    assert psql_rows(private_pg.dsn, "SHOW wal_level") == [("replica",)]
+def test_wal_level_not_logical(private_pg: PgCluster, stack: Stack, topic_prefix: str) -> None:
+    assert psql_rows(private_pg.admin_dsn, "SHOW wal_level") == [("replica",)]
     line = fails("cdc-source", source_on(private_pg, stack, topic_prefix))
     assert_mentions(
         line,
@@ -553,19 +462,19 @@ def test_wal_level_not_logical(private_pg: PrivatePostgres, stack: Stack, topic_
     ],
     ids=["message", "only-line"],
 )
-def test_wal2json_missing(
-    private_pg: PrivatePostgres, stack: Stack, topic_prefix: str, strict_one_line: bool
-) -> None:
+def test_wal2json_missing(private_pg: PgCluster, stack: Stack, topic_prefix: str, strict_one_line: bool) -> None:
     # Output plugins are looked up by bare name in dynamic_library_path only: an empty folder there
     # hides the wal2json.so that the package installed in $libdir.
-    assert psql_rows(private_pg.dsn, "SHOW dynamic_library_path") == [(str(private_pg.empty),)]
-    assert not any(private_pg.empty.iterdir())
+    assert psql_rows(private_pg.admin_dsn, "SHOW dynamic_library_path") == [
+        (str(private_pg.dir / "empty-libdir"),)
+    ]
+    assert not any((private_pg.dir / "empty-libdir").iterdir())
     with pytest.raises(psycopg2.errors.UndefinedFile, match='could not access file "wal2json"'):
-        psql_rows(private_pg.dsn, "SELECT pg_create_logical_replication_slot('probe', 'wal2json')")
+        psql_rows(private_pg.admin_dsn, "SELECT pg_create_logical_replication_slot('probe', 'wal2json')")
     line = fails("cdc-source", source_on(private_pg, stack, topic_prefix), alone=strict_one_line)
     assert_mentions(
         line,
         "the wal2json output plugin is not installed on the source server",  # the problem
         "apt-get install postgresql-15-wal2json",  # the fix
     )
-    assert psql_rows(private_pg.dsn, "SELECT count(*) FROM pg_replication_slots") == [(0,)]
+    assert psql_rows(private_pg.admin_dsn, "SELECT count(*) FROM pg_replication_slots") == [(0,)]

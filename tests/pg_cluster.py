@@ -1,5 +1,5 @@
-"""A private PostgreSQL cluster for the scenarios that stop, restart or crash a database server; the
-shared stack's clusters are never touched.
+"""A private PostgreSQL cluster, for the tests that stop, restart or crash a database server or need
+settings the shared stack does not have; the shared stack's clusters are never touched.
 
     cluster = PgCluster("source").init().start()
     dsn = cluster.create_database("faults")
@@ -31,7 +31,7 @@ from tests.kafka_broker import free_port
 
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 PASSWORD = "postgres"
-ROOT = Path(os.environ.get("FAULTS_PG_ROOT", "/var/lib/postgresql"))
+ROOT = Path(os.environ.get("PRIVATE_PG_ROOT", "/var/lib/postgresql"))
 
 _live: list["PgCluster"] = []
 
@@ -44,9 +44,10 @@ def _as_postgres(args: list[str]) -> list[str]:
 
 
 class PgCluster:
-    def __init__(self, name: str, settings: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, settings: dict[str, str] | None = None, password: str = PASSWORD) -> None:
         self.name = name
-        self.dir = ROOT / f"faults-{name}-{uuid.uuid4().hex[:8]}"
+        self.password = password
+        self.dir = ROOT / f"private-pg-{name}-{uuid.uuid4().hex[:8]}"
         self.data = self.dir / "data"
         self.log = self.dir / "server.log"
         self.port = free_port()
@@ -56,7 +57,12 @@ class PgCluster:
 
     def dsn(self, database: str, **extra: str) -> str:
         return make_dsn(
-            host="127.0.0.1", port=str(self.port), user="postgres", password=PASSWORD, dbname=database, **extra
+            host="127.0.0.1",
+            port=str(self.port),
+            user="postgres",
+            password=self.password,
+            dbname=database,
+            **extra,
         )
 
     def _run(self, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -73,7 +79,7 @@ class PgCluster:
             os.chown(self.dir, postgres.pw_uid, postgres.pw_gid)
         _live.append(self)
         pwfile = self.dir / "pw"
-        pwfile.write_text(PASSWORD + "\n")
+        pwfile.write_text(self.password + "\n")
         if os.geteuid() == 0:
             os.chown(pwfile, pwd.getpwnam("postgres").pw_uid, -1)
         self._run(
@@ -194,7 +200,7 @@ class PgCluster:
 def _sweep(older_than: float = 3600) -> None:
     """Delete the folders of clusters left behind by runs that were killed (no live postmaster, an
     hour old): atexit does not run when the test process itself is killed."""
-    for folder in ROOT.glob("faults-*"):
+    for folder in ROOT.glob("private-pg-*"):
         pid_file = folder / "data" / "postmaster.pid"
         try:
             if time.time() - folder.stat().st_mtime < older_than:
