@@ -201,24 +201,30 @@ def main_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def growth_table(results: dict[str, Any]) -> list[str]:
     growth = results.get("growth")
     if not growth:
         return []
     lines = [
-        "| transaction size | row size | changes | avg row (B) | cdc-source events/s | cdc-sink events/s |",
-        "| ---: | --- | ---: | ---: | ---: | ---: |",
+        "| transaction size | row size | changes | avg row (B) | cdc-source events/s | cdc-sink events/s "
+        "| peak RSS source / sink (MB) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for cell in growth:
         if "error" in cell:
             lines.append(
                 f"| {cell['tx_size']:,} | {cell['row_size']} | {cell['changes']:,} | "
-                f"failed: {cell['error'][:80]} | | |"
+                f"failed: {cell['error'][:80]} | | | |"
             )
             continue
         lines.append(
             f"| {cell['tx_size']:,} | {cell['row_size']} | {cell['changes']:,} | {cell['avg_row_bytes']:,.0f} | "
-            f"{_num(cell['source_events_per_s'])} | {_num(cell['sink_events_per_s'])} |"
+            f"{_num(cell['source_events_per_s'])} | {_num(cell['sink_events_per_s'])} | "
+            f"{_mb(cell.get('source_peak_rss_mb'))} / {_mb(cell.get('sink_peak_rss_mb'))} |"
         )
     return lines
 

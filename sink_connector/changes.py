@@ -31,7 +31,7 @@ class Change:
     partition: int
     offset: int
     key: bytes
-    op: str  # c u d r t, or x for a tombstone
+    op: str  # c u d r t, or TOMBSTONE for a null-valued message
     row: dict[str, Any] | None  # after (c, u, r) or the old key/row (d, x)
     columns: dict[str, str] | None
     key_columns: list[str] | None
@@ -70,10 +70,15 @@ def decode(topic: str, partition: int, offset: int, key: bytes | None, value: by
         after = env["after"]
     except KeyError as exc:
         raise BadMessage(f"envelope has no {exc.args[0]!r} field") from None
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise BadMessage(f"unknown op {op!r}")
-    if not isinstance(columns, dict) or not isinstance(key_columns, list) or not key_columns:
-        raise BadMessage("envelope `columns` must be an object and `key` a non-empty list")
+    if (
+        not isinstance(columns, dict)
+        or not isinstance(key_columns, list)
+        or not key_columns
+        or not all(isinstance(c, str) for c in key_columns)
+    ):
+        raise BadMessage("envelope `columns` must be an object and `key` a non-empty list of column names")
     if not isinstance(source, dict):
         raise BadMessage("envelope `source` must be an object")
     if op == "t":

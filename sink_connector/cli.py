@@ -46,6 +46,13 @@ def sink_options(func: Any) -> Any:
             help="Most messages applied in one transaction.",
         ),
         click.option(
+            "--batch-bytes",
+            envvar="SINK_BATCH_BYTES",
+            type=click.IntRange(min=1024),
+            default=8 << 20,
+            help="About how many bytes of messages one transaction applies (fewer messages when they are large).",
+        ),
+        click.option(
             "--batch-wait-ms",
             envvar="SINK_BATCH_WAIT_MS",
             type=click.IntRange(min=0),
@@ -81,6 +88,7 @@ def build_options(kwargs: dict[str, Any], snapshot: str, rebuild: tuple[Any, ...
         slot=kwargs["slot"],
         state_schema=kwargs["state_schema"],
         batch_size=kwargs["batch_size"],
+        batch_bytes=kwargs["batch_bytes"],
         batch_wait=kwargs["batch_wait_ms"] / 1000,
         once=kwargs["once"],
         kafka_timeout=kwargs["kafka_timeout"],

@@ -48,11 +48,20 @@ class SinkOptions:
     slot: str = "cdc_slot"
     state_schema: str = "cdc_sink"
     batch_size: int = 10000
+    batch_bytes: int = 8 << 20
     batch_wait: float = 0.02
     once: bool = False
     kafka_timeout: float = 60.0
     rebuild: tuple[TableName, ...] = ()
     metrics_port: int = 0
+
+
+def batch_count(messages: list[Any], most: int, budget: int) -> int:
+    """How many messages to ask for next: `most`, or fewer when messages like these (sampled)
+    would make a batch of more than `budget` bytes (memory grows with the bytes, not the count)."""
+    sample = messages[:: max(1, len(messages) // 64)]
+    size = sum(len(m.value() or b"") + len(m.key() or b"") for m in sample) / len(sample)
+    return max(1, min(most, int(budget // max(size, 1.0))))
 
 
 class Fenced(Exception):
@@ -87,6 +96,7 @@ class Sink:
         self.applied: Counter[tuple[str, str]] = Counter()
         self.skipped = 0
         self.batches = 0
+        self.batch_count = options.batch_size  # messages asked for at once (see batch_count)
         self.conn: Any = None
         self.consumer: Any = None
         self.admin: Any = None
@@ -285,10 +295,11 @@ class Sink:
             if self.options.once and self._caught_up():
                 log.info("caught up with the end offsets seen at start-up; exiting (--once)")
                 return
-            messages = self.consumer.consume(self.options.batch_size, self.options.batch_wait)
+            messages = self.consumer.consume(self.batch_count, self.options.batch_wait)
             self._watch()
             if not messages:
                 continue
+            self.batch_count = batch_count(messages, self.options.batch_size, self.options.batch_bytes)
             self.kafka_down_since = None
             batch = [m for m in messages if m.error() is None]
             if len(batch) != len(messages):
