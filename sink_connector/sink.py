@@ -48,7 +48,7 @@ class SinkOptions:
     slot: str = "cdc_slot"
     state_schema: str = "cdc_sink"
     batch_size: int = 10000
-    batch_bytes: int = 8 << 20
+    batch_bytes: int = 16 << 20
     batch_wait: float = 0.02
     once: bool = False
     kafka_timeout: float = 60.0
@@ -96,7 +96,9 @@ class Sink:
         self.applied: Counter[tuple[str, str]] = Counter()
         self.skipped = 0
         self.batches = 0
-        self.batch_count = options.batch_size  # messages asked for at once (see batch_count)
+        # Messages asked for at once (see batch_count); the first batch is small, until the size of
+        # the messages is known.
+        self.batch_count = min(options.batch_size, 500)
         self.conn: Any = None
         self.consumer: Any = None
         self.admin: Any = None
