@@ -49,7 +49,7 @@ def sink_options(func: Any) -> Any:
             "--batch-bytes",
             envvar="SINK_BATCH_BYTES",
             type=click.IntRange(min=1024),
-            default=8 << 20,
+            default=12 << 20,
             help="About how many bytes of messages one transaction applies (fewer messages when they are large).",
         ),
         click.option(

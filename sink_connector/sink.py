@@ -48,7 +48,7 @@ class SinkOptions:
     slot: str = "cdc_slot"
     state_schema: str = "cdc_sink"
     batch_size: int = 10000
-    batch_bytes: int = 8 << 20
+    batch_bytes: int = 12 << 20
     batch_wait: float = 0.02
     once: bool = False
     kafka_timeout: float = 60.0
