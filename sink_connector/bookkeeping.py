@@ -71,6 +71,8 @@ class Bookkeeping:
 
     def install(self, conn: Any) -> None:
         with conn.cursor() as cur:
+            # Sinks starting together would race to create the same schema and tables: one at a time.
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"cdc-sink install {self.schema}",))
             ensure_schema(cur, self.schema)
             for statement in _TABLES:
                 cur.execute(sql.SQL(statement).format(schema=self.s))

@@ -56,6 +56,25 @@ class SinkOptions:
     metrics_port: int = 0
 
 
+Progress = tuple[TableName, int | None, int | None, int]  # table, newest commit µs, newest commit LSN, changes
+
+
+def merge_progress(earlier: list[Progress], later: list[Progress]) -> list[Progress]:
+    """Progress figures not written yet, combined with a new batch's: newest times, summed counts."""
+
+    def newest(a: int | None, b: int | None) -> int | None:
+        return a if b is None else b if a is None else max(a, b)
+
+    merged: dict[TableName, Progress] = {}
+    for item in [*earlier, *later]:
+        table = item[0]
+        old = merged.get(table)
+        merged[table] = (
+            item if old is None else (table, newest(old[1], item[1]), newest(old[2], item[2]), old[3] + item[3])
+        )
+    return list(merged.values())
+
+
 def batch_count(messages: list[Any], most: int, budget: int) -> int:
     """How many messages to ask for next: `most`, or fewer when messages like these (sampled)
     would make a batch of more than `budget` bytes (memory grows with the bytes, not the count)."""
@@ -99,6 +118,7 @@ class Sink:
         # Messages asked for at once (see batch_count); the first batch is small, until the size of
         # the messages is known.
         self.batch_count = min(options.batch_size, 500)
+        self.unsaved_progress: list[Progress] = []
         self.conn: Any = None
         self.consumer: Any = None
         self.admin: Any = None
@@ -423,6 +443,21 @@ class Sink:
         if before:
             self._apply(before, [], {})
 
+    def _save_progress(self, cur: Any, progress: list[Progress]) -> bool:
+        """The per-table progress rows are shared by the group's members: never wait for one that
+        another member's open transaction holds (a frozen member would stall this one too); keep
+        the figures for the next batch instead."""
+        cur.execute("SAVEPOINT progress")
+        cur.execute("SET LOCAL lock_timeout = '100ms'")
+        try:
+            self.book.progress(cur, progress)
+        except psycopg2.errors.LockNotAvailable:
+            cur.execute("ROLLBACK TO SAVEPOINT progress")
+            return False
+        cur.execute("RELEASE SAVEPOINT progress")
+        cur.execute("SET LOCAL lock_timeout = DEFAULT")
+        return True
+
     def _process(self, messages: list[Any]) -> None:
         changes, rejected = self._decode(messages)
         positions: dict[TP, int] = {}
@@ -541,9 +576,12 @@ class Sink:
                 if m.key() is not None:
                     self.book.park(cur, m.topic(), m.key(), m.offset(), reason)
             self.book.store(cur, positions)
-            if batches:
-                self.book.progress(cur, [(b.table, b.max_ts_us, b.max_commit_lsn, b.changes) for b in batches])
+            progress = merge_progress(
+                self.unsaved_progress, [(b.table, b.max_ts_us, b.max_commit_lsn, b.changes) for b in batches]
+            )
+            saved = bool(progress) and self._save_progress(cur, progress)
         self.conn.commit()
+        self.unsaved_progress = [] if saved else progress
         committed_us = time.time() * 1e6
         self.target_down_since = None
         self.expected.update(positions)

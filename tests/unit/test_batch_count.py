@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass
 
-from sink_connector.sink import batch_count
+from cdc_common.tables import TableName
+from sink_connector.sink import batch_count, merge_progress
 
 BUDGET = 8 << 20
 
@@ -55,3 +56,12 @@ def test_never_below_one() -> None:
 
 def test_never_above_the_most() -> None:
     assert batch_count([Msg(None, None)] * 64, 7, BUDGET) == 7
+
+
+def test_unsaved_progress_merges_with_the_next_batch() -> None:
+    person, orders = TableName("public", "person"), TableName("public", "orders")
+    merged = merge_progress(
+        [(person, 100, 7, 3), (orders, None, None, 1)], [(person, 90, 9, 2), (orders, 50, 4, 5)]
+    )
+    assert merged == [(person, 100, 9, 5), (orders, 50, 4, 6)]
+    assert merge_progress([], [(person, 1, 2, 3)]) == [(person, 1, 2, 3)]
