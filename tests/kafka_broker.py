@@ -18,7 +18,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import IO
+from typing import IO, Self
 
 from confluent_kafka.admin import AdminClient
 
@@ -112,7 +112,7 @@ class PrivateBroker:
             *args,
         ]
 
-    def start(self, timeout: float = 90) -> "PrivateBroker":
+    def start(self, timeout: float = 90) -> Self:
         config = self.dir / "server.properties"
         config.write_text(self._properties())
         if not self._formatted:
