@@ -92,7 +92,7 @@ def is_connection_loss(exc: BaseException) -> bool:
         return code is None
     if not isinstance(exc, psycopg2.OperationalError):
         return False
-    return code is None or code.startswith("08") or code in {"57P01", "57P02", "57P03"}
+    return code is None or code.startswith("08") or code in {"57P01", "57P02", "57P03", "57P05", "25P03"}
 
 
 def connect_source(dsn: str, application_name: str, **extra: Any) -> Any:

@@ -36,6 +36,9 @@ from sink_connector.target import reconcile
 
 log = logging.getLogger("sink")
 
+# The consumer group's session timeout: a member silent for longer has lost its partitions.
+SESSION_TIMEOUT_MS = 10_000
+
 # Errors worth retrying the same batch for; other errors raised by a statement mean the data is bad.
 RETRY_SQLSTATES = {"40001", "40P01", "55P03", "57014", "53100", "53200", "53300"}
 
@@ -202,7 +205,7 @@ class Sink:
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
                 "partition.assignment.strategy": "roundrobin",
-                "session.timeout.ms": 10_000,
+                "session.timeout.ms": SESSION_TIMEOUT_MS,
                 "heartbeat.interval.ms": 2_000,
                 "max.poll.interval.ms": 900_000,
                 "topic.metadata.refresh.interval.ms": 5_000,
@@ -567,6 +570,10 @@ class Sink:
                 positions[tp] = max(positions.get(tp, 0), c.offset + 1)
         started = time.monotonic()
         with self.conn.cursor() as cur:
+            # A member frozen (SIGSTOP, a paused VM) inside this transaction holds its partitions'
+            # offsets rows, which the member taking the partitions over needs: the server ends the
+            # transaction once the member has been silent as long as the group waits for it.
+            cur.execute("SET LOCAL idle_in_transaction_session_timeout = %s", (SESSION_TIMEOUT_MS,))
             stored = self.book.lock(cur, list(positions))
             if any(stored.get(tp) != self.expected.get(tp, -1) for tp in positions):
                 self.conn.rollback()

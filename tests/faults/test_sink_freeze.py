@@ -1,12 +1,13 @@
 """Scenario 5: a sink is frozen (SIGSTOP) long enough for the consumer group to give its partitions
 to a second sink (session.timeout.ms is 10 s), then resumed (SIGCONT). It must not write behind its
-successor's back (the fencing on cdc_sink.offsets): the target ends identical, nothing doubled."""
+successor's back (the fencing on cdc_sink.offsets): the target ends identical, nothing doubled.
+Frozen inside a batch transaction, it holds offsets rows the successor needs until the target ends
+that transaction (idle_in_transaction_session_timeout); the successor must still take over."""
 
 import random
 import signal
 import time
 
-import pytest
 from psycopg2.extensions import make_dsn
 
 from tests.conftest import Databases, Stack
@@ -41,12 +42,6 @@ def assignments(process: CliProcess) -> int:
     return sum(" assigned " in line for line in process.stderr_text().splitlines())
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG (open): a member frozen inside its batch transaction can hold the lock of a cdc_sink.offsets row "
-    "the other member's batch needs; that member then waits on the lock instead of polling Kafka, so the group "
-    "cannot move the frozen member's partitions until it resumes (seen in about half the runs)",
-)
 def test_frozen_sink_loses_its_partitions_and_writes_nothing_after(
     dbs: Databases, stack: Stack, topic_prefix: str, long_run: bool, report: ScenarioReport
 ) -> None:
