@@ -59,6 +59,13 @@ def sink_options(func: Any) -> Any:
             default=20,
             help="How long to wait for a batch to fill.",
         ),
+        click.option(
+            "--instance-id",
+            envvar="SINK_INSTANCE_ID",
+            default=None,
+            help="Static group membership (Kafka's group.instance.id), unique per sink: restarted within the "
+            "session timeout (10 s), the sink gets its partitions back at once, without a rebalance.",
+        ),
         click.option("--once", is_flag=True, help="Exit 0 once the end offsets seen at start-up are applied."),
         click.option(
             "--kafka-timeout",
@@ -94,6 +101,7 @@ def build_options(kwargs: dict[str, Any], snapshot: str, rebuild: tuple[Any, ...
         kafka_timeout=kwargs["kafka_timeout"],
         rebuild=rebuild,
         metrics_port=kwargs["metrics_port"],
+        instance_id=kwargs["instance_id"] or None,
     )
 
 

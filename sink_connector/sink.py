@@ -57,6 +57,7 @@ class SinkOptions:
     kafka_timeout: float = 60.0
     rebuild: tuple[TableName, ...] = ()
     metrics_port: int = 0
+    instance_id: str | None = None  # static group membership (group.instance.id)
 
 
 Progress = tuple[TableName, int | None, int | None, int]  # table, newest commit µs, newest commit LSN, changes
@@ -197,7 +198,9 @@ class Sink:
                 self.kafka_down_since = time.monotonic()
             log.warning("Kafka: %s", err.str())
 
+        static = {"group.instance.id": self.options.instance_id} if self.options.instance_id else {}
         return self.settings.kafka_config(
+            **static,
             **{
                 "group.id": self.options.group,
                 "client.id": "cdc-sink",
@@ -213,7 +216,7 @@ class Sink:
                 "fetch.max.bytes": 16_777_216,
                 "max.partition.fetch.bytes": 4_194_304,
                 "error_cb": on_error,
-            }
+            },
         )
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
@@ -390,6 +393,13 @@ class Sink:
             return True
         if err.code() == KafkaError._PARTITION_EOF:
             return False
+        if err.code() == KafkaError._FATAL or err.fatal():
+            if self.options.instance_id and "group.instance.id" in err.str():
+                raise SinkError(
+                    f"another cdc-sink joined group {self.options.group} with --instance-id "
+                    f"{self.options.instance_id}, so Kafka stopped this one: give each sink its own id"
+                )
+            raise SinkError(f"Kafka stopped this consumer: {err.str()}")
         if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
             log.info("waiting for topic %s to exist", message.topic())
             return False

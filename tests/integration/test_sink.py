@@ -17,7 +17,7 @@ from psycopg2 import sql
 
 from cdc_common.tables import TableName
 from schemas.topics import topic_for
-from tests.conftest import Databases, Stack
+from tests.conftest import Databases, Stack, admin_client
 from tests.helpers import CliProcess, psql_rows, stop_process, wait_until
 from tests.pipeline import (
     assert_same_rows,
@@ -297,6 +297,42 @@ def test_two_sinks_share_a_group_through_rebalances(dbs: Databases, topic_prefix
     wait_identical(dbs, WRITER_TABLES, processes=(source, second))
     assert_same_rows(dbs, WRITER_TABLES)
     stop_cleanly(second, source)
+
+
+def test_static_member_comes_back_after_kill_9_and_a_duplicate_id_is_refused(
+    dbs: Databases, stack: Stack, topic_prefix: str
+) -> None:
+    slot, group = names_of(dbs, topic_prefix)
+    writer = start_writer(dbs, "--rate", "300", "--batch", "5")
+    source = start_source(dbs, topic_prefix, slot, "--partitions", "2")
+    first = start_sink(dbs, topic_prefix, slot, group, "--instance-id", "sink-1")
+    wait_while_running(
+        lambda: applied_offsets(dbs, group) > 0, (source, first, writer), timeout=90, message="nothing applied"
+    )
+    assert stop_process(first, signal.SIGKILL) == -signal.SIGKILL
+    again = start_sink(dbs, topic_prefix, slot, group, "--instance-id", "sink-1")
+    wait_for_output(again, "assigned")
+    applied = applied_offsets(dbs, group)
+    wait_while_running(
+        lambda: applied_offsets(dbs, group) > applied + 300,
+        (source, again, writer),
+        timeout=60,
+        message="the restarted static member applied nothing",
+    )
+    admin = admin_client(stack.bootstrap_servers)  # kept referenced until its future resolves
+    [described] = admin.describe_consumer_groups([group], request_timeout=30)[group].result(timeout=60).members
+    assert described.group_instance_id == "sink-1"
+
+    # a second sink with the same id takes the membership over; the older one stops with one clear line
+    duplicate = start_sink(dbs, topic_prefix, slot, group, "--instance-id", "sink-1")
+    assert again.wait(timeout=60) != 0
+    text = again.stderr_text()
+    assert "with --instance-id sink-1, so Kafka stopped this one: give each sink its own id" in text, text
+    assert "Traceback" not in text, text
+    stop_cleanly(writer)
+    wait_identical(dbs, WRITER_TABLES, processes=(source, duplicate))
+    assert_same_rows(dbs, WRITER_TABLES)
+    stop_cleanly(duplicate, source)
 
 
 def test_rebuild_restores_the_target_from_the_topics_alone(dbs: Databases, topic_prefix: str) -> None:
