@@ -460,15 +460,13 @@ class Sink:
         """The per-table progress rows are shared by the group's members: never wait for one that
         another member's open transaction holds (a frozen member would stall this one too); keep
         the figures for the next batch instead."""
-        cur.execute("SAVEPOINT progress")
-        cur.execute("SET LOCAL lock_timeout = '100ms'")
+        cur.execute("SAVEPOINT progress; SET LOCAL lock_timeout = '100ms'")
         try:
             self.book.progress(cur, progress)
         except psycopg2.errors.LockNotAvailable:
-            cur.execute("ROLLBACK TO SAVEPOINT progress")
+            cur.execute("ROLLBACK TO SAVEPOINT progress")  # also undoes the lock_timeout
             return False
-        cur.execute("RELEASE SAVEPOINT progress")
-        cur.execute("SET LOCAL lock_timeout = DEFAULT")
+        cur.execute("RELEASE SAVEPOINT progress; SET LOCAL lock_timeout = DEFAULT")
         return True
 
     def _process(self, messages: list[Any]) -> None:
