@@ -8,6 +8,10 @@ NULL (null). numeric, real and double precision are strings, so no digit is ever
 `timestamp with time zone`, `text[]`), so a consumer can create or check the table.
 `unchanged` (updates only) lists columns whose value did not change and is not carried (large
 TOASTed values): a consumer must leave them as they are, never set them to NULL.
+
+A delete's tombstone (same key, null value) carries the delete's position in a `cdc.source` header,
+the JSON object `{"txId", "lsn", "commit_lsn", "ts_us"}` of the `d` event's `source`, so a consumer
+that skips changes a snapshot already holds can skip the tombstone with its delete.
 """
 
 from typing import Literal, NotRequired, TypedDict
@@ -40,6 +44,18 @@ class Source(TypedDict):
     ts_us: int | None  # commit time, microseconds since the epoch
     seq: int  # position of the change in its transaction (snapshot: in the table's snapshot)
     snapshot: bool
+
+
+TOMBSTONE_HEADER = "cdc.source"
+
+
+class TombstoneSource(TypedDict):
+    """The `cdc.source` header of a tombstone: where its delete happened."""
+
+    txId: int | None
+    lsn: int | None
+    commit_lsn: int | None
+    ts_us: int | None
 
 
 class Envelope(TypedDict):

@@ -8,13 +8,14 @@ partition are deleted before the rest of the batch is applied.
 """
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from cdc_common.tables import TableName
-from schemas.envelope import OPS
+from schemas.envelope import OPS, TOMBSTONE_HEADER
 
 TOMBSTONE = "tombstone"  # a null-valued message: delete of its key
 FULL_ROW_OPS = frozenset({"c", "r"})
@@ -43,7 +44,14 @@ class Change:
     partitions: int | None = None  # t only
 
 
-def decode(topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> Change:
+def decode(
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes | None]] | None = None,
+) -> Change:
     """Parse and check one message; BadMessage says why it is not a change event."""
     if value is None:
         if not key:
@@ -54,7 +62,10 @@ def decode(topic: str, partition: int, offset: int, key: bytes | None, value: by
             raise BadMessage(f"key is not JSON: {exc}") from None
         if not isinstance(key_row, dict) or not key_row:
             raise BadMessage("key is not a JSON object of key columns")
-        return Change(topic, partition, offset, key, TOMBSTONE, key_row, None, list(key_row))
+        change = Change(topic, partition, offset, key, TOMBSTONE, key_row, None, list(key_row))
+        if headers:
+            _tombstone_position(change, headers)
+        return change
     try:
         env = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
@@ -113,6 +124,27 @@ def decode(topic: str, partition: int, offset: int, key: bytes | None, value: by
         source.get("ts_us"),
         partitions,
     )
+
+
+def _tombstone_position(change: Change, headers: Sequence[tuple[str, bytes | None]]) -> None:
+    """The delete's position from the tombstone's `cdc.source` header, when it has one (a tombstone
+    without it is a delete of its key at an unknown position)."""
+    for name, raw in headers:
+        if name != TOMBSTONE_HEADER:
+            continue
+        try:
+            position = orjson.loads(raw or b"")
+        except orjson.JSONDecodeError as exc:
+            raise BadMessage(f"tombstone header {TOMBSTONE_HEADER} is not JSON: {exc}") from None
+        if not isinstance(position, dict) or not all(
+            v is None or (isinstance(v, int) and not isinstance(v, bool))
+            for v in (position.get(f) for f in ("txId", "lsn", "commit_lsn", "ts_us"))
+        ):
+            raise BadMessage(f"tombstone header {TOMBSTONE_HEADER} must be an object of integers or nulls")
+        change.xid = position.get("txId")
+        change.lsn = position.get("lsn")
+        change.commit_lsn = position.get("commit_lsn")
+        change.ts_us = position.get("ts_us")
 
 
 @dataclass

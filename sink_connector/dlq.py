@@ -28,8 +28,17 @@ class DeadLetters:
         self.sent = 0
 
     def send(
-        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        reason: str,
+        original: list[tuple[str, bytes | None]] | None = None,
     ) -> None:
+        """Send a message on to the dead-letter topic with its own headers (a tombstone's position)
+        and the reason and origin."""
         target = dlq_topic(topic)
         if target not in self.known:
             ensure_topics(self.admin, [target], 1, self.replication_factor, HISTORY_TOPIC_CONFIG)
@@ -39,6 +48,7 @@ class DeadLetters:
             ("cdc.origin.topic", topic.encode()),
             ("cdc.origin.partition", str(partition).encode()),
             ("cdc.origin.offset", str(offset).encode()),
+            *(original or ()),
         ]
 
         def delivered(err: Any, msg: Any) -> None:

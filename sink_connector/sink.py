@@ -433,7 +433,12 @@ class Sink:
                 continue
             try:
                 self._table_of(topic)
-                changes.append(decode(topic, m.partition(), m.offset(), key, m.value()))
+                value = m.value()
+                changes.append(
+                    decode(
+                        topic, m.partition(), m.offset(), key, value, None if value is not None else m.headers()
+                    )
+                )
             except BadMessage as exc:
                 if self.options.on_error != "dlq":
                     self._commit_prefix(messages, m, changes)
@@ -569,7 +574,9 @@ class Sink:
                 self.preparer.prepare(self.conn, table, pending)
         if rejected and self.dead_letters is not None:
             for m, reason in rejected:
-                self.dead_letters.send(m.topic(), m.partition(), m.offset(), m.key(), m.value(), reason)
+                self.dead_letters.send(
+                    m.topic(), m.partition(), m.offset(), m.key(), m.value(), reason, m.headers()
+                )
             self.dead_letters.flush()
         if not positions:
             positions = {}

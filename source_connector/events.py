@@ -1,7 +1,8 @@
 """From decoded wal2json messages to Kafka messages (topic, key, value, partition). Pure.
 
 One message per row change, keyed by the primary key:
-- insert -> `c`; update -> `u`; delete -> `d` followed by a tombstone (same key, no value);
+- insert -> `c`; update -> `u`; delete -> `d` followed by a tombstone (same key, no value, the
+  delete's position in its `cdc.source` header);
 - an update that changes the key -> `d` + tombstone for the old key, then `c` for the new key;
 - an update that omits unchanged TOASTed columns -> completed from the old row under REPLICA
   IDENTITY FULL, otherwise the event lists them in `unchanged` (never sent as null);
@@ -16,12 +17,14 @@ from typing import Any
 
 import orjson
 
-from schemas.envelope import CONNECTOR, ENVELOPE_VERSION
+from schemas.envelope import CONNECTOR, ENVELOPE_VERSION, TOMBSTONE_HEADER
 from source_connector.table_info import TableInfo, wal2json_type
 from source_connector.wal2json import lsn_to_int, timestamp_to_us
 
-# (topic, key, value, partition); value None is a tombstone, partition None lets the key decide.
-Message = tuple[str, bytes | None, bytes | None, int | None]
+Headers = list[tuple[str, bytes]]
+# (topic, key, value, partition, headers); value None is a tombstone, partition None lets the key
+# decide; headers are None except on tombstones.
+Message = tuple[str, bytes | None, bytes | None, int | None, Headers | None]
 
 TableLookup = Callable[[str, str, bool], TableInfo | None]  # (schema, table, refresh) -> info
 # (table, key values, columns) -> those columns' current values in the table, or None (row gone)
@@ -145,6 +148,7 @@ class EventBuilder:
                     self.key(info, after),
                     self._value(info, "c", None, after, tx, lsn, columns),
                     None,
+                    None,
                 )
             ]
         before = {c["name"]: c["value"] for c in doc.get("identity", ())}
@@ -180,6 +184,7 @@ class EventBuilder:
                         new_key,
                         self._value(info, "c", None, after, tx, lsn, columns, extra=extra),
                         None,
+                        None,
                     ),
                 ]
         extra = {"unchanged": unchanged} if unchanged else None
@@ -189,6 +194,7 @@ class EventBuilder:
                 new_key,
                 self._value(info, "u", before or None, after, tx, lsn, columns, extra=extra),
                 None,
+                None,
             )
         ]
 
@@ -197,7 +203,11 @@ class EventBuilder:
     ) -> list[Message]:
         key = key if key is not None else self.key(info, before)
         value = self._value(info, "d", before, None, tx, lsn, info.columns_json)
-        return [(info.topic, key, value, None), (info.topic, key, None, None)]
+        position = orjson.dumps({"txId": tx.xid, "lsn": lsn, "commit_lsn": tx.commit_lsn, "ts_us": tx.ts_us})
+        return [
+            (info.topic, key, value, None, None),
+            (info.topic, key, None, None, [(TOMBSTONE_HEADER, position)]),
+        ]
 
     def _irregular(
         self,
@@ -241,7 +251,7 @@ class EventBuilder:
         value = self._value(
             info, "t", None, None, tx, lsn_to_int(doc["lsn"]), info.columns_json, extra={"partitions": count}
         )
-        return [(info.topic, None, value, p) for p in range(count)]
+        return [(info.topic, None, value, p, None) for p in range(count)]
 
     # --- snapshot ---------------------------------------------------------------------------
 
@@ -251,7 +261,7 @@ class EventBuilder:
         if info.nan_columns:
             self._check_nan(info, row)
         value = self._value(info, "r", None, row, tx, lsn, info.columns_json, snapshot=True)
-        return (info.topic, self.key(info, row), value, None)
+        return (info.topic, self.key(info, row), value, None, None)
 
 
 def snapshot_values(info: TableInfo, names: tuple[str, ...], texts: tuple[str | None, ...]) -> dict[str, Any]:

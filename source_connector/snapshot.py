@@ -80,7 +80,7 @@ def publish_snapshot(
                     # An earlier attempt died half-way and its `r` events are in the topic: a `t` first,
                     # so a consumer replaying the topic drops them (a row deleted since would come back).
                     doc = {"schema": info.name.schema, "table": info.name.name, "lsn": int_to_lsn(consistent_lsn)}
-                    for topic, key, value, partition in builder.truncate(doc, ctx):
+                    for topic, key, value, partition, _ in builder.truncate(doc, ctx):
                         tx.outstanding += 1
                         producer.produce(topic, value, key, partition, on_delivery=tx.ack)
                 rows = 0
@@ -88,7 +88,7 @@ def publish_snapshot(
                     named.itersize = FETCH_ROWS
                     named.execute(select)
                     for texts in named:
-                        topic, key, value, _ = builder.snapshot_row(
+                        topic, key, value, _, _ = builder.snapshot_row(
                             info, snapshot_values(info, names, texts), ctx, consistent_lsn
                         )
                         tx.outstanding += 1

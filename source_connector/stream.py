@@ -20,7 +20,7 @@ from cdc_common.pg import connect_source, error_reason, is_connection_loss
 from cdc_common.retry import Backoff
 from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
-from source_connector.events import EventBuilder, TxContext, begin_context
+from source_connector.events import EventBuilder, Headers, TxContext, begin_context
 from source_connector.feedback import FeedbackGate
 from source_connector.flush import FlushTracker, Transaction
 from source_connector.slot import replication_error
@@ -231,12 +231,19 @@ class Stream:
             payload = msg.payload
             kind = payload[11:12]
             if kind in ROW_KINDS:
-                for topic, key, value, partition in row(decode(payload), ctx):  # type: ignore[arg-type]
+                for topic, key, value, partition, headers in row(decode(payload), ctx):  # type: ignore[arg-type]
                     tx.outstanding += 1  # type: ignore[union-attr]
                     try:
-                        produce(topic, value, key, -1 if partition is None else partition, on_delivery=tx.ack)  # type: ignore[union-attr]
+                        produce(
+                            topic,
+                            value,
+                            key,
+                            -1 if partition is None else partition,
+                            on_delivery=tx.ack,  # type: ignore[union-attr]
+                            headers=headers,
+                        )
                     except BufferError:
-                        self._produce_when_room(cur, last, topic, value, key, partition, tx)  # type: ignore[arg-type]
+                        self._produce_when_room(cur, last, topic, value, key, partition, tx, headers)  # type: ignore[arg-type]
             elif kind == b"B":
                 self.low_start = min(
                     self.low_start, msg.data_start
@@ -250,7 +257,7 @@ class Stream:
                 self.transactions += 1
                 self.last_commit_us = ctx.ts_us  # type: ignore[union-attr]
             elif kind == b"T":
-                for topic, key, value, partition in self.builder.truncate(decode(payload), ctx):  # type: ignore[arg-type]
+                for topic, key, value, partition, _ in self.builder.truncate(decode(payload), ctx):  # type: ignore[arg-type]
                     tx.outstanding += 1  # type: ignore[union-attr]
                     try:
                         produce(topic, value, key, partition, on_delivery=tx.ack)  # type: ignore[union-attr]
@@ -275,6 +282,7 @@ class Stream:
         key: bytes | None,
         partition: int | None,
         tx: Transaction,
+        headers: Headers | None = None,
     ) -> None:
         """Backpressure: the producer's queue is full, so stop reading WAL until Kafka takes more."""
         started = time.monotonic()
@@ -283,7 +291,7 @@ class Stream:
             self.producer.poll(0.1)
             try:
                 self.producer.produce(
-                    topic, value, key, -1 if partition is None else partition, on_delivery=tx.ack
+                    topic, value, key, -1 if partition is None else partition, on_delivery=tx.ack, headers=headers
                 )
                 break
             except BufferError:

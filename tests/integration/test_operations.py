@@ -191,6 +191,7 @@ def test_status_json_field_by_field(stack: Stack, dbs: Databases, topic_prefix: 
     source = start_source(dbs, topic_prefix, slot, "--partitions", "2")
     wait_for_output(source, "streaming from slot", timeout=90)
     sink = start_sink(dbs, topic_prefix, slot, group)
+    wait_for_output(sink, "assigned", timeout=90)  # bulk copy done: the writer's changes are streamed
     run_writer(dbs, "--count", "200", "--rate", "0", "--seed", "22")
     topics = topics_of(topic_prefix)
     wait_applied(dbs, stack.bootstrap_servers, group, topics, processes=[source, sink])

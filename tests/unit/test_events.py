@@ -103,7 +103,7 @@ def envelope(value: bytes | None) -> dict[str, Any]:
 
 
 def envelopes(messages: list[Message]) -> list[dict[str, Any]]:
-    return [envelope(value) for _, _, value, _ in messages]
+    return [envelope(value) for _, _, value, _, _ in messages]
 
 
 def cols(id_: int, n: str | None = "1.50", big: str | None = BIG, *, with_big: bool = True) -> list[Column]:
@@ -124,10 +124,10 @@ def test_insert_is_one_create_keyed_by_the_primary_key() -> None:
     b, _ = builder()
     messages = row(b, change("I", columns=cols(1, "12345678901.25")))
     assert len(messages) == 1
-    topic, key, value, partition = messages[0]
+    topic, key, value, partition, headers = messages[0]
     assert topic == "cdc.public.probe"
     assert key == b'{"id":1}'
-    assert partition is None
+    assert partition is None and headers is None
     env = envelope(value)
     assert env["op"] == "c"
     assert env["before"] is None
@@ -140,7 +140,7 @@ def test_insert_is_one_create_keyed_by_the_primary_key() -> None:
 def test_two_column_key_keeps_key_order() -> None:
     info = table(columns=(("a", "integer"), ("b", "text"), ("v", "text")), key=("b", "a"))
     b, _ = builder(info)
-    [(_, key, value, _)] = row(
+    [(_, key, value, _, _)] = row(
         b,
         change(
             "I",
@@ -155,7 +155,7 @@ def test_two_column_key_keeps_key_order() -> None:
 def test_key_values_keep_their_types() -> None:
     info = table(columns=(("k", "numeric(30,5)"), ("b", "bytea"), ("v", "text")), key=("k", "b"))
     b, _ = builder(info)
-    [(_, key, _, _)] = row(
+    [(_, key, _, _, _)] = row(
         b,
         change(
             "I",
@@ -226,7 +226,7 @@ def test_seq_increases_over_every_kind_of_change() -> None:
         change("U", columns=cols(5), identity=[("id", "bigint", bare(1))]),
         change("D", identity=[("id", "bigint", bare(5))]),
     ):
-        seqs.append(max(envelope(v)["source"]["seq"] for _, _, v, _ in row(b, payload, ctx) if v is not None))
+        seqs.append(max(envelope(v)["source"]["seq"] for _, _, v, _, _ in row(b, payload, ctx) if v is not None))
     seqs.append(envelope(b.truncate(DECODER.decode(truncate()), ctx)[0][2])["source"]["seq"])
     assert seqs == [1, 2, 3, 4, 5]
 
@@ -238,7 +238,7 @@ def test_update_with_same_key_is_u_with_identity_as_before() -> None:
     b, _ = builder()
     messages = row(b, change("U", columns=cols(1, "2.00"), identity=[("id", "bigint", bare(1))]))
     assert len(messages) == 1
-    _, key, value, _ = messages[0]
+    _, key, value, _, _ = messages[0]
     assert key == b'{"id":1}'
     env = envelope(value)
     assert env["op"] == "u"
@@ -265,12 +265,12 @@ def test_update_under_full_identity_carries_the_old_row() -> None:
 def test_update_changing_the_key_is_delete_tombstone_create() -> None:
     b, _ = builder()
     messages = row(b, change("U", columns=cols(2), identity=[("id", "bigint", bare(1))]))
-    assert [(k, v is None) for _, k, v, _ in messages] == [
+    assert [(k, v is None) for _, k, v, _, _ in messages] == [
         (b'{"id":1}', False),
         (b'{"id":1}', True),
         (b'{"id":2}', False),
     ]
-    assert all(t == "cdc.public.probe" and p is None for t, _, _, p in messages)
+    assert all(t == "cdc.public.probe" and p is None for t, _, _, p, _ in messages)
     d = envelope(messages[0][2])
     c = envelope(messages[2][2])
     assert (d["op"], d["before"], d["after"]) == ("d", {"id": 1}, None)
@@ -289,7 +289,7 @@ def test_update_changing_one_column_of_a_two_column_key() -> None:
             identity=[("a", "integer", bare(1)), ("b", "integer", bare(2))],
         ),
     )
-    assert [k for _, k, _, _ in messages] == [b'{"a":1,"b":2}', b'{"a":1,"b":2}', b'{"a":1,"b":3}']
+    assert [k for _, k, _, _, _ in messages] == [b'{"a":1,"b":2}', b'{"a":1,"b":2}', b'{"a":1,"b":3}']
 
 
 # --- deletes ------------------------------------------------------------------------------------
@@ -299,12 +299,16 @@ def test_delete_is_d_then_tombstone() -> None:
     b, _ = builder()
     messages = row(b, change("D", identity=[("id", "bigint", bare(1))]))
     assert len(messages) == 2
-    (t1, k1, v1, p1), (t2, k2, v2, p2) = messages
+    (t1, k1, v1, p1, h1), (t2, k2, v2, p2, h2) = messages
     assert (t1, k1, p1) == (t2, k2, p2) == ("cdc.public.probe", b'{"id":1}', None)
-    assert v2 is None
+    assert v2 is None and h1 is None
     env = envelope(v1)
     assert (env["op"], env["before"], env["after"]) == ("d", {"id": 1}, None)
     assert env["columns"] == {"id": "bigint", "n": "numeric(12,2)", "big": "text"}
+    # the tombstone says where its delete happened, so a consumer can skip both together
+    assert h2 is not None and [name for name, _ in h2] == ["cdc.source"]
+    source = env["source"]
+    assert orjson.loads(h2[0][1]) == {k: source[k] for k in ("txId", "lsn", "commit_lsn", "ts_us")}
 
 
 def test_delete_under_full_identity_carries_the_old_row() -> None:
@@ -358,7 +362,7 @@ def test_full_identity_completes_only_what_identity_has() -> None:
 def test_key_change_with_an_omitted_toast_column_does_not_lose_it() -> None:
     b, _ = builder()
     messages = row(b, change("U", columns=cols(2, "3.00", with_big=False), identity=[("id", "bigint", bare(1))]))
-    created = [envelope(v) for _, _, v, _ in messages if v is not None and envelope(v)["op"] == "c"]
+    created = [envelope(v) for _, _, v, _, _ in messages if v is not None and envelope(v)["op"] == "c"]
     assert len(created) == 1
     # not carried, and said so: the sink must not write it as NULL
     assert "big" not in created[0]["after"]
@@ -377,7 +381,7 @@ def test_key_change_with_an_omitted_toast_column_reads_it_back() -> None:
 
     b.refetch = refetch
     messages = row(b, change("U", columns=cols(2, "3.00", with_big=False), identity=[("id", "bigint", bare(1))]))
-    created = [envelope(v) for _, _, v, _ in messages if v is not None and envelope(v)["op"] == "c"]
+    created = [envelope(v) for _, _, v, _, _ in messages if v is not None and envelope(v)["op"] == "c"]
     assert asked == [({"id": 2}, ["big"], tx().xid)]
     assert created[0]["after"]["big"] == "the big value"
     assert created[0]["refetched"] == ["big"]
@@ -394,7 +398,7 @@ def test_update_with_an_omitted_toasted_key_column_uses_identity() -> None:
             "U", columns=[("v", "integer", bare(2))], identity=[("k", "text", text(long_key))], pk=[("k", "text")]
         ),
     )
-    assert [k for _, k, _, _ in messages] == [orjson.dumps({"k": long_key})]
+    assert [k for _, k, _, _, _ in messages] == [orjson.dumps({"k": long_key})]
     env = envelope(messages[0][2])
     assert env["after"] == {"v": 2, "k": long_key}
     assert "unchanged" not in env
@@ -489,7 +493,7 @@ def test_truncate_is_one_event_per_partition() -> None:
     b, _ = builder(partitions=4)
     ctx = tx()
     messages = b.truncate(DECODER.decode(truncate()), ctx)
-    assert [(t, k, p) for t, k, _, p in messages] == [("cdc.public.probe", None, p) for p in range(4)]
+    assert [(t, k, p) for t, k, _, p, _ in messages] == [("cdc.public.probe", None, p) for p in range(4)]
     for env in envelopes(messages):
         assert env["op"] == "t"
         assert env["partitions"] == 4
@@ -574,8 +578,8 @@ def test_snapshot_row_is_an_r_event() -> None:
     info = table(not_null=frozenset({"id", "n"}))
     b, _ = builder(info, nans=nans)
     ctx = TxContext(None, 5000, 1_795_617_797_816_235)
-    topic, key, value, partition = b.snapshot_row(info, {"id": 1, "n": None, "big": "b"}, ctx, 5000)
-    assert (topic, key, partition) == ("cdc.public.probe", b'{"id":1}', None)
+    topic, key, value, partition, headers = b.snapshot_row(info, {"id": 1, "n": None, "big": "b"}, ctx, 5000)
+    assert (topic, key, partition, headers) == ("cdc.public.probe", b'{"id":1}', None, None)
     env = envelope(value)
     assert env["op"] == "r"
     assert env["before"] is None

@@ -3,6 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sink_connector.changes import TOMBSTONE
 from sink_connector.handover import XID_EPOCH, CopySnapshot
 
 COPY_LSN = 5000
@@ -77,6 +78,7 @@ def test_streamed_change_visible_in_the_snapshot_is_in_the_copy() -> None:
     assert SNAPSHOT.contains("c", 504, 4000, 4100)
     assert SNAPSHOT.contains("u", 499, 100, 200)
     assert SNAPSHOT.contains("d", 504, None, None)
+    assert SNAPSHOT.contains(TOMBSTONE, 504, 4000, 4100)  # the delete's position, from its header
 
 
 def test_streamed_change_not_visible_in_the_snapshot_is_applied() -> None:
@@ -94,6 +96,7 @@ def test_a_commit_at_or_after_the_copy_position_is_applied_whatever_its_xid() ->
 def test_a_change_without_xid_is_applied() -> None:
     assert not SNAPSHOT.contains("c", None, 100, 200)
     assert not SNAPSHOT.contains("d", None, 100, None)
+    assert not SNAPSHOT.contains(TOMBSTONE, None, None, None)  # a tombstone without the header
 
 
 def test_a_truncate_with_a_transaction_is_a_change_like_the_others() -> None:

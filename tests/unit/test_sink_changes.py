@@ -144,6 +144,29 @@ def test_a_tombstone_is_a_delete_of_its_key() -> None:
     assert c.columns is None
 
 
+def test_a_tombstone_takes_its_delete_position_from_the_header() -> None:
+    header = [("other", b"x"), ("cdc.source", b'{"txId":504,"lsn":4000,"commit_lsn":4100,"ts_us":17}')]
+    c = decode(TOPIC, 1, 9, key(5), None, header)
+    assert (c.op, c.xid, c.lsn, c.commit_lsn, c.ts_us) == (TOMBSTONE, 504, 4000, 4100, 17)
+    bare = decode(TOPIC, 1, 9, key(5), None, [("other", b"x")])
+    assert (bare.xid, bare.lsn, bare.commit_lsn, bare.ts_us) == (None, None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"{nope", "tombstone header cdc.source is not JSON"),
+        (None, "tombstone header cdc.source is not JSON"),
+        (b"[1]", "must be an object of integers or nulls"),
+        (b'{"txId":"504"}', "must be an object of integers or nulls"),
+        (b'{"commit_lsn":true}', "must be an object of integers or nulls"),
+    ],
+)
+def test_bad_tombstone_headers(raw: bytes | None, error: str) -> None:
+    with pytest.raises(BadMessage, match=error):
+        decode(TOPIC, 1, 9, key(5), None, [("cdc.source", raw)])
+
+
 @pytest.mark.parametrize(
     ("key_bytes", "value", "error"),
     [
