@@ -23,6 +23,7 @@ from tests.faults.harness import (
     key_events,
     prepare_tables,
     wait_applied_all,
+    wait_published,
 )
 from tests.helpers import psql_rows
 from tests.pg_cluster import PgCluster
@@ -91,6 +92,7 @@ def test_key_change_of_a_toasted_row_decoded_before_it_is_visible(
         dbs.source_dsn, "SELECT count(*) FROM public.orders WHERE id = %s AND note IS NOT NULL", (new,)
     ) == [(1,)]
 
+    wait_published(pipeline, [source, sink])
     wait_applied_all(pipeline, [source, sink])
     stop_cleanly(sink, source)
     differences = compare_rows(dbs, ["public.orders"])

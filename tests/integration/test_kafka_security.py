@@ -18,7 +18,7 @@ from typing import BinaryIO
 import pytest
 
 from tests.conftest import Databases
-from tests.helpers import CliProcess, run_cli, start_cli
+from tests.helpers import CliProcess, run_cli, start_cli, wait_until
 from tests.kafka_broker import PrivateBroker, free_port
 from tests.pipeline import (
     assert_running,
@@ -226,8 +226,11 @@ def run_pipeline(dbs: Databases, kafka: SecureKafka, env: dict[str, str], *extra
     run_writer(dbs, "--count", "300", "--rate", "0", "--seed", "8")  # changes through Kafka
     pipeline = Pipeline(source, sink, prefix, slot, group)
     topics = [f"{prefix}.public.person", f"{prefix}.public.orders"]
-    ends = partition_ends(kafka.plaintext, topics)
-    assert sum(ends.values()) >= 300, f"the changes did not reach the secured broker: {ends}"
+    wait_until(
+        lambda: sum(partition_ends(kafka.plaintext, topics).values()) >= 300,
+        timeout=90,
+        message="the changes did not reach the secured broker",
+    )
     wait_applied(dbs, kafka.plaintext, group, topics, processes=[source, sink])
     wait_identical(dbs, TABLES, processes=[source, sink])
     assert_running(source, sink)

@@ -184,6 +184,19 @@ def slot_row(stack: Stack, slot: str) -> tuple[Any, ...]:
     return row
 
 
+def settled_ends(bootstrap_servers: str, topics: list[str], quiet: float) -> dict[tuple[str, int], int]:
+    """The partition ends once they have not moved for `quiet` seconds."""
+    last, since = partition_ends(bootstrap_servers, topics), time.monotonic()
+    deadline = since + 60
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"the partition ends kept moving for 60 s: {last}"
+        time.sleep(0.25)
+        now = partition_ends(bootstrap_servers, topics)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 def test_status_json_field_by_field(stack: Stack, dbs: Databases, topic_prefix: str) -> None:
     slot, group = new_names()
     started = datetime.now(UTC)
@@ -194,8 +207,8 @@ def test_status_json_field_by_field(stack: Stack, dbs: Databases, topic_prefix: 
     wait_for_output(sink, "assigned", timeout=90)  # bulk copy done: the writer's changes are streamed
     run_writer(dbs, "--count", "200", "--rate", "0", "--seed", "22")
     topics = topics_of(topic_prefix)
-    wait_applied(dbs, stack.bootstrap_servers, group, topics, processes=[source, sink])
     wait_identical(dbs, TABLES, processes=[source, sink])
+    wait_applied(dbs, stack.bootstrap_servers, group, topics, processes=[source, sink])  # and the tombstones
 
     # --- caught up: exit 0, every field checked against the services themselves
     before = slot_row(stack, slot)
@@ -246,8 +259,8 @@ def test_status_json_field_by_field(stack: Stack, dbs: Databases, topic_prefix: 
         timeout=60,
         message="the source did not publish the writer's changes",
     )
-    time.sleep(1.5)  # the oldest change not applied gets older than --max-lag-seconds 1
-    ends = partition_ends(stack.bootstrap_servers, topics)
+    # every change published (tombstones too), and the oldest one older than --max-lag-seconds 1
+    ends = settled_ends(stack.bootstrap_servers, topics, quiet=1.5)
     code, report = status_json(dbs, topic_prefix, slot, group, "--max-lag-messages", "10")
     assert code == 1 and report["ok"] is False, report
     lagging = []
@@ -512,7 +525,7 @@ def test_demo_under_a_terminal_stops_cleanly_on_ctrl_c(
     execute(dbs.source_dsn, "CREATE TABLE probe (id int PRIMARY KEY, written_at timestamptz NOT NULL)")
     env = demo_environment(stack, dbs, topic_prefix, slot, group, tmp_path)
     started = time.monotonic()
-    terminal = Terminal([sys.executable, "-m", "demo", "--seconds", "15"], env)
+    terminal = Terminal([sys.executable, "-m", "demo", "--seconds", "300"], env)  # stopped by Ctrl-C
     latencies: list[float] = []
     try:
 
@@ -532,7 +545,6 @@ def test_demo_under_a_terminal_stops_cleanly_on_ctrl_c(
             key += 1
             latencies.append(probe_latency(dbs, key, timeout=3))
             time.sleep(0.1)
-        assert time.monotonic() - started < 14, "too slow to interrupt the demo before its 15 s"
         assert terminal.process.poll() is None, "the demo ended before Ctrl-C"
         before_stop = terminal.text()
         terminal.process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground program

@@ -237,6 +237,7 @@ def test_pipeline_end_to_end_with_the_roles(stack: Stack, roles: Roles, topic_pr
     finally:
         stop_cleanly(writer)
     wait_identical(dbs, TABLES, processes=[source, sink])
+    wait_applied(dbs, stack.bootstrap_servers, group, topics, processes=[source, sink])  # and the tombstones
     assert_running(source, sink)
 
     # cdc-status with the roles: everything applied, exit 0.

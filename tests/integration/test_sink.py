@@ -371,6 +371,7 @@ def test_rebuild_restores_the_target_from_the_topics_alone(dbs: Databases, topic
     run_writer(dbs, "--count", "500", "--rate", "0", "--batch", "10")  # for the initial snapshot's `r` events
     source = start_source(dbs, topic_prefix, slot)
     sink = start_sink(dbs, topic_prefix, slot, group)
+    wait_for_output(sink, "assigned", timeout=90)  # copy done: what follows reaches the target through Kafka
     run_writer(dbs, "--count", "1000", "--rate", "0", "--batch", "10", "--big-ratio", "0.1")  # streamed changes
     wait_identical(dbs, WRITER_TABLES, processes=(source, sink))
     stop_cleanly(sink, source)
@@ -523,6 +524,7 @@ def test_key_change_keeps_an_unchanged_toasted_value(
     )
     source = start_source(dbs, topic_prefix, slot)
     sink = start_sink(dbs, topic_prefix, slot, group)
+    wait_high_watermark(stack.bootstrap_servers, topic, 3)  # the initial snapshot's `r` events
     wait_identical(dbs, [table], processes=(source, sink))
     before = high_watermark(stack.bootstrap_servers, topic)
     execute(dbs.source_dsn, f"UPDATE {table} SET id = id + 1000 WHERE id = 1")  # big not touched
