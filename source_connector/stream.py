@@ -199,9 +199,19 @@ class Stream:
                 )
                 self.stop.wait(delay or 1.0)
             except ConnectError as exc:
+                # From connecting the stream, or from the connector's own connection inside the
+                # loop (a table lookup reconnecting while the server is down), possibly in the
+                # middle of a transaction. As for a lost connection: close the replication
+                # connection (its walsender would hold the slot, and a shutdown of the server,
+                # until wal_sender_timeout) and forget the transaction that was cut, which would
+                # otherwise stay open and hold the confirmed position back for good.
                 self.connected = False
                 self.down_since = self.down_since or time.monotonic()
-                conn = None
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                conn = cur = None
+                self._settle()
                 delay = backoff.next_delay(time.monotonic())
                 log.warning("%s; retrying in %.1f s", exc, delay or 0)
                 self.stop.wait(delay or 1.0)

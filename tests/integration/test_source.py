@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from subprocess import CompletedProcess
 from typing import Any
 
+import psycopg2
 from confluent_kafka import Consumer, TopicPartition
 from jsonschema import Draft202012Validator
 from psycopg2 import sql
@@ -1060,6 +1061,59 @@ def test_crash_safety_kill_9_loses_nothing(stack: Stack, dbs: Databases, topic_p
 def drop_slot_command(stack: Stack, dbs: Databases, prefix: str, slot: str) -> list[str]:
     command = source_command(stack, dbs, prefix, slot)
     return [command[0], "drop-slot", *command[1:]]
+
+
+def test_own_connection_lost_mid_transaction_releases_the_slot_and_confirms_again(
+    stack: Stack, dbs: Databases, topic_prefix: str
+) -> None:
+    """The connector's own connection is gone and cannot come back (the database refuses
+    connections) when a transaction needs a table lookup: the replication connection is closed at
+    once (its walsender would hold the slot, and a server shutdown, until wal_sender_timeout), and
+    once connections are allowed again the cut transaction is streamed and confirmed."""
+    execute(dbs, "CREATE TABLE item (id int PRIMARY KEY, label text)", "INSERT INTO item VALUES (1, 'a')")
+    slot = new_slot()
+    items = topic_of(topic_prefix, "item")
+    process = start_source(stack, dbs, topic_prefix, slot)
+    admin = stack.source_admin_dsn
+    writer = psycopg2.connect(dbs.source_dsn, connect_timeout=10)  # opened while connections are allowed
+    try:
+        psql_rows(
+            admin,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+            "AND application_name = 'cdc-source' AND backend_type = 'client backend'",
+            (dbs.name,),
+        )
+        psql_rows(admin, sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(dbs.name)))
+        try:
+            with writer, writer.cursor() as cur:  # a new column: the source looks the table up again
+                cur.execute("ALTER TABLE item ADD COLUMN extra integer")
+                cur.execute("INSERT INTO item VALUES (2, 'b', 7)")
+            wait_until(
+                lambda: "cannot connect to the source database" in process.stderr_text(),
+                timeout=30,
+                message=f"the table lookup did not fail:\n{process.stderr_text()}",
+            )
+            wait_until(
+                lambda: (
+                    psql_rows(admin, "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+                    == [(False,)]
+                ),
+                timeout=10,
+                message="the slot stays active: the replication connection was not closed",
+            )
+        finally:
+            psql_rows(admin, sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(dbs.name)))
+    finally:
+        writer.close()
+    [(now,)] = psql_rows(admin, "SELECT pg_current_wal_lsn()::text")
+    wait_until(
+        lambda: (row := slot_row(dbs, slot)) is not None and lsn_int(row[1]) >= lsn_int(now),
+        timeout=60,
+        message=f"the slot never confirmed {now} after the cut transaction",
+    )
+    events = wait_then_stop(stack, [items], count(items, 2), "the cut transaction", process)
+    assert [(e.op, e.key) for e in events][-1] == ("c", b'{"id":2}'), describe(events)
+    assert_envelopes_valid()
 
 
 def test_drop_slot_then_new_snapshot(stack: Stack, dbs: Databases, topic_prefix: str) -> None:
