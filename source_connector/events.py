@@ -1,4 +1,4 @@
-"""From decoded wal2json messages to Kafka messages (topic, key, value, partition). Pure.
+"""From decoded wal2json messages to Kafka messages (topic, key, value, partition, headers). Pure.
 
 One message per row change, keyed by the primary key:
 - insert -> `c`; update -> `u`; delete -> `d` followed by a tombstone (same key, no value, the
@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from schemas.envelope import CONNECTOR, ENVELOPE_VERSION, TOMBSTONE_HEADER
+from schemas.envelope import CONNECTOR, ENVELOPE_VERSION, TOMBSTONE_HEADER, TombstoneSource
 from source_connector.table_info import TableInfo, wal2json_type
 from source_connector.wal2json import lsn_to_int, timestamp_to_us
 
@@ -203,10 +203,10 @@ class EventBuilder:
     ) -> list[Message]:
         key = key if key is not None else self.key(info, before)
         value = self._value(info, "d", before, None, tx, lsn, info.columns_json)
-        position = orjson.dumps({"txId": tx.xid, "lsn": lsn, "commit_lsn": tx.commit_lsn, "ts_us": tx.ts_us})
+        position: TombstoneSource = {"txId": tx.xid, "lsn": lsn, "commit_lsn": tx.commit_lsn, "ts_us": tx.ts_us}
         return [
             (info.topic, key, value, None, None),
-            (info.topic, key, None, None, [(TOMBSTONE_HEADER, position)]),
+            (info.topic, key, None, None, [(TOMBSTONE_HEADER, orjson.dumps(position))]),
         ]
 
     def _irregular(
