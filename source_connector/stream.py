@@ -162,13 +162,7 @@ class Stream:
                 conn.close()
                 return
             except psycopg2.Error as exc:
-                self.connected = False
-                self.down_since = self.down_since or time.monotonic()
-                # Close the socket now: a half-dead connection left to the garbage collector keeps
-                # the server's walsender (and so the slot) busy until wal_sender_timeout.
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
+                self._disconnected(conn)
                 conn = cur = None
                 known = replication_error(exc, self.slot)
                 busy = known is not None and getattr(exc, "pgcode", "") == "55006"
@@ -201,20 +195,24 @@ class Stream:
             except ConnectError as exc:
                 # From connecting the stream, or from the connector's own connection inside the
                 # loop (a table lookup reconnecting while the server is down), possibly in the
-                # middle of a transaction. As for a lost connection: close the replication
-                # connection (its walsender would hold the slot, and a shutdown of the server,
-                # until wal_sender_timeout) and forget the transaction that was cut, which would
-                # otherwise stay open and hold the confirmed position back for good.
-                self.connected = False
-                self.down_since = self.down_since or time.monotonic()
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
+                # middle of a transaction: the cut transaction is forgotten as for a lost
+                # connection, or it would stay open and hold the confirmed position back for good.
+                self._disconnected(conn)
                 conn = cur = None
                 self._settle()
                 delay = backoff.next_delay(time.monotonic())
                 log.warning("%s; retrying in %.1f s", exc, delay or 0)
                 self.stop.wait(delay or 1.0)
+
+    def _disconnected(self, conn: Any | None) -> None:
+        """The stream is down: close the replication connection now, as a half-dead connection left
+        to the garbage collector keeps the server's walsender (so the slot, and a shutdown of the
+        server) busy until wal_sender_timeout."""
+        self.connected = False
+        self.down_since = self.down_since or time.monotonic()
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     # --- the loop -------------------------------------------------------------------------------
 
