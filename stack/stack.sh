@@ -127,6 +127,14 @@ wal_sender_timeout = 60s
 log_min_messages = warning
 log_line_prefix = '%m [%p] %q%u@%d '
 EOF
+    if [ "$name" = source ]; then plugin_allowlist | as_postgres tee -a "$dir/cdc-stack.conf" >/dev/null; fi
+}
+
+# The line that lets wal2json load on a server with the output-plugin allow-list (PostgreSQL 15.19
+# and later minor releases); nothing on an older server, which would refuse to start with it.
+plugin_allowlist() {
+    as_postgres "$PG_BIN/postgres" --describe-config \
+        | (cd "$ROOT" && python3 -m source_connector.plugin_allowlist)
 }
 
 pg_init() {  # name
@@ -152,6 +160,10 @@ pg_up() {  # name
         port_listening "$port" && refuse_taken_port "$port" "$name PostgreSQL" "$(pg_setting "$name")"
         as_postgres "$PG_BIN/pg_ctl" -D "$dir" -l "$PG_ROOT/$name.log" -w -t 60 start >/dev/null \
             || die "the $name PostgreSQL did not start; see $PG_ROOT/$name.log"
+    else
+        # Already running (a stack started by an older checkout): what a reload applies, such as
+        # the output-plugin allow-list, takes effect now.
+        as_postgres "$PG_BIN/pg_ctl" -D "$dir" reload >/dev/null
     fi
     local i
     for i in $(seq 1 60); do

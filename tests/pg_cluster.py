@@ -9,7 +9,8 @@ settings the shared stack does not have; the shared stack's clusters are never t
 
 The data folder is under /var/lib/postgresql (the postgres user owns it; initdb refuses to run as
 root), the server listens on a free port of 127.0.0.1 with password authentication, wal_level is
-logical (wal2json is the stack's installed plugin).
+logical, and wal2json (the stack's installed plugin) is in the output-plugin allow-list on servers
+that have one (`allow_wal2json=False` leaves the server's default list, which refuses it).
 """
 
 import atexit
@@ -27,6 +28,7 @@ import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
+from source_connector.plugin_allowlist import SETTING, line_for_server
 from tests.kafka_broker import free_port
 
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -34,6 +36,27 @@ PASSWORD = "postgres"
 ROOT = Path(os.environ.get("PRIVATE_PG_ROOT", "/var/lib/postgresql"))
 
 _live: list["PgCluster"] = []
+_described: list[str] = []
+
+
+def _describe_config() -> str:
+    """`postgres --describe-config` of the installed server (read once)."""
+    if not _described:
+        result = subprocess.run(
+            _as_postgres([str(PG_BIN / "postgres"), "--describe-config"]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        _described.append(result.stdout)
+    return _described[0]
+
+
+def allowlist_settings() -> dict[str, str]:
+    """The setting that lets wal2json load, for a server that has the allow-list; none otherwise."""
+    line = line_for_server(_describe_config())
+    return {} if line is None else {SETTING: line.split(" = ", 1)[1]}
 
 
 def _as_postgres(args: list[str]) -> list[str]:
@@ -44,8 +67,15 @@ def _as_postgres(args: list[str]) -> list[str]:
 
 
 class PgCluster:
-    def __init__(self, name: str, settings: dict[str, str] | None = None, password: str = PASSWORD) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: dict[str, str] | None = None,
+        password: str = PASSWORD,
+        allow_wal2json: bool = True,
+    ) -> None:
         self.name = name
+        self.allow_wal2json = allow_wal2json
         self.password = password
         self.dir = ROOT / f"private-pg-{name}-{uuid.uuid4().hex[:8]}"
         self.data = self.dir / "data"
@@ -111,6 +141,7 @@ class PgCluster:
             "wal_sender_timeout": "60s",
             "log_min_messages": "warning",
             "log_line_prefix": "'%m [%p] %q%u@%d '",
+            **(allowlist_settings() if self.allow_wal2json else {}),
             **self.settings,
         }
         with (self.data / "postgresql.conf").open("a") as conf:
