@@ -24,7 +24,15 @@ from schemas.topics import collisions, state_topic
 from source_connector.catalog import Catalog
 from source_connector.events import EventBuilder, snapshot_values
 from source_connector.metrics import collect
-from source_connector.slot import ServerInfo, check_slot, create_slot, drop_slot, get_slot, server_info
+from source_connector.slot import (
+    ServerInfo,
+    check_plugin_allowed,
+    check_slot,
+    create_slot,
+    drop_slot,
+    get_slot,
+    server_info,
+)
 from source_connector.snapshot import publish_snapshot, text_of
 from source_connector.state import STATE_TOPIC_CONFIG, SourceState, clear_state, read_state, state_key
 from source_connector.stream import HEARTBEAT_PREFIX, Stream, add_tables_option
@@ -338,6 +346,7 @@ class SourceConnector:
             application_name="cdc-source",
         )
         server = server_info(self.conn)
+        check_plugin_allowed(self.conn)
         self.catalog = Catalog(self.conn, settings.topic_prefix)
         tables = self.catalog.tables(settings.tables)
         infos = [self.catalog.read(t) for t in tables]  # refuses tables that cannot be replicated

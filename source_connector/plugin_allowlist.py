@@ -47,6 +47,23 @@ def config_line(value: str | None, plugin: str = PLUGIN) -> str:
     return f"{SETTING} = '{with_plugin(value, plugin)}'"
 
 
+def refused(value: str | None) -> str:
+    """One line for a server whose allow-list refuses wal2json: what is wrong and the exact fix.
+    `value` is the list as the server has it (None when the role may not read it)."""
+    has = f" ({SETTING} = '{value}')" if value is not None else ""
+    return (
+        f"the source server refuses {PLUGIN} as a logical decoding output plugin: it is not in "
+        f"{SETTING}{has}, the allow-list of PostgreSQL 14.24, 15.19, 16.15, 17.11, 18.6 and later. "
+        f"Fix: add the line {config_line(value)} to postgresql.conf, then run SELECT pg_reload_conf() "
+        f"as a superuser (a reload is enough); on a managed service, set {SETTING} in its parameter group"
+    )
+
+
+def is_refusal(sqlstate: str | None, message: str) -> bool:
+    """Is this server error the allow-list refusing a plugin (not a role without REPLICATION)?"""
+    return sqlstate == "42501" and REFUSAL in message
+
+
 def described_default(described: str) -> str | None:
     """The setting's default from `postgres --describe-config` output (tab-separated: name, context,
     group, type, default, ...); None when the server does not have the setting."""

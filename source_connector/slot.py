@@ -7,6 +7,7 @@ import psycopg2
 
 from cdc_common.errors import CdcError, SourceError
 from cdc_common.pg import error_reason, sqlstate
+from source_connector import plugin_allowlist
 from source_connector.wal2json import lsn_to_int
 
 
@@ -52,6 +53,22 @@ def server_info(conn: Any) -> ServerInfo:
             "(ALTER SYSTEM SET max_replication_slots = 10) and restart PostgreSQL"
         )
     return ServerInfo(database, system_id, version, wal_level, max_slots)
+
+
+def plugin_setting(conn: Any) -> str | None:
+    """The output-plugin allow-list as this role sees it; None on a server without the setting and
+    for a role that may not read it (neither superuser nor pg_read_all_settings)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT setting FROM pg_settings WHERE name = %s", (plugin_allowlist.SETTING,))
+        row = cur.fetchone()
+    return None if row is None else str(row[0])
+
+
+def check_plugin_allowed(conn: Any) -> None:
+    """Refuse, before any slot is created or read, a server whose allow-list refuses wal2json."""
+    value = plugin_setting(conn)
+    if not plugin_allowlist.allows(value):
+        raise SourceError(plugin_allowlist.refused(value))
 
 
 _SLOT = """
@@ -118,6 +135,8 @@ def replication_error(exc: BaseException, slot: str) -> CdcError | None:
         return SourceError(
             f"the source refuses more replication connections ({reason}): raise max_wal_senders and restart PostgreSQL"
         )
+    if plugin_allowlist.is_refusal(code, reason):
+        return SourceError(plugin_allowlist.refused(None))
     if code in {"42501", "28000"}:
         return SourceError(
             f"the source role may not replicate ({reason}): grant it with ALTER ROLE <role> REPLICATION, "

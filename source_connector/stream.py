@@ -16,13 +16,14 @@ from typing import Any
 import psycopg2
 
 from cdc_common.errors import CdcError, ConnectError, SourceError
-from cdc_common.pg import connect_source, error_reason, is_connection_loss
+from cdc_common.pg import connect_source, error_reason, is_connection_loss, sqlstate
 from cdc_common.retry import Backoff
 from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
 from source_connector.events import EventBuilder, Headers, TxContext, begin_context
 from source_connector.feedback import FeedbackGate
 from source_connector.flush import FlushTracker, Transaction
+from source_connector.plugin_allowlist import is_refusal
 from source_connector.slot import replication_error
 from source_connector.snapshot import raise_delivery_failure
 from source_connector.state import SourceState
@@ -47,6 +48,7 @@ PERIODIC_INTERVAL = 30.0
 # How long a start waits for a slot that another process holds (the walsender of a previous run that
 # was killed may still be exiting) before reporting it, rather than waiting forever.
 SLOT_BUSY_TIMEOUT = 15.0
+REFUSED_LOG_INTERVAL = 60.0  # seconds between log lines while the server refuses the plugin
 
 
 class Stream:
@@ -87,6 +89,8 @@ class Stream:
         self.stalled_since: float | None = None
         self.connected = False
         self.down_since: float | None = None  # when the replication connection was lost
+        self.refused: str | None = None  # why the server refuses to stream (the fix), while it does
+        self.refused_logged = 0.0
         self.wal_end = 0  # the server's WAL end, as last reported
         self.last_commit_us: int | None = None  # source commit time of the newest transaction read
         self.periodic: Callable[[], None] | None = None  # called every PERIODIC_INTERVAL (slot checks)
@@ -145,6 +149,9 @@ class Stream:
             log.info("streaming from slot %s at %s", self.slot, int_to_lsn(start_lsn), extra={"slot": self.slot})
             self.connected = True
             self.down_since = None
+            if self.refused is not None:
+                log.info("the source server allows wal2json again: streaming resumes from the slot")
+                self.refused = None
             return conn, cur
         raise AssertionError("unreachable")
 
@@ -166,7 +173,10 @@ class Stream:
                 conn = cur = None
                 known = replication_error(exc, self.slot)
                 busy = known is not None and getattr(exc, "pgcode", "") == "55006"
-                transient = is_connection_loss(exc) or busy
+                # The plugin allow-list changed under a running connector: wait for the fix, with
+                # the slot holding every change, rather than exit into a restart loop.
+                refused = self.has_streamed and is_refusal(sqlstate(exc), error_reason(exc))
+                transient = is_connection_loss(exc) or busy or refused
                 # The slot is active in another process. After this process streamed, that is most
                 # likely its own old walsender, which the server ends (wal_sender_timeout): keep
                 # retrying. At start-up it is usually another cdc-source on the same slot: wait a
@@ -184,6 +194,9 @@ class Stream:
                 delay = backoff.next_delay(time.monotonic())
                 if busy_since is not None and not self.has_streamed and delay is not None:
                     delay = min(delay, max(0.1, busy_since + SLOT_BUSY_TIMEOUT - time.monotonic()))
+                if refused:
+                    self._wait_refused(str(known), delay or 1.0)
+                    continue
                 log.warning(
                     "%s (%s); reconnecting in %.1f s",
                     "replication slot busy" if busy else "replication connection lost",
@@ -203,6 +216,17 @@ class Stream:
                 delay = backoff.next_delay(time.monotonic())
                 log.warning("%s; retrying in %.1f s", exc, delay or 0)
                 self.stop.wait(delay or 1.0)
+
+    def _wait_refused(self, reason: str, delay: float) -> None:
+        """The server refuses the plugin: /healthz says why, the log gives the fix once a minute."""
+        now = time.monotonic()
+        if self.refused is None or now - self.refused_logged >= REFUSED_LOG_INTERVAL:
+            self.refused_logged = now
+            log.error(
+                "%s (retrying; the slot keeps every change until then)", reason, extra={"slot": self.slot}
+            )
+        self.refused = reason
+        self.stop.wait(delay)
 
     def _disconnected(self, conn: Any | None) -> None:
         """The stream is down: close the replication connection now, as a half-dead connection left
@@ -369,6 +393,8 @@ class Stream:
     def health(self) -> tuple[bool, str]:
         """Can the stream make progress? Not when the source or Kafka has been gone for long."""
         now = time.monotonic()
+        if self.refused is not None:
+            return False, self.refused
         if self.down_since is not None and now - self.down_since > 30:
             return False, f"replication connection lost for {now - self.down_since:.0f} s"
         if self.stalled_since is not None and now - self.stalled_since > 60:

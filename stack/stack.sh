@@ -7,6 +7,7 @@
 #   stack/stack.sh kill   kafka                       SIGKILL the broker (fault tests)
 #   stack/stack.sh clean                              stop everything and delete its data
 #   stack/stack.sh status                             one line per service
+#   stack/stack.sh versions                           PostgreSQL, wal2json and Kafka as installed
 #
 # Every setting below can be overridden from the environment.
 set -euo pipefail
@@ -337,6 +338,18 @@ cmd_status() {
     if kafka_running; then echo "kafka: running on 127.0.0.1:$KAFKA_PORT (pid $(kafka_pid))"; else echo "kafka: stopped"; fi
 }
 
+cmd_versions() {
+    local wal2json allowlist jar
+    wal2json=$(dpkg-query -W -f='${Version}' "postgresql-$PG_VERSION-wal2json" 2>/dev/null || echo "not installed")
+    allowlist=$(plugin_allowlist 2>/dev/null || true)
+    jar=$(ls "$(kafka_libs)"/kafka_2.13-*.jar 2>/dev/null | head -n1)
+    echo "PostgreSQL: $("$PG_BIN/postgres" --version 2>/dev/null || echo "not installed")"
+    echo "wal2json: $wal2json"
+    echo "output-plugin allow-list: ${allowlist:-none on this server}"
+    if [ -n "$jar" ]; then jar="$(basename "$jar" .jar | sed 's/^kafka_2.13-//') (KRaft, jars from Maven Central)"; fi
+    echo "Kafka: ${jar:-not fetched}"
+}
+
 cmd_clean() {
     cmd_down
     if [ -L "$PG_ROOT" ]; then as_root rm -rf "$(readlink "$PG_ROOT")"; fi
@@ -353,7 +366,8 @@ main() {
         kill) [ "${1:-}" = kafka ] || die "only 'kill kafka' is supported"; kafka_down KILL ;;
         clean) cmd_clean ;;
         status) cmd_status ;;
-        *) die "usage: stack/stack.sh up|down|kill|clean|status [source|target|kafka ...]" ;;
+        versions) cmd_versions ;;
+        *) die "usage: stack/stack.sh up|down|kill|clean|status|versions [source|target|kafka ...]" ;;
     esac
 }
 

@@ -13,6 +13,8 @@ from cdc_common.errors import ConnectError
 from cdc_common.kafka import kafka_reason, wait_for_kafka
 from cdc_common.settings import Settings
 from schemas.topics import table_for, topic_for
+from source_connector.plugin_allowlist import allows, refused
+from source_connector.slot import plugin_setting
 
 
 @dataclass
@@ -157,6 +159,9 @@ def gather(
 ) -> Status:
     problems: list[str] = []
     slot_state = slot_status(source, slot)
+    plugins = plugin_setting(source)
+    if not allows(plugins):
+        problems.append(refused(plugins))
     if not slot_state.exists:
         problems.append(f"slot {slot} does not exist on the source (is cdc-source running?)")
     else:

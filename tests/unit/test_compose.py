@@ -260,14 +260,23 @@ def test_programs_reach_services_by_name(name: str) -> None:
     assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
 
 
+SOURCE_SETTINGS = (
+    "wal_level=logical",
+    "max_replication_slots=20",
+    "max_wal_senders=20",
+    "output_plugin_libraries=pgoutput,test_decoding,wal2json",
+)
+
+
 def test_postgres_services() -> None:
     for name in ("postgres-source", "postgres-target"):
         env = environment(SERVICES[name])
         assert env["POSTGRES_DB"] == "testdb" and env["POSTGRES_PASSWORD"] == "postgres", name
         assert any(":/var/lib/postgresql/data" in v for v in SERVICES[name]["volumes"]), name
-    assert SERVICES["postgres-target"]["image"] == "postgres:15"
+    # Pinned to a release with the output-plugin allow-list, which the source's command sets.
+    assert SERVICES["postgres-target"]["image"] == "postgres:15.20"
     command = " ".join(command_words(SERVICES["postgres-source"]["command"]))
-    for setting in ("wal_level=logical", "max_replication_slots=20", "max_wal_senders=20"):
+    for setting in SOURCE_SETTINGS:
         assert f"-c {setting}" in command, f"postgres-source is not started with {setting}"
 
 
@@ -338,7 +347,10 @@ def test_postgres_source_dockerfile() -> None:
     found = build_of(SERVICES["postgres-source"])
     assert found is not None
     steps = dockerfile_instructions(found[1])
-    assert steps[0] == ("FROM", "postgres:15")
+    assert steps[0] == ("FROM", "postgres:15.20")
     assert any(
         word == "RUN" and "apt-get install" in args and "postgresql-15-wal2json" in args for word, args in steps
     )
+    [cmd] = [args for word, args in steps if word == "CMD"]
+    for setting in SOURCE_SETTINGS:
+        assert f'"-c", "{setting}"' in cmd, f"the image's CMD does not set {setting}: {cmd}"
