@@ -1,5 +1,6 @@
 """cdc-source's errors for source servers the shared test server cannot imitate: wal_level not
-logical, no slots, wal2json missing, no free slot, slot in use."""
+logical, no slots, wal2json missing, no free slot, slot in use, the
+output-plugin allow-list refusing wal2json."""
 
 from types import TracebackType
 from typing import Any
@@ -87,7 +88,25 @@ def test_no_replication_slots_is_refused_with_the_fix() -> None:
             'replication slot "s1" is active for PID 4242',
             ["replication slot s1 is in use by another process", "PID 4242", "--slot"],
         ),
+        (
+            "42501",
+            'library "wal2json" may not be used as an output plugin HINT: If it is safe for all REPLICATION '
+            'users to use this library as an output plugin, add it to "output_plugin_libraries" and reload',
+            [
+                "refuses wal2json",
+                "output_plugin_libraries = 'pgoutput, test_decoding, wal2json'",
+                "SELECT pg_reload_conf()",
+                "parameter group",
+            ],
+        ),
+        (
+            "42501",
+            "permission denied to start WAL sender DETAIL: Only roles with the REPLICATION attribute may start "
+            "a WAL sender process.",
+            ["may not replicate", "ALTER ROLE <role> REPLICATION"],
+        ),
     ],
+    ids=["plugin-missing", "no-free-slot", "slot-busy", "plugin-not-allowed", "role-without-replication"],
 )
 def test_replication_errors_name_the_cause_and_the_fix(code: str, reason: str, fragments: list[str]) -> None:
     error = replication_error(FakePgError(code, f"ERROR:  {reason}\n"), "s1")
@@ -96,6 +115,11 @@ def test_replication_errors_name_the_cause_and_the_fix(code: str, reason: str, f
     for fragment in fragments:
         assert fragment in message, message
     assert "\n" not in message and "ERROR:" not in message
+
+
+def test_the_allow_list_refusal_gives_no_replication_advice() -> None:
+    error = replication_error(FakePgError("42501", 'library "wal2json" may not be used as an output plugin'), "s")
+    assert error is not None and "REPLICATION" not in str(error) and "ALTER ROLE" not in str(error)
 
 
 def test_missing_plugin_is_recognised_by_its_message_too() -> None:
