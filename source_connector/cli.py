@@ -8,7 +8,7 @@ from cdc_common.cli import DefaultGroup, program
 from cdc_common.errors import ConfigError
 from cdc_common.settings import common_options
 from cdc_common.signals import StopFlag
-from source_connector.connector import SourceConnector, SourceOptions
+from source_connector.connector import SourceConnector, SourceOptions, drop
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -127,5 +127,5 @@ def drop_slot(**kwargs: Any) -> None:
     """
     with program("cdc-source", kwargs) as settings:
         options = SourceOptions(slot=kwargs["slot"], kafka_timeout=kwargs["kafka_timeout"])
-        dropped = SourceConnector(settings, options, StopFlag()).drop()
+        dropped = drop(settings, options, StopFlag())
         click.echo(f"slot {options.slot} {'dropped' if dropped else 'did not exist'}; connector state cleared")

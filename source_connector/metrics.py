@@ -34,13 +34,13 @@ def collect(connector: "SourceConnector") -> Iterator[Any]:
         "cdc_source_nan_nulls_total",
         "NOT NULL numeric/float values wal2json turned into null (NaN, Infinity), by table and column.",
         ["table", "column"],
-        [((t, c), n) for (t, c), n in list(connector.nan_counts.items())],
+        [((t, c), n) for (t, c), n in list(connector.nan.counts.items())],
     )
     yield counter(
         "cdc_source_refetched_total",
         "Key changes whose unchanged TOASTed columns were read back from the table, by table.",
         ["table"],
-        [((t,), n) for t, n in list(connector.refetched.items())],
+        [((t,), n) for t, n in list(connector.readback.counts.items())] if connector.readback else [],
     )
     yield counter(
         "cdc_source_errors_total",
@@ -48,7 +48,10 @@ def collect(connector: "SourceConnector") -> Iterator[Any]:
         ["kind"],
         [((k,), n) for k, n in list(connector.kafka_errors.items())],
     )
-    wal_status, safe_wal_size, retained = connector.slot_state
+    watch = connector.watch
+    wal_status, safe_wal_size, retained = (
+        (watch.wal_status, watch.safe_wal_size, watch.retained) if watch else (None, None, None)
+    )
     if retained is not None:
         yield gauge(
             "cdc_source_slot_retained_wal_bytes",
@@ -84,7 +87,7 @@ def collect(connector: "SourceConnector") -> Iterator[Any]:
         yield gauge(
             "cdc_source_confirmed_lsn",
             "The position confirmed to the slot (flushed to Kafka).",
-            float(stream.gate.sent),
+            float(stream.confirmed_lsn),
         )
         yield gauge(
             "cdc_source_received_lsn", "The newest position read from the slot.", float(stream.received_lsn)
@@ -93,7 +96,7 @@ def collect(connector: "SourceConnector") -> Iterator[Any]:
             yield gauge(
                 "cdc_source_slot_lag_bytes",
                 "Server WAL end minus the confirmed position.",
-                float(max(0, stream.wal_end - stream.gate.sent)),
+                float(max(0, stream.wal_end - stream.confirmed_lsn)),
             )
         yield gauge(
             "cdc_source_in_flight_messages",

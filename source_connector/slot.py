@@ -98,17 +98,19 @@ def get_slot(conn: Any, name: str) -> SlotInfo | None:
     )
 
 
-def check_slot(slot: SlotInfo, database: str) -> None:
+def slot_mismatch(slot: SlotInfo, database: str) -> str | None:
+    """Why the slot of that name cannot be this connector's, or None when it can."""
     if slot.plugin != "wal2json":
-        raise SourceError(
+        return (
             f"the replication slot {slot.name} uses the plugin {slot.plugin}, not wal2json: "
             "pick another name with --slot / SOURCE_SLOT, or drop it if it is unused"
         )
     if slot.database != database:
-        raise SourceError(
+        return (
             f"the replication slot {slot.name} belongs to database {slot.database}, not {database}: "
             "each source database needs its own slot; pick another name with --slot / SOURCE_SLOT"
         )
+    return None
 
 
 def replication_error(exc: BaseException, slot: str) -> CdcError | None:

@@ -11,9 +11,9 @@ from psycopg2 import sql
 
 from cdc_common.errors import CdcError
 from cdc_common.progress import RowProgress
-from cdc_common.signals import StopFlag
 from source_connector.events import EventBuilder, TxContext, snapshot_values
-from source_connector.flush import FlushTracker
+from source_connector.flush import FlushTracker, Transaction
+from source_connector.publisher import Publisher, raise_delivery_failure
 from source_connector.table_info import TableInfo
 from source_connector.wal2json import int_to_lsn
 
@@ -53,8 +53,7 @@ def publish_snapshot(
     consistent_lsn: int,
     tables: list[TableInfo],
     builder: EventBuilder,
-    producer: Any,
-    stop: StopFlag,
+    publisher: Publisher,
     counts: Counter[str] | None = None,
     restart: bool = False,
 ) -> int:
@@ -63,52 +62,18 @@ def publish_snapshot(
     conn.set_session(isolation_level="REPEATABLE READ", readonly=True, autocommit=False)
     tracker = FlushTracker(consistent_lsn)
     tx = tracker.begin(None, consistent_lsn)
+    snapshot = Snapshot(builder, publisher, tracker, tx, consistent_lsn)
     total = 0
     with conn.cursor() as cur:
         cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot_name,))
         with RowProgress("snapshot") as progress:
             for info in tables:
                 started = time.monotonic()
-                names = info.columns
-                task = progress.start(str(info.name), estimated_rows(cur, info))
-                select = sql.SQL("SELECT {} FROM {}").format(
-                    sql.SQL(", ").join(text_of(info, c) for c in names),
-                    sql.Identifier(info.name.schema, info.name.name),
-                )
-                ctx = TxContext(None, consistent_lsn, int(time.time() * 1_000_000))
                 if restart:
-                    # An earlier attempt died half-way and its `r` events are in the topic: a `t` first,
-                    # so a consumer replaying the topic drops them (a row deleted since would come back).
-                    doc = {"schema": info.name.schema, "table": info.name.name, "lsn": int_to_lsn(consistent_lsn)}
-                    for topic, key, value, partition, _ in builder.truncate(doc, ctx):
-                        tx.outstanding += 1
-                        producer.produce(topic, value, key, partition, on_delivery=tx.ack)
-                rows = 0
-                with conn.cursor(name=f"cdc_snapshot_{abs(hash(info.name))}") as named:
-                    named.itersize = FETCH_ROWS
-                    named.execute(select)
-                    for texts in named:
-                        topic, key, value, _, _ = builder.snapshot_row(
-                            info, snapshot_values(info, names, texts), ctx, consistent_lsn
-                        )
-                        tx.outstanding += 1
-                        while True:
-                            try:
-                                producer.produce(topic, value, key, on_delivery=tx.ack)
-                                break
-                            except BufferError:
-                                producer.poll(0.1)
-                        rows += 1
-                        if rows % 1000 == 0:
-                            producer.poll(0)
-                            progress.advance(task, 1000)
-                            if stop:
-                                raise SnapshotInterrupted(
-                                    "stopped during the initial snapshot; it starts over next time"
-                                )
-                            if tracker.failures:
-                                raise_delivery_failure(tracker)
-                progress.finish(task, rows)
+                    snapshot.truncate(info)
+                rows = snapshot.table(
+                    conn, info, progress, progress.start(str(info.name), estimated_rows(cur, info))
+                )
                 if counts is not None:
                     counts[info.label] += rows
                 total += rows
@@ -121,18 +86,60 @@ def publish_snapshot(
                 )
     conn.commit()
     tracker.commit(tx)
-    tracker.advance()
-    while not tracker.idle():
-        producer.poll(0.2)
-        tracker.advance()
-        if tracker.failures:
-            raise_delivery_failure(tracker)
-        if stop:
-            raise SnapshotInterrupted("stopped during the initial snapshot; it starts over next time")
+    snapshot.wait_acknowledged()
     return total
 
 
-def raise_delivery_failure(tracker: FlushTracker) -> None:
-    err, msg = tracker.failures[0]
-    topic = msg.topic() if msg is not None else "?"
-    raise CdcError(f"Kafka refused a message for topic {topic}: {err.str() if hasattr(err, 'str') else err}")
+class Snapshot:
+    """The `r` events of one snapshot, all counted against one transaction at its consistent point."""
+
+    def __init__(
+        self, builder: EventBuilder, publisher: Publisher, tracker: FlushTracker, tx: Transaction, lsn: int
+    ) -> None:
+        self.builder = builder
+        self.publisher = publisher
+        self.tracker = tracker
+        self.tx = tx
+        self.lsn = lsn
+        self.ctx = TxContext(None, lsn, int(time.time() * 1_000_000))
+
+    def truncate(self, info: TableInfo) -> None:
+        """An earlier attempt died half-way and its `r` events are in the topic: a `t` first, so a
+        consumer replaying the topic drops them (a row deleted since would come back)."""
+        doc = {"schema": info.name.schema, "table": info.name.name, "lsn": int_to_lsn(self.lsn)}
+        for message in self.builder.truncate(doc, self.ctx):
+            self.publisher.publish(self.tx, message)
+
+    def table(self, conn: Any, info: TableInfo, progress: RowProgress, task: Any) -> int:
+        names = info.columns
+        select = sql.SQL("SELECT {} FROM {}").format(
+            sql.SQL(", ").join(text_of(info, c) for c in names),
+            sql.Identifier(info.name.schema, info.name.name),
+        )
+        rows = 0
+        with conn.cursor(name=f"cdc_snapshot_{abs(hash(info.name))}") as named:
+            named.itersize = FETCH_ROWS
+            named.execute(select)
+            for texts in named:
+                values = snapshot_values(info, names, texts)
+                self.publisher.publish(self.tx, self.builder.snapshot_row(info, values, self.ctx, self.lsn))
+                rows += 1
+                if rows % 1000 == 0:
+                    progress.advance(task, 1000)
+                    self.check()
+        progress.finish(task, rows)
+        return rows
+
+    def check(self) -> None:
+        self.publisher.producer.poll(0)
+        if self.publisher.stop:
+            raise SnapshotInterrupted("stopped during the initial snapshot; it starts over next time")
+        if self.tracker.failures:
+            raise_delivery_failure(self.tracker)
+
+    def wait_acknowledged(self) -> None:
+        self.tracker.advance()
+        while not self.tracker.idle():
+            self.publisher.producer.poll(0.2)
+            self.tracker.advance()
+            self.check()

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from cdc_common.errors import SourceError
 from cdc_common.settings import Settings
 
 STATE_TOPIC_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1", "min.compaction.lag.ms": "0"}
@@ -76,6 +77,13 @@ def read_state(settings: Settings, topic: str, key: bytes, timeout: float = 30) 
         return latest
     finally:
         consumer.close()
+
+
+def write_state(producer: Any, topic: str, state: SourceState, timeout: float = 30) -> None:
+    """Write the record and wait until Kafka acknowledged it."""
+    producer.produce(topic, state.encode(), state.key())
+    if producer.flush(timeout) > 0:
+        raise SourceError(f"Kafka did not acknowledge the connector's state record within {timeout:.0f} s")
 
 
 def clear_state(producer: Any, topic: str, key: bytes) -> None:

@@ -15,18 +15,19 @@ from typing import Any
 
 import psycopg2
 
-from cdc_common.errors import CdcError, ConnectError, SourceError
+from cdc_common.errors import ConnectError, SourceError
 from cdc_common.pg import connect_source, error_reason, is_connection_loss, sqlstate
 from cdc_common.retry import Backoff
 from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
-from source_connector.events import EventBuilder, Headers, TxContext, begin_context
-from source_connector.feedback import FeedbackGate
-from source_connector.flush import FlushTracker, Transaction
+from source_connector.confirm import Confirmer
+from source_connector.events import EventBuilder, TxContext, begin_context
+from source_connector.flush import Transaction
+from source_connector.heartbeat import HEARTBEAT_PREFIX, Heartbeat
 from source_connector.plugin_allowlist import is_refusal
+from source_connector.ports import ReplicationCursor, ReplicationMessage
+from source_connector.publisher import Publisher, raise_delivery_failure
 from source_connector.slot import replication_error
-from source_connector.snapshot import raise_delivery_failure
-from source_connector.state import SourceState
 from source_connector.wal2json import (
     NUMBERS_AS_STRING_OPTION,
     WAL2JSON_OPTIONS,
@@ -38,12 +39,9 @@ from source_connector.wal2json import (
 
 log = logging.getLogger("source.stream")
 
-HEARTBEAT_PREFIX = "cdc-heartbeat"
 ROW_KINDS = frozenset({b"I", b"U", b"D"})
 HOUSEKEEPING_EVERY = 512  # messages between producer polls and feedback checks
 CONFIRM_INTERVAL = 0.5  # seconds between attempts to confirm a new position
-KEEPALIVE_INTERVAL = 10.0  # seconds between feedback messages when nothing moves
-STALL_LOG_INTERVAL = 10.0
 PERIODIC_INTERVAL = 30.0
 # How long a start waits for a slot that another process holds (the walsender of a previous run that
 # was killed may still be exiting) before reporting it, rather than waiting forever.
@@ -58,36 +56,24 @@ class Stream:
         slot: str,
         tables: list[str],
         builder: EventBuilder,
-        producer: Any,
-        state: SourceState,
-        state_topic: str,
+        publisher: Publisher,
+        confirmer: Confirmer,
         stop: StopFlag,
-        emit_heartbeat: Callable[[], None] | None = None,
-        heartbeat_interval: float = 0.0,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.settings = settings
         self.slot = slot
         self.add_tables = tables
         self.builder = builder
-        self.producer = producer
-        self.state = state
-        self.state_topic = state_topic
+        self.publisher = publisher
+        self.producer = publisher.producer
+        self.confirmer = confirmer
         self.stop = stop
-        self.emit_heartbeat = emit_heartbeat
-        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat = heartbeat
         self.heartbeats_seen = 0
         self.numbers_as_strings: bool | None = None  # probed on the first start
         self.decoder = Decoder()
-        start = max(state.confirmed_lsn, state.snapshot_lsn)
-        self.tracker = FlushTracker(start)
-        self.gate = FeedbackGate(0, state.bound_lsn)
-        self.received_lsn = start
-        self.low_start = 1 << 64  # lowest data_start of a BEGIN since the last observation
-        self.last_feedback = 0.0
         self.next_confirm = 0.0
-        self.next_heartbeat = time.monotonic() + heartbeat_interval
-        self.stalled_since: float | None = None
-        self.connected = False
         self.down_since: float | None = None  # when the replication connection was lost
         self.refused: str | None = None  # why the server refuses to stream (the fix), while it does
         self.refused_logged = 0.0
@@ -98,6 +84,17 @@ class Stream:
         self.has_streamed = False  # this process streamed from the slot at least once
         self.transactions = 0
         self.messages = 0
+        self.cur: ReplicationCursor | None = None
+        self.last: ReplicationMessage | None = None  # the newest message read
+        publisher.while_full = self._while_full
+
+    @property
+    def confirmed_lsn(self) -> int:
+        return self.confirmer.gate.sent
+
+    @property
+    def received_lsn(self) -> int:
+        return self.confirmer.received_lsn
 
     # --- connection -----------------------------------------------------------------------------
 
@@ -111,16 +108,12 @@ class Stream:
 
     def _open(self, conn: Any | None) -> tuple[Any, Any]:
         """A replication connection streaming from the confirmed position."""
-        start_lsn = self.tracker.flushed_lsn
+        start_lsn = self.confirmer.tracker.flushed_lsn
         for attempt in (True, False):
             if attempt and self.numbers_as_strings is False:
                 continue
             if conn is None:
-                conn = connect_source(
-                    self.settings.source_dsn,
-                    application_name="cdc-source",
-                    replication=True,
-                )
+                conn = connect_source(self.settings.source_dsn, application_name="cdc-source", replication=True)
             cur = conn.cursor()
             try:
                 cur.start_replication_expert(
@@ -132,28 +125,28 @@ class Stream:
                 conn.close()
                 conn = None
                 if attempt and NUMBERS_AS_STRING_OPTION in str(exc):
-                    # Recorded (and logged) below once the fallback started: setting it here
-                    # skipped that log line, so the operator never learnt NaN is lost.
                     continue
                 raise
-            if self.numbers_as_strings is None:
-                self.numbers_as_strings = attempt
-                if attempt:
-                    log.info("wal2json sends every number as a string (numeric-data-types-as-string)")
-                else:
-                    log.info(
-                        "wal2json here is older than 2.6 (no numeric-data-types-as-string): NaN and Infinity "
-                        "in numeric, real and double precision columns arrive as null"
-                    )
-            self.decoder = Decoder(numbers_as_strings=attempt)
-            log.info("streaming from slot %s at %s", self.slot, int_to_lsn(start_lsn), extra={"slot": self.slot})
-            self.connected = True
-            self.down_since = None
-            if self.refused is not None:
-                log.info("the source server allows wal2json again: streaming resumes from the slot")
-                self.refused = None
+            self._streaming(attempt, start_lsn)
             return conn, cur
         raise AssertionError("unreachable")
+
+    def _streaming(self, numbers_as_strings: bool, start_lsn: int) -> None:
+        if self.numbers_as_strings is None:
+            self.numbers_as_strings = numbers_as_strings
+            if numbers_as_strings:
+                log.info("wal2json sends every number as a string (numeric-data-types-as-string)")
+            else:
+                log.info(
+                    "wal2json here is older than 2.6 (no numeric-data-types-as-string): NaN and Infinity "
+                    "in numeric, real and double precision columns arrive as null"
+                )
+        self.decoder = Decoder(numbers_as_strings=numbers_as_strings)
+        log.info("streaming from slot %s at %s", self.slot, int_to_lsn(start_lsn), extra={"slot": self.slot})
+        self.down_since = None
+        if self.refused is not None:
+            log.info("the source server allows wal2json again: streaming resumes from the slot")
+            self.refused = None
 
     def run(self, conn: Any | None = None) -> None:
         """Stream until stopped; reconnects by itself when the source goes away."""
@@ -164,67 +157,72 @@ class Stream:
                 conn, cur = self._open(conn)
                 self.has_streamed = True
                 backoff.reset()
+                self.cur = cur
                 self._loop(cur)
                 self._shutdown(cur)
                 conn.close()
                 return
             except psycopg2.Error as exc:
                 self._disconnected(conn)
-                conn = cur = None
-                known = replication_error(exc, self.slot)
-                busy = known is not None and getattr(exc, "pgcode", "") == "55006"
-                # The plugin allow-list changed under a running connector: wait for the fix, with
-                # the slot holding every change, rather than exit into a restart loop.
-                refused = self.has_streamed and is_refusal(sqlstate(exc), error_reason(exc))
-                transient = is_connection_loss(exc) or busy or refused
-                # The slot is active in another process. After this process streamed, that is most
-                # likely its own old walsender, which the server ends (wal_sender_timeout): keep
-                # retrying. At start-up it is usually another cdc-source on the same slot: wait a
-                # little, then fail with the reason instead of retrying silently forever.
-                if busy and not self.has_streamed:
-                    now = time.monotonic()
-                    busy_since = now if busy_since is None else busy_since
-                    if now - busy_since >= SLOT_BUSY_TIMEOUT:
-                        transient = False
-                if not transient:
-                    if known is not None:
-                        raise known from None
-                    raise SourceError(f"replication failed: {error_reason(exc)}") from None
-                self._settle()
-                delay = backoff.next_delay(time.monotonic())
-                if busy_since is not None and not self.has_streamed and delay is not None:
-                    delay = min(delay, max(0.1, busy_since + SLOT_BUSY_TIMEOUT - time.monotonic()))
-                if refused:
-                    self._wait_refused(str(known), delay or 1.0)
-                    continue
-                log.warning(
-                    "%s (%s); reconnecting in %.1f s",
-                    "replication slot busy" if busy else "replication connection lost",
-                    error_reason(exc),
-                    delay or 0,
-                    extra={"slot": self.slot},
-                )
-                self.stop.wait(delay or 1.0)
+                conn = None
+                busy_since = self._retry_or_raise(exc, backoff, busy_since)
             except ConnectError as exc:
                 # From connecting the stream, or from the connector's own connection inside the
                 # loop (a table lookup reconnecting while the server is down), possibly in the
                 # middle of a transaction: the cut transaction is forgotten as for a lost
                 # connection, or it would stay open and hold the confirmed position back for good.
                 self._disconnected(conn)
-                conn = cur = None
+                conn = None
                 self._settle()
                 delay = backoff.next_delay(time.monotonic())
                 log.warning("%s; retrying in %.1f s", exc, delay or 0)
                 self.stop.wait(delay or 1.0)
+
+    def _retry_or_raise(self, exc: psycopg2.Error, backoff: Backoff, busy_since: float | None) -> float | None:
+        """Wait before the next attempt after a replication error, or raise it when it is final.
+        Returns when the slot was first found busy (None: it was not)."""
+        known = replication_error(exc, self.slot)
+        busy = known is not None and sqlstate(exc) == "55006"
+        # The plugin allow-list changed under a running connector: wait for the fix, with the slot
+        # holding every change, rather than exit into a restart loop.
+        refused = self.has_streamed and is_refusal(sqlstate(exc), error_reason(exc))
+        transient = is_connection_loss(exc) or busy or refused
+        # The slot is active in another process. After this process streamed, that is most likely
+        # its own old walsender, which the server ends (wal_sender_timeout): keep retrying. At
+        # start-up it is usually another cdc-source on the same slot: wait a little, then fail with
+        # the reason instead of retrying silently forever.
+        now = time.monotonic()
+        if busy and not self.has_streamed:
+            busy_since = now if busy_since is None else busy_since
+            if now - busy_since >= SLOT_BUSY_TIMEOUT:
+                transient = False
+        if not transient:
+            if known is not None:
+                raise known from None
+            raise SourceError(f"replication failed: {error_reason(exc)}") from None
+        self._settle()
+        delay = backoff.next_delay(time.monotonic()) or 1.0
+        if busy_since is not None and not self.has_streamed:
+            delay = min(delay, max(0.1, busy_since + SLOT_BUSY_TIMEOUT - time.monotonic()))
+        if refused:
+            self._wait_refused(str(known), delay)
+            return busy_since
+        log.warning(
+            "%s (%s); reconnecting in %.1f s",
+            "replication slot busy" if busy else "replication connection lost",
+            error_reason(exc),
+            delay,
+            extra={"slot": self.slot},
+        )
+        self.stop.wait(delay)
+        return busy_since
 
     def _wait_refused(self, reason: str, delay: float) -> None:
         """The server refuses the plugin: /healthz says why, the log gives the fix once a minute."""
         now = time.monotonic()
         if self.refused is None or now - self.refused_logged >= REFUSED_LOG_INTERVAL:
             self.refused_logged = now
-            log.error(
-                "%s (retrying; the slot keeps every change until then)", reason, extra={"slot": self.slot}
-            )
+            log.error("%s (retrying; the slot keeps every change until then)", reason, extra={"slot": self.slot})
         self.refused = reason
         self.stop.wait(delay)
 
@@ -232,7 +230,7 @@ class Stream:
         """The stream is down: close the replication connection now, as a half-dead connection left
         to the garbage collector keeps the server's walsender (so the slot, and a shutdown of the
         server) busy until wal_sender_timeout."""
-        self.connected = False
+        self.cur = None
         self.down_since = self.down_since or time.monotonic()
         if conn is not None:
             with contextlib.suppress(Exception):
@@ -240,221 +238,119 @@ class Stream:
 
     # --- the loop -------------------------------------------------------------------------------
 
-    def _loop(self, cur: Any) -> None:
+    def _loop(self, cur: ReplicationCursor) -> None:
         read = cur.read_message
         decode = self.decoder.decode
         row = self.builder.row
-        produce = self.producer.produce
-        tracker = self.tracker
+        publish = self.publisher.publish
+        confirmer = self.confirmer
         stop = self.stop
         tx: Transaction | None = None
         ctx: TxContext | None = None
-        msg: Any = None
-        last: Any = None
         count = 0
         while not stop:
             msg = read()
             if msg is None:
-                self._housekeeping(cur, last, idle=True)
+                self._housekeeping(cur, idle=True)
                 if tx is None:
                     select.select([cur], [], [], 0.2)
                 continue
-            last = msg
+            self.last = msg
             payload = msg.payload
             kind = payload[11:12]
             if kind in ROW_KINDS:
-                for topic, key, value, partition, headers in row(decode(payload), ctx):  # type: ignore[arg-type]
-                    tx.outstanding += 1  # type: ignore[union-attr]
-                    try:
-                        produce(
-                            topic,
-                            value,
-                            key,
-                            -1 if partition is None else partition,
-                            on_delivery=tx.ack,  # type: ignore[union-attr]
-                            headers=headers,
-                        )
-                    except BufferError:
-                        self._produce_when_room(cur, last, topic, value, key, partition, tx, headers)  # type: ignore[arg-type]
+                if tx is None or ctx is None:
+                    raise outside_transaction(payload)
+                for message in row(decode(payload), ctx):
+                    publish(tx, message)
             elif kind == b"B":
-                self.low_start = min(
-                    self.low_start, msg.data_start
-                )  # a transaction older than the last one confirmed
+                confirmer.begin_seen(msg.data_start)
                 doc = decode(payload)
                 ctx = begin_context(doc)
-                tx = tracker.begin(doc["xid"], lsn_to_int(doc["nextlsn"]))
+                tx = confirmer.tracker.begin(doc["xid"], lsn_to_int(doc["nextlsn"]))
             elif kind == b"C":
-                tracker.commit(tx)  # type: ignore[arg-type]
+                if tx is None or ctx is None:
+                    raise outside_transaction(payload)
+                confirmer.tracker.commit(tx)
                 tx = None
                 self.transactions += 1
-                self.last_commit_us = ctx.ts_us  # type: ignore[union-attr]
+                self.last_commit_us = ctx.ts_us
             elif kind == b"T":
-                for topic, key, value, partition, _ in self.builder.truncate(decode(payload), ctx):  # type: ignore[arg-type]
-                    tx.outstanding += 1  # type: ignore[union-attr]
-                    try:
-                        produce(topic, value, key, partition, on_delivery=tx.ack)  # type: ignore[union-attr]
-                    except BufferError:
-                        self._produce_when_room(cur, last, topic, value, key, partition, tx)  # type: ignore[arg-type]
+                if tx is None or ctx is None:
+                    raise outside_transaction(payload)
+                for message in self.builder.truncate(decode(payload), ctx):
+                    publish(tx, message)
             elif kind == b"M":
-                tracker.point(msg.data_start)
+                confirmer.tracker.point(msg.data_start)
                 self.heartbeats_seen += 1
             count += 1
             if count >= HOUSEKEEPING_EVERY:
                 self.messages += count
                 count = 0
-                self._housekeeping(cur, last, idle=False)
+                self._housekeeping(cur, idle=False)
         self.messages += count
 
-    def _produce_when_room(
-        self,
-        cur: Any,
-        last: Any,
-        topic: str,
-        value: bytes | None,
-        key: bytes | None,
-        partition: int | None,
-        tx: Transaction,
-        headers: Headers | None = None,
-    ) -> None:
-        """Backpressure: the producer's queue is full, so stop reading WAL until Kafka takes more."""
-        started = time.monotonic()
-        next_log = started + STALL_LOG_INTERVAL
-        while True:
-            self.producer.poll(0.1)
-            try:
-                self.producer.produce(
-                    topic, value, key, -1 if partition is None else partition, on_delivery=tx.ack, headers=headers
-                )
-                break
-            except BufferError:
-                pass
-            now = time.monotonic()
-            self.stalled_since = started
-            self._housekeeping(cur, last, idle=False)
-            if now >= next_log:
-                log.warning(
-                    "Kafka is not keeping up: %d messages waiting for acknowledgement for %.0f s; "
-                    "WAL reading is paused (the slot keeps the WAL)",
-                    self.tracker.in_flight(),
-                    now - started,
-                )
-                next_log = now + STALL_LOG_INTERVAL
-            if self.stop and now - started > 30:
-                raise CdcError(
-                    "stopped while Kafka was not accepting messages; unacknowledged changes will be re-read"
-                )
-        self.stalled_since = None
+    def _while_full(self) -> None:
+        if self.cur is not None:
+            self._housekeeping(self.cur, idle=False)
 
     # --- confirming positions -------------------------------------------------------------------
 
-    def _housekeeping(self, cur: Any, last: Any, idle: bool) -> None:
+    def _housekeeping(self, cur: ReplicationCursor, idle: bool) -> None:
         self.producer.poll(0)
-        if self.tracker.failures:
-            raise_delivery_failure(self.tracker)
+        tracker = self.confirmer.tracker
+        if tracker.failures:
+            raise_delivery_failure(tracker)
         now = time.monotonic()
-        if self.heartbeat_interval > 0 and now >= self.next_heartbeat and self.emit_heartbeat is not None:
-            self.next_heartbeat = now + self.heartbeat_interval
-            self.emit_heartbeat()
+        if self.heartbeat is not None:
+            self.heartbeat.tick(now)
         if self.periodic is not None and now >= self.next_periodic:
             self.next_periodic = now + PERIODIC_INTERVAL
             self.periodic()
         if now < self.next_confirm:
             return
         self.next_confirm = now + CONFIRM_INTERVAL
-        target = self.tracker.advance()
-        wal_end = self.wal_end = cur.wal_end
-        if idle:
-            target = self.tracker.caught_up_to(wal_end)
-        if last is not None:
-            self.received_lsn = max(self.received_lsn, last.data_start)
-        self.gate.observe(self.low_start, last.data_start if last is not None else 0, wal_end)
-        self.low_start = 1 << 64
-        requested = self.gate.requested
-        bound = self.gate.needs_state(target)
-        if bound is not None and not self._write_state(target, bound):
-            self.gate.requested = requested  # the producer's queue is full: ask again next time
-        # Send the newest position that an acknowledged state record already covers. Under
-        # sustained load `target` has moved past the last acknowledged bound every time we look, so
-        # waiting until `target` itself was covered meant never confirming anything until the stream
-        # went idle: the slot held all WAL since the start, and a restart re-sent all of it. Any
-        # position up to `target` is safe to confirm (every transaction before it is in Kafka).
-        sendable = min(target, self.gate.acked)
-        if self.gate.may_send(sendable):
-            cur.send_feedback(write_lsn=max(self.received_lsn, sendable), flush_lsn=sendable, force=True)
-            self.gate.mark_sent(sendable)
-            self.last_feedback = now
-        elif now - self.last_feedback >= KEEPALIVE_INTERVAL:
-            # A reply every few seconds, whatever the state topic says: a server that hears nothing
-            # for wal_sender_timeout/2 asks for a reply in the middle of a transaction, and psycopg2
-            # would answer it with a flush position raised past that unfinished transaction.
-            cur.send_feedback(write_lsn=self.received_lsn, force=True)
-            self.last_feedback = now
+        self.wal_end = cur.wal_end
+        self.confirmer.step(cur, None if self.last is None else self.last.data_start, idle)
 
     def health(self) -> tuple[bool, str]:
         """Can the stream make progress? Not when the source or Kafka has been gone for long."""
         now = time.monotonic()
+        stalled = self.publisher.stalled_since
         if self.refused is not None:
             return False, self.refused
         if self.down_since is not None and now - self.down_since > 30:
             return False, f"replication connection lost for {now - self.down_since:.0f} s"
-        if self.stalled_since is not None and now - self.stalled_since > 60:
-            return False, f"Kafka has not accepted messages for {now - self.stalled_since:.0f} s"
-        return True, f"ok: confirmed {int_to_lsn(self.gate.sent)}, {self.transactions} transactions read"
+        if stalled is not None and now - stalled > 60:
+            return False, f"Kafka has not accepted messages for {now - stalled:.0f} s"
+        return True, f"ok: confirmed {int_to_lsn(self.confirmed_lsn)}, {self.transactions} transactions read"
 
-    def _write_state(self, confirmed: int, bound: int) -> bool:
-        """Queue a state record; False when the producer's queue is full (Kafka is not keeping up)."""
-        self.state = SourceState(
-            self.state.slot,
-            self.state.database,
-            self.state.system_id,
-            self.state.snapshot,
-            self.state.snapshot_lsn,
-            confirmed,
-            bound,
-        )
-        gate = self.gate
+    def _wait_acknowledged(self, timeout: float | None = None) -> None:
+        """Until Kafka acknowledged everything sent (or `timeout` passed)."""
+        tracker = self.confirmer.tracker
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while tracker.in_flight() and (deadline is None or time.monotonic() < deadline):
+            self.producer.poll(0.2)
+            if tracker.failures:
+                raise_delivery_failure(tracker)
 
-        def acked(err: Any, msg: Any) -> None:
-            if err is None:
-                gate.state_acknowledged(bound)
-
-        try:
-            self.producer.produce(self.state_topic, self.state.encode(), self.state.key(), on_delivery=acked)
-        except BufferError:
-            return False
-        return True
-
-    def _settle(self, timeout: float | None = None) -> None:
+    def _settle(self) -> None:
         """After a lost connection: wait until Kafka acknowledged everything sent, forget the
         transaction that was cut, and restart from the confirmed position."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.tracker.in_flight() and (deadline is None or time.monotonic() < deadline):
-            self.producer.poll(0.2)
-            if self.tracker.failures:
-                raise_delivery_failure(self.tracker)
-        flushed = self.tracker.advance()
-        self.tracker = FlushTracker(flushed)
-        self.gate = FeedbackGate(0, self.gate.acked)
+        self._wait_acknowledged()
+        self.confirmer.restart()
+        self.last = None
 
-    def _shutdown(self, cur: Any) -> None:
+    def _shutdown(self, cur: ReplicationCursor) -> None:
         """SIGTERM: everything read is acknowledged by Kafka, then confirmed to PostgreSQL."""
-        log.info("stopping: waiting for Kafka to acknowledge %d messages", self.tracker.in_flight())
-        while self.tracker.in_flight():
-            self.producer.poll(0.2)
-            if self.tracker.failures:
-                raise_delivery_failure(self.tracker)
-        target = self.tracker.advance()
-        if self.tracker.idle():
-            target = self.tracker.caught_up_to(cur.wal_end)
-        self.gate.observe(self.low_start, self.received_lsn, cur.wal_end)
-        bound = self.gate.needs_state(target)
-        if bound is not None:
-            self._write_state(target, bound)
-        self.producer.flush(30)
-        if self.gate.bound(target) <= self.gate.acked:
-            cur.send_feedback(write_lsn=max(self.received_lsn, target), flush_lsn=target, force=True)
-            self.gate.mark_sent(target)
-        log.info("confirmed %s to the slot; stopped", int_to_lsn(self.gate.sent), extra={"slot": self.slot})
+        log.info("stopping: waiting for Kafka to acknowledge %d messages", self.confirmer.tracker.in_flight())
+        self._wait_acknowledged()
+        self.confirmer.final(cur)
+        log.info("confirmed %s to the slot; stopped", int_to_lsn(self.confirmed_lsn), extra={"slot": self.slot})
+
+
+def outside_transaction(payload: bytes) -> SourceError:
+    return SourceError(f"wal2json sent a change outside a transaction: {payload[:200]!r}")
 
 
 def _literal(value: str) -> str:

@@ -1,0 +1,90 @@
+"""Reading a row back from the source: a key change that did not carry an unchanged TOASTed column
+needs that column's current value. Read in a snapshot that sees the key change's transaction, as
+decoding can hand a transaction over before it is visible (a synchronous standby not answering)."""
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from psycopg2 import sql
+
+from cdc_common.errors import SourceError
+from cdc_common.signals import StopFlag
+from source_connector.events import snapshot_values
+from source_connector.session import SourceSession
+from source_connector.snapshot import text_of
+from source_connector.table_info import TableInfo
+from source_connector.visibility import visible
+
+log = logging.getLogger("source.readback")
+
+FIRST_WAIT_LOG = 10.0  # seconds of waiting for visibility before the first warning
+WAIT_LOG_INTERVAL = 30.0
+
+
+def read_if_visible(conn: Any, query: sql.Composable, xid: int | None) -> list[Any] | None:
+    """`[row]` (row None when there is none) read by `query` in a snapshot that sees transaction
+    `xid`, or None when that transaction is not visible yet."""
+    with conn.cursor() as cur:
+        cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        try:
+            cur.execute("SELECT pg_current_snapshot()::text")
+            if xid is not None and not visible(cur.fetchone()[0], xid):
+                return None
+            cur.execute(query)
+            return [cur.fetchone()]
+        finally:
+            if not conn.closed:
+                cur.execute("ROLLBACK")
+
+
+def row_query(info: TableInfo, key: dict[str, Any], columns: list[str]) -> sql.Composable:
+    # Literals, not parameters: text_of() holds a '%s' of its own.
+    return sql.SQL("SELECT {} FROM {} WHERE {}").format(
+        sql.SQL(", ").join(text_of(info, c) for c in columns),
+        sql.Identifier(info.name.schema, info.name.name),
+        sql.SQL(" AND ").join(
+            sql.SQL("{} = {}::{}").format(
+                sql.Identifier(k),
+                sql.Literal(key[k] if isinstance(key[k], bool) else str(key[k])),
+                sql.SQL(info.types[k]),
+            )
+            for k in info.key
+        ),
+    )
+
+
+class ReadBack:
+    def __init__(self, session: SourceSession, stop: StopFlag) -> None:
+        self.session = session
+        self.stop = stop
+        self.counts: Counter[str] = Counter()  # by table, for the metrics
+
+    def __call__(
+        self, info: TableInfo, key: dict[str, Any], columns: list[str], xid: int | None
+    ) -> dict[str, Any] | None:
+        """The current values of `columns` in the row with `key`; None when the row is gone by now."""
+        self.counts[str(info.name)] += 1
+        query = row_query(info, key, columns)
+        started = time.monotonic()
+        next_log = started + FIRST_WAIT_LOG
+        while (found := self.session.run(lambda conn: read_if_visible(conn, query, xid))) is None:
+            if self.stop:
+                raise SourceError(
+                    f"stopped while waiting for transaction {xid} to become visible; it will be re-read"
+                )
+            now = time.monotonic()
+            if now >= next_log:
+                next_log = now + WAIT_LOG_INTERVAL
+                log.warning(
+                    "transaction %s is decoded but not visible for %.0f s (waiting for a synchronous "
+                    "standby?): the read-back of a key change of %s waits for it",
+                    xid,
+                    now - started,
+                    info.name,
+                    extra={"table": str(info.name)},
+                )
+            self.stop.wait(0.05)
+        [row] = found
+        return None if row is None else snapshot_values(info, tuple(columns), row)
