@@ -1,8 +1,15 @@
 """`make demo`: the writer, cdc-source and cdc-sink running as separate processes on the local stack,
-with a live view of rows on both sides, events per second, lag and end-to-end latency. Ctrl-C stops
-everything in order (writer, then the connectors once the target caught up) and runs cdc-verify."""
+with a live view of rows on both sides, events per second, lag and end-to-end latency.
+
+Ctrl-C (or SIGTERM) stops everything in order (the writer, then the connectors once the target caught
+up) and runs cdc-verify; a second Ctrl-C kills every program at once. A program that exits by itself
+stops the others at once and the demo with one line naming it, its last error and its log. No program
+outlives the demo: SIGHUP (the terminal closed) and a closed output (`| tee` that exited) stop them
+too, and the kernel sends each SIGTERM when the demo dies, even when it is killed with SIGKILL."""
 
 import contextlib
+import ctypes
+import errno
 import os
 import signal
 import socket
@@ -10,10 +17,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import IO
 
 import click
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg2 import sql
 from rich.console import Console
@@ -25,6 +35,136 @@ from cdc_common.settings import DEFAULT_SOURCE_DSN, DEFAULT_TARGET_DSN
 
 TABLES = ("person", "orders")
 BIN = Path(sys.executable).parent
+GRACE = 5.0  # seconds from SIGTERM to SIGKILL when everything stops at once
+STOP_TIMEOUT = 30.0  # seconds a program may take to stop in the orderly stop
+CATCH_UP_TIMEOUT = 60.0
+LOG_TAIL = 256 * 1024  # bytes of a log read for its last error
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+class Stop(BaseException):
+    """Stop every program at once (SIGTERM, SIGKILL `grace` seconds later), print `message` and exit
+    with `code`. A BaseException, so that the `except Exception` of the view does not take it."""
+
+    def __init__(self, code: int, message: str, grace: float = GRACE) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.grace = grace
+
+
+class Signals:
+    """SIGINT or SIGTERM asks for the orderly stop; one during that stop, or SIGHUP, raises Stop
+    wherever the demo is. Once the demo stops at once (`now`), signals change nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.now = False
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.now:
+            return
+        if signum != signal.SIGHUP and not self.requested:
+            self.requested = True
+            return
+        self.now = True
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            raise Stop(128 + signum, f"{name}: stopping every program")
+        raise Stop(128 + signum, f"{name} during the stop: every program killed, no cdc-verify", grace=0)
+
+
+class Output(Console):
+    """The console. A pipe whose reader exited raises BrokenPipeError, as a closed terminal raises
+    OSError (EIO), instead of exiting the demo on the spot."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "the output was closed")
+
+
+def output_gone(exc: OSError) -> bool:
+    return isinstance(exc, BrokenPipeError) or exc.errno == errno.EIO
+
+
+def silence(console: Console) -> None:
+    """Write nothing more: the terminal or pipe the output went to is gone."""
+    console.quiet = True
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # what is still buffered for stdout goes nowhere at exit
+    os.close(devnull)
+
+
+def say(console: Console, message: str) -> None:
+    """One line in red, never wrapped into several; nothing when the output is gone."""
+    try:
+        console.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
+    except OSError:
+        silence(console)
+
+
+def die_with(parent: int) -> Callable[[], None]:
+    """Popen's preexec_fn: the child gets SIGTERM when `parent` exits, however it exits (Linux). A
+    parent gone already, between the fork and this call, would never send it: the child exits."""
+
+    def preexec() -> None:
+        LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+def spawn(args: list[str], output: IO[bytes] | None) -> subprocess.Popen[bytes]:
+    """A program in a session of its own (Ctrl-C reaches the demo only) that dies with the demo;
+    `output` takes its stdout and stderr (None: the demo's)."""
+    return subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
+        start_new_session=True,
+        preexec_fn=die_with(os.getpid()) if sys.platform == "linux" else None,  # noqa: PLW1509 - one thread
+    )
+
+
+def exit_status(code: int) -> str:
+    if code >= 0:
+        return f"exited with {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name} (exit {code})"
+    except ValueError:
+        return f"was killed by signal {-code} (exit {code})"
+
+
+def log_line(line: str) -> tuple[str, str]:
+    """(message, level) of a JSON log line; (the line, "") for any other."""
+    try:
+        doc = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return line, ""
+    if not isinstance(doc, dict):
+        return line, ""
+    return " ".join(str(doc.get("msg", line)).split()), str(doc.get("level", ""))
+
+
+def last_error(path: Path, start: int) -> str:
+    """The last error logged in `path` after byte `start`, else its last line ("" when empty)."""
+    try:
+        with path.open("rb") as log:
+            begin = max(start, log.seek(0, os.SEEK_END) - LOG_TAIL)
+            log.seek(begin)
+            lines = log.read().decode(errors="replace").splitlines()[1 if begin > start else 0 :]
+    except OSError:
+        return ""
+    parsed = [log_line(line.strip()) for line in lines if line.strip()]
+    errors = [message for message, level in parsed if level in ("error", "critical")]
+    if errors:
+        return f"last error: {errors[-1]}"
+    return f"last log line: {parsed[-1][0]}" if parsed else ""
 
 
 def free_port() -> int:
@@ -76,17 +216,29 @@ class Demo:
         self.source_port = free_port()
         self.sink_port = free_port()
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.log_start: dict[str, int] = {}  # where this run's lines begin in each log
+        self.stopping: set[str] = set()  # asked to stop: their exit is expected
         self.last: tuple[float, float, float] | None = None
         self.window: list[tuple[float, list[tuple[float, float]]]] = []
 
     def start(self, name: str, *args: str) -> None:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        self.processes[name] = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:], "--log-format", "json"],
-            stdout=log,
-            stderr=log,
-            start_new_session=True,  # Ctrl-C reaches the demo only
-        )
+        """Start console script `name` with its output in the log of the same name."""
+        path = self.logs / f"{name}.log"
+        try:
+            with path.open("ab") as log:  # the program keeps a descriptor of its own
+                self.log_start[name] = log.tell()
+                self.processes[name] = spawn([str(BIN / name), *args, "--log-format", "json"], log)
+        except OSError as exc:
+            raise Stop(1, f"cannot start {name}: {exc}") from None
+
+    def check(self) -> None:
+        """Stop raised for the first program that exited without being asked to."""
+        for name, process in self.processes.items():
+            if name not in self.stopping and process.poll() is not None:
+                path = self.logs / f"{name}.log"
+                found = last_error(path, self.log_start.get(name, 0))
+                parts = [f"{name} {exit_status(process.returncode)}", found, f"see {path}"]
+                raise Stop(1, "; ".join(part for part in parts if part))
 
     def counts(self, dsn: str) -> dict[str, int | None]:
         out: dict[str, int | None] = {}
@@ -137,30 +289,81 @@ class Demo:
         )
         return table
 
-    def stop(self, name: str, timeout: float = 60) -> None:
+    def stop(self, name: str, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM to one program; SIGKILL if it still runs `timeout` seconds later."""
+        self.stopping.add(name)
         process = self.processes.get(name)
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGTERM)
+        process.terminate()
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
 
-    def wait_caught_up(self, timeout: float = 60) -> None:
+    def stop_all(self, grace: float) -> None:
+        """SIGTERM to every program still running, SIGKILL to those still running `grace` s later."""
+        running = [p for p in self.processes.values() if p.poll() is None]
+        for process in running:
+            process.terminate()
+        deadline = time.monotonic() + grace
+        for process in running:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def wait_caught_up(self, timeout: float = CATCH_UP_TIMEOUT) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self.check()
             if self.counts(self.source_dsn) == self.counts(self.target_dsn) and not total(
                 scrape(self.sink_port), "cdc_sink_consumer_lag_messages"
             ):
-                return
+                return True
             time.sleep(0.5)
+        return False
+
+    def verify(self) -> int:
+        """cdc-verify on the demo's output; its exit code."""
+        self.stopping.add("cdc-verify")
+        self.processes["cdc-verify"] = spawn(
+            [str(BIN / "cdc-verify"), "--tables", "public.person,public.orders"], None
+        )
+        return self.processes["cdc-verify"].wait()
 
 
 def fmt(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return "∞" if seconds == float("inf") else f"{seconds * 1000:.0f} ms"
+
+
+def run(demo: Demo, console: Console, signals: Signals, seconds: float | None) -> int:
+    """Start the programs, show them until a stop is asked for, stop them in order and verify."""
+    demo.start("cdc-writer", "--rate", str(demo.rate))
+    time.sleep(1.0)  # the writer creates its tables
+    demo.check()
+    demo.start("cdc-source", "--metrics-port", str(demo.source_port))
+    demo.start("cdc-sink", "--metrics-port", str(demo.sink_port))
+    started = time.monotonic()
+    with Live(demo.view(), console=console, auto_refresh=False) as live:
+        while not signals.requested and (seconds is None or time.monotonic() - started < seconds):
+            time.sleep(0.5)
+            demo.check()
+            live.update(demo.view(), refresh=True)
+        signals.requested = True  # from here on a signal hurries the stop
+        console.print("stopping: the writer first, then the connectors once the target caught up")
+        demo.stop("cdc-writer")
+        caught_up = demo.wait_caught_up()
+        live.update(demo.view(), refresh=True)
+    if not caught_up:
+        say(console, f"the target did not catch up within {CATCH_UP_TIMEOUT:g} s")
+    demo.stop("cdc-source")
+    demo.stop("cdc-sink")
+    return demo.verify()
 
 
 @click.command()
@@ -172,38 +375,26 @@ def main(rate: float, seconds: float | None) -> None:
     """Run writer, source and sink and show them replicating."""
     logs = Path(os.environ.get("STACK_DIR", ".stack")) / "demo"
     logs.mkdir(parents=True, exist_ok=True)
-    demo = Demo(rate, logs)
-    console = Console()
-    stopping = {"flag": False}
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stopping["flag"] = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    demo.start("cdc-writer", "cdc-writer", "--rate", str(rate))
-    time.sleep(1.0)  # the writer creates its tables
-    demo.start("cdc-source", "cdc-source", "--metrics-port", str(demo.source_port))
-    demo.start("cdc-sink", "cdc-sink", "--metrics-port", str(demo.sink_port))
-    started = time.monotonic()
-    with Live(demo.view(), console=console, refresh_per_second=4) as live:
-        while not stopping["flag"] and (seconds is None or time.monotonic() - started < seconds):
-            time.sleep(0.5)
-            live.update(demo.view())
-            for name, process in demo.processes.items():
-                if process.poll() is not None:
-                    console.print(f"[red]{name} exited with {process.returncode}; see {logs / (name + '.log')}[/]")
-                    stopping["flag"] = True
-        console.print("stopping: the writer first, then the connectors once the target caught up")
-        demo.stop("cdc-writer")
-        demo.wait_caught_up()
-        live.update(demo.view())
-    demo.stop("cdc-source")
-    demo.stop("cdc-sink")
-    verify = subprocess.run([str(BIN / "cdc-verify"), "--tables", "public.person,public.orders"], check=False)
-    sys.exit(verify.returncode)
+    demo, console, signals = Demo(rate, logs), Output(), Signals()
+    try:
+        code = run(demo, console, signals, seconds)
+    except Stop as stop:
+        signals.now = True
+        say(console, stop.message)
+        demo.stop_all(stop.grace)
+        code = stop.code
+    except OSError as exc:
+        if not output_gone(exc):
+            raise
+        signals.now = True
+        silence(console)
+        code = 1
+    finally:  # whatever happened, no program outlives the demo
+        signals.now = True
+        demo.stop_all(GRACE)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before the demo's own handler is set
         main()

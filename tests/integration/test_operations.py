@@ -1,21 +1,12 @@
 """Running the pipeline as an operator does: the connectors' Prometheus metrics and health checks,
-`cdc-status --json` field by field (caught up, then lagging behind a stopped sink), the source's
-heartbeat keeping the slot's WAL bounded while only another database writes, and the demo under a
-terminal, stopped with Ctrl-C.
+`cdc-status --json` field by field (caught up, then lagging behind a stopped sink), and the source's
+heartbeat keeping the slot's WAL bounded while only another database writes (the demo is in
+test_demo.py).
 
 Figures a report needs (WAL held by the slot, end-to-end latency) are printed: run with `-s`.
 """
 
-import contextlib
-import fcntl
-import os
-import pty
 import re
-import signal
-import struct
-import subprocess
-import sys
-import termios
 import threading
 import time
 import urllib.error
@@ -23,11 +14,9 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import orjson
-import psutil
 import psycopg2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,7 +24,7 @@ from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
 from tests.conftest import Databases, Stack
-from tests.helpers import REPO, psql_rows, run_cli, start_cli, wait_until
+from tests.helpers import psql_rows, run_cli, start_cli, wait_until
 from tests.kafka_broker import free_port
 from tests.pipeline import (
     assert_running,
@@ -422,161 +411,3 @@ def test_heartbeat_keeps_the_slot_moving_while_another_database_writes(
         assert max(unconfirmed[-10:]) < generated / 8, unconfirmed  # a few seconds of WAL at most
     else:
         assert heartbeats == 0, heartbeats
-
-
-# --- (d) the demo under a terminal --------------------------------------------------------------
-
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-Za-z]|\r")
-ROW = re.compile(r"│\s*(person|orders)\s*│\s*(\d+|-)\s*│\s*(\d+|-)\s*│")
-# The caption wraps at the table's width: any whitespace between its words.
-LATENCY = re.compile(r"latency\s+\(last\s+10\s+s\)\s+p50\s+≤\s+(\d+\s+ms|-),\s+p99\s+≤\s+(\d+\s+ms|-)")
-
-
-class Terminal:
-    """A program on a pseudo-terminal of 160x50; everything it prints is collected."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
-        self.process = subprocess.Popen(
-            args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=REPO, start_new_session=True
-        )
-        os.close(slave)
-        self.master = master
-        self.chunks: list[bytes] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                data = os.read(self.master, 65536)
-            except OSError:  # EIO: the program closed the terminal
-                return
-            if not data:
-                return
-            self.chunks.append(data)
-
-    def text(self) -> str:
-        return ANSI.sub("", b"".join(self.chunks).decode(errors="replace"))
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.reader.join(10)
-        os.close(self.master)
-
-
-def table_rows(text: str) -> list[tuple[str, int | None, int | None]]:
-    return [(name, None if s == "-" else int(s), None if t == "-" else int(t)) for name, s, t in ROW.findall(text)]
-
-
-def pipeline_processes(slot: str) -> list[psutil.Process]:
-    """The cdc-* processes started with SOURCE_SLOT=slot (the demo's children)."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            cmdline = process.info["cmdline"] or []
-            ours = any(Path(part).name.startswith("cdc-") for part in cmdline[:2])
-            if ours and process.environ().get("SOURCE_SLOT") == slot:
-                found.append(process)
-    return found
-
-
-def demo_environment(
-    stack: Stack, dbs: Databases, prefix: str, slot: str, group: str, logs: Path
-) -> dict[str, str]:
-    private = ("SOURCE_", "TARGET_", "TOPIC_", "TABLES", "WRITER_", "LOG_", "SINK_", "METRICS_", "KAFKA_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(private)}
-    return env | {
-        "SOURCE_DSN": dbs.source_dsn,
-        "TARGET_DSN": dbs.target_dsn,
-        "KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers,
-        "TOPIC_PREFIX": prefix,
-        "SOURCE_SLOT": slot,
-        "SINK_GROUP": group,
-        "STACK_DIR": str(logs),  # the demo's logs go to $STACK_DIR/demo
-        "PYTHONUNBUFFERED": "1",
-        "TERM": "xterm-256color",
-        "COLUMNS": "160",
-        "LINES": "50",
-    }
-
-
-def probe_latency(dbs: Databases, key: int, timeout: float = 10) -> float:
-    """Insert one probe row on the source; seconds until the target has it."""
-    execute(dbs.source_dsn, "INSERT INTO probe VALUES (%s, clock_timestamp())", params=(key,))
-    committed = time.monotonic()
-    while time.monotonic() - committed < timeout:
-        with contextlib.suppress(psycopg2.errors.UndefinedTable):  # until the sink created it
-            if psql_rows(dbs.target_dsn, "SELECT 1 FROM probe WHERE id = %s", (key,)):
-                return time.monotonic() - committed
-        time.sleep(0.01)
-    raise AssertionError(f"probe row {key} did not reach the target within {timeout:g} s")
-
-
-def test_demo_under_a_terminal_stops_cleanly_on_ctrl_c(
-    stack: Stack, dbs: Databases, topic_prefix: str, tmp_path: Path
-) -> None:
-    slot, group = new_names()
-    # A table of the test's own, replicated along (the demo replicates every table of public), to
-    # time single rows from source commit to target visibility.
-    execute(dbs.source_dsn, "CREATE TABLE probe (id int PRIMARY KEY, written_at timestamptz NOT NULL)")
-    env = demo_environment(stack, dbs, topic_prefix, slot, group, tmp_path)
-    started = time.monotonic()
-    terminal = Terminal([sys.executable, "-m", "demo", "--seconds", "300"], env)  # stopped by Ctrl-C
-    latencies: list[float] = []
-    try:
-
-        def replicating() -> bool:
-            rows = dict((name, (s, t)) for name, s, t in table_rows(terminal.text()))
-            assert terminal.process.poll() is None, f"the demo exited early:\n{terminal.text()[-3000:]}"
-            return all(
-                (rows.get(n, (None, None))[0] or 0) > 0 and (rows.get(n, (None, None))[1] or 0) > 0
-                for n in ("person", "orders")
-            )
-
-        wait_until(replicating, timeout=12, interval=0.2, message="the live table never showed rows on both sides")
-        # The first probe row makes the sink create (copy) the probe table: a warm-up, not timed.
-        probe_latency(dbs, 0, timeout=8)
-        key = 0
-        while key < 20 and (key < 3 or time.monotonic() - started < 11):
-            key += 1
-            latencies.append(probe_latency(dbs, key, timeout=3))
-            time.sleep(0.1)
-        assert terminal.process.poll() is None, "the demo ended before Ctrl-C"
-        before_stop = terminal.text()
-        terminal.process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground program
-        stopped_at = time.monotonic()
-        code = terminal.process.wait(120)
-        stop_seconds = time.monotonic() - stopped_at
-        terminal.reader.join(10)
-        output = terminal.text()
-    finally:
-        terminal.close()
-        leftovers = pipeline_processes(slot)
-        for process in leftovers:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-    assert not leftovers, f"the demo left running: {[p.cmdline() for p in leftovers]}"
-    assert code == 0, f"the demo exited with {code}:\n{output[-3000:]}"
-    assert "Traceback" not in output, output[-5000:]
-    assert "stopping: the writer first, then the connectors once the target caught up" in output, output[-3000:]
-    assert "identical: 2 of 2 tables match" in output, output[-3000:]
-    assert "public.person: identical" in output and "public.orders: identical" in output, output[-3000:]
-    final = table_rows(output)[-2:]
-    assert {name for name, _, _ in final} == {"person", "orders"}, final
-    assert all(s == t for _, s, t in final), f"the last live table still shows a difference: {final}"
-    shown = LATENCY.findall(before_stop)
-    assert shown, f"the demo never showed its latency line:\n{before_stop[-2000:]}"
-    p50, p99 = shown[-1]
-    assert p50 != "-" and p99 != "-", f"the demo showed no latency figures: {shown}"
-    latencies.sort()
-    print(
-        f"\n[demo] stopped {stop_seconds:.1f} s after Ctrl-C; the demo showed latency p50 ≤ {p50}, p99 ≤ {p99}; "
-        f"{len(latencies)} probe rows, commit to visible in the target: min {latencies[0] * 1000:.0f} ms, "
-        f"median {latencies[len(latencies) // 2] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
-    )
-    assert latencies and latencies[len(latencies) // 2] < 2.0, latencies
-    assert (tmp_path / "demo" / "cdc-source.log").exists(), "the demo's logs are not under $STACK_DIR/demo"
