@@ -13,6 +13,7 @@ from typing import Any
 
 from psycopg2 import sql
 
+from cdc_common.lsn import int_to_lsn, lsn_to_int
 from cdc_common.tables import TableName
 from sink_connector.handover import CopySnapshot
 from sink_connector.target import ensure_schema
@@ -54,10 +55,6 @@ _TABLES = [
         parked_at   timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (group_id, topic, key))""",
 ]
-
-
-def lsn_text(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 class Bookkeeping:
@@ -173,7 +170,7 @@ class Bookkeeping:
                 [t.schema for t, _, _, _ in tables],
                 [t.name for t, _, _, _ in tables],
                 [ts for _, ts, _, _ in tables],
-                [None if lsn is None else lsn_text(lsn) for _, _, lsn, _ in tables],
+                [None if lsn is None else int_to_lsn(lsn) for _, _, lsn, _ in tables],
                 [n for _, _, _, n in tables],
             ),
         )
@@ -194,8 +191,7 @@ class Bookkeeping:
         mode, snapshot, lsn = row
         if mode != "copy" or snapshot is None:
             return mode, None
-        high, _, low = lsn.partition("/")
-        return mode, CopySnapshot.parse(snapshot, (int(high, 16) << 32) | int(low, 16))
+        return mode, CopySnapshot.parse(snapshot, lsn_to_int(lsn))
 
     def record_initialized(
         self, cur: Any, table: TableName, mode: str, snapshot_text: str | None, lsn: str | None, rows: int

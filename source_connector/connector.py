@@ -16,10 +16,12 @@ from psycopg2 import sql
 
 from cdc_common.errors import ConfigError, SourceError
 from cdc_common.kafka import HISTORY_TOPIC_CONFIG, ensure_topics, wait_for_kafka
+from cdc_common.lsn import int_to_lsn
 from cdc_common.pg import connect_source, is_connection_loss
 from cdc_common.service import OpsServer
 from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
+from cdc_common.snapshots import parse_snapshot
 from schemas.topics import collisions, state_topic
 from source_connector.catalog import Catalog
 from source_connector.events import EventBuilder, snapshot_values
@@ -29,8 +31,6 @@ from source_connector.snapshot import publish_snapshot, text_of
 from source_connector.state import STATE_TOPIC_CONFIG, SourceState, clear_state, read_state, state_key
 from source_connector.stream import HEARTBEAT_PREFIX, Stream, add_tables_option
 from source_connector.table_info import TableInfo
-from source_connector.visibility import visible
-from source_connector.wal2json import int_to_lsn
 
 log = logging.getLogger("source")
 
@@ -101,7 +101,7 @@ def read_if_visible(conn: Any, query: sql.Composable, xid: int | None) -> list[A
         cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         try:
             cur.execute("SELECT pg_current_snapshot()::text")
-            if xid is not None and not visible(cur.fetchone()[0], xid):
+            if xid is not None and not parse_snapshot(cur.fetchone()[0]).visible(xid):
                 return None
             cur.execute(query)
             return [cur.fetchone()]

@@ -17,9 +17,10 @@ from typing import Any
 
 import orjson
 
+from cdc_common.lsn import lsn_to_int
 from schemas.envelope import CONNECTOR, ENVELOPE_VERSION, TOMBSTONE_HEADER, TombstoneSource
 from source_connector.table_info import TableInfo, wal2json_type
-from source_connector.wal2json import lsn_to_int, timestamp_to_us
+from source_connector.wal2json import timestamp_to_us
 
 Headers = list[tuple[str, bytes]]
 # (topic, key, value, partition, headers); value None is a tombstone, partition None lets the key

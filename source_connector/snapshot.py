@@ -10,12 +10,12 @@ from typing import Any
 from psycopg2 import sql
 
 from cdc_common.errors import CdcError
+from cdc_common.lsn import int_to_lsn
 from cdc_common.progress import RowProgress
 from cdc_common.signals import StopFlag
 from source_connector.events import EventBuilder, TxContext, snapshot_values
 from source_connector.flush import FlushTracker
 from source_connector.table_info import TableInfo
-from source_connector.wal2json import int_to_lsn
 
 log = logging.getLogger("source.snapshot")
 

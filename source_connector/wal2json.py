@@ -57,17 +57,6 @@ class Decoder:
         return doc
 
 
-def lsn_to_int(text: str) -> int:
-    """`16/B374D848` -> 97500059720."""
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
-def int_to_lsn(value: int) -> str:
-    """97500059720 -> `16/B374D848`."""
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
-
-
 def timestamp_to_us(text: str) -> int:
     """wal2json's commit timestamp (`2026-11-25 14:43:17.81871+00`) in microseconds since the epoch."""
     delta = dt.datetime.fromisoformat(text) - _EPOCH

@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
+from cdc_common.lsn import lsn_to_int
 from tests.conftest import Databases, Stack
 from tests.helpers import REPO, psql_rows, run_cli, start_cli, wait_until
 from tests.kafka_broker import free_port
@@ -170,11 +171,6 @@ def status_json(dbs: Databases, prefix: str, slot: str, group: str, *extra: str)
     return result.returncode, orjson.loads(result.stdout)
 
 
-def lsn(text: str) -> int:
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
 def slot_row(stack: Stack, slot: str) -> tuple[Any, ...]:
     [row] = psql_rows(
         stack.source_admin_dsn,
@@ -220,7 +216,7 @@ def test_status_json_field_by_field(stack: Stack, dbs: Databases, topic_prefix: 
     assert s["active_pid"] == before[1] == after[1], (s, before, after)
     assert s["plugin"] == "wal2json" and s["database"] == dbs.name, s
     assert re.fullmatch(r"[0-9A-F]+/[0-9A-F]+", s["confirmed_flush_lsn"]), s
-    assert lsn(before[2]) <= lsn(s["confirmed_flush_lsn"]) <= lsn(after[2]), (s, before, after)
+    assert lsn_to_int(before[2]) <= lsn_to_int(s["confirmed_flush_lsn"]) <= lsn_to_int(after[2]), (s, before, after)
     assert isinstance(s["retained_wal_bytes"], int) and s["retained_wal_bytes"] >= 0, s
     assert s["wal_status"] == "reserved", s
     assert report["sink"] == {"group": group, "lag_messages": 0, "lag_seconds": 0.0}, report["sink"]
@@ -322,7 +318,7 @@ def wal_sample(stack: Stack, slot: str) -> tuple[int, int, int]:
         "FROM pg_replication_slots WHERE slot_name = %s",
         (slot,),
     )
-    return lsn(current), lsn(restart), lsn(confirmed)
+    return lsn_to_int(current), lsn_to_int(restart), lsn_to_int(confirmed)
 
 
 WINDOW = 60  # seconds of noise: four running-xacts records
