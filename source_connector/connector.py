@@ -11,15 +11,14 @@ from typing import Any, TypeVar
 
 import psycopg2
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 from psycopg2 import sql
 
 from cdc_common.errors import ConfigError, SourceError
-from cdc_common.kafka import HISTORY_TOPIC_CONFIG, ensure_topics, wait_for_kafka
+from cdc_common.kafka import HISTORY_TOPIC_CONFIG, admin_client, ensure_topics, wait_for_kafka
 from cdc_common.lsn import int_to_lsn
 from cdc_common.pg import connect_source, is_connection_loss
 from cdc_common.service import OpsServer
-from cdc_common.settings import Settings
+from cdc_common.settings import KAFKA_CLIENT_LOG, Settings
 from cdc_common.signals import StopFlag
 from cdc_common.snapshots import parse_snapshot
 from schemas.topics import collisions, state_topic
@@ -35,17 +34,6 @@ from source_connector.table_info import TableInfo
 log = logging.getLogger("source")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-# librdkafka prints its own log lines straight to stderr ("%3|...|FAIL|..."), dozens a second while
-# the broker is unreachable: they bypassed the text/JSON log format and buried the one-line error.
-# Given a `logger`, a client hands them to Python logging instead, when it is polled (the producer
-# and consumers are; the admin client never is, and wait_for_kafka reports what it needs to).
-KAFKA_CLIENT_LOG = logging.getLogger("kafka.client")  # librdkafka's lines (see Settings.kafka_config)
-
-
-def kafka_admin(settings: Settings) -> Any:
-    """cdc_common.kafka.admin_client, with librdkafka's log lines routed through logging."""
-    return AdminClient(settings.kafka_config(**{"socket.timeout.ms": 10000, "logger": KAFKA_CLIENT_LOG}))
 
 
 @dataclass(frozen=True)
@@ -345,7 +333,7 @@ class SourceConnector:
             self.catalog.cache[(info.name.schema, info.name.name)] = info
         self._check_readable(infos)
 
-        self.admin = kafka_admin(settings)
+        self.admin = admin_client(settings)
         wait_for_kafka(settings, options.kafka_timeout, self.stop)
         self.state_topic = state_topic(settings.topic_prefix)
         ensure_topics(
@@ -515,7 +503,7 @@ class SourceConnector:
         )
         server = server_info(conn)
         dropped = drop_slot(conn, self.options.slot)
-        admin = kafka_admin(self.settings)
+        admin = admin_client(self.settings)
         wait_for_kafka(self.settings, self.options.kafka_timeout, self.stop)
         topic = state_topic(self.settings.topic_prefix)
         if topic in admin.list_topics(timeout=10).topics:
