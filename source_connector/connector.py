@@ -22,11 +22,12 @@ from cdc_common.settings import KAFKA_CLIENT_LOG, Settings
 from cdc_common.signals import StopFlag
 from cdc_common.snapshots import parse_snapshot
 from schemas.topics import collisions, state_topic
+from schemas.values import output_text
 from source_connector.catalog import Catalog
 from source_connector.events import EventBuilder, snapshot_values
 from source_connector.metrics import collect
 from source_connector.slot import ServerInfo, check_slot, create_slot, drop_slot, get_slot, server_info
-from source_connector.snapshot import publish_snapshot, text_of
+from source_connector.snapshot import publish_snapshot
 from source_connector.state import STATE_TOPIC_CONFIG, SourceState, clear_state, read_state, state_key
 from source_connector.stream import HEARTBEAT_PREFIX, Stream, add_tables_option
 from source_connector.table_info import TableInfo
@@ -191,9 +192,9 @@ class SourceConnector:
         unchanged TOASTed columns); None when the row is gone by now. Read in a snapshot that sees
         transaction `xid` (the key change): decoding can hand it over before it is visible."""
         self.refetched[str(info.name)] += 1
-        # Literals, not parameters: text_of() holds a '%s' of its own.
+        # Literals, not parameters: output_text() holds a '%s' of its own.
         query = sql.SQL("SELECT {} FROM {} WHERE {}").format(
-            sql.SQL(", ").join(text_of(info, c) for c in columns),
+            sql.SQL(", ").join(output_text(c, info.types[c]) for c in columns),
             sql.Identifier(info.name.schema, info.name.name),
             sql.SQL(" AND ").join(
                 sql.SQL("{} = {}::{}").format(

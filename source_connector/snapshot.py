@@ -13,6 +13,7 @@ from cdc_common.errors import CdcError
 from cdc_common.lsn import int_to_lsn
 from cdc_common.progress import RowProgress
 from cdc_common.signals import StopFlag
+from schemas.values import output_text
 from source_connector.events import EventBuilder, TxContext, snapshot_values
 from source_connector.flush import FlushTracker
 from source_connector.table_info import TableInfo
@@ -24,18 +25,6 @@ FETCH_ROWS = 5000
 
 class SnapshotInterrupted(CdcError):
     """The snapshot was stopped before it finished; it starts over on the next run."""
-
-
-def text_of(info: TableInfo, column: str) -> sql.Composable:
-    """The column as its type's output function prints it, which is what wal2json sends for the same
-    value. `col::text` is not that for every type: character(n) lost its trailing blanks and inet
-    gained a /32 or /128 host mask, so `r` events differed from the `c`/`u` events of the same value.
-    format('%s') calls the output function (NULL kept NULL: format would print ''). Booleans stay
-    `::text` (true/false), the form snapshot_values turns into JSON booleans."""
-    ident = sql.Identifier(column)
-    if column in info.boolean_columns:
-        return sql.SQL("{}::text").format(ident)
-    return sql.SQL("CASE WHEN num_nonnulls({0}) = 1 THEN format('%s', {0}) END").format(ident)
 
 
 def estimated_rows(cur: Any, info: TableInfo) -> int | None:
@@ -72,7 +61,7 @@ def publish_snapshot(
                 names = info.columns
                 task = progress.start(str(info.name), estimated_rows(cur, info))
                 select = sql.SQL("SELECT {} FROM {}").format(
-                    sql.SQL(", ").join(text_of(info, c) for c in names),
+                    sql.SQL(", ").join(output_text(c, info.types[c]) for c in names),
                     sql.Identifier(info.name.schema, info.name.name),
                 )
                 ctx = TxContext(None, consistent_lsn, int(time.time() * 1_000_000))
