@@ -9,6 +9,7 @@ from typing import Any
 
 from psycopg2 import sql
 
+from cdc_common.catalog import estimated_rows
 from cdc_common.errors import CdcError
 from cdc_common.lsn import int_to_lsn
 from cdc_common.progress import RowProgress
@@ -25,15 +26,6 @@ FETCH_ROWS = 5000
 
 class SnapshotInterrupted(CdcError):
     """The snapshot was stopped before it finished; it starts over on the next run."""
-
-
-def estimated_rows(cur: Any, info: TableInfo) -> int | None:
-    cur.execute(
-        "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
-        (sql.Identifier(info.name.schema, info.name.name).as_string(cur),),
-    )
-    row = cur.fetchone()
-    return int(row[0]) if row and row[0] >= 0 else None
 
 
 def publish_snapshot(
@@ -59,7 +51,7 @@ def publish_snapshot(
             for info in tables:
                 started = time.monotonic()
                 names = info.columns
-                task = progress.start(str(info.name), estimated_rows(cur, info))
+                task = progress.start(str(info.name), estimated_rows(cur, info.name))
                 select = sql.SQL("SELECT {} FROM {}").format(
                     sql.SQL(", ").join(output_text(c, info.types[c]) for c in names),
                     sql.Identifier(info.name.schema, info.name.name),
