@@ -7,9 +7,12 @@ transaction as the rows they describe:
              copy, the snapshot it was taken under (stream hand-over);
 - tables:    per table, the newest source commit applied and when (lag, status);
 - parked:    keys whose changes are held back behind a message sent to the dead-letter topic.
+
+cdc-status and cdc-verify read them through the functions here too.
 """
 
-from typing import Any
+import datetime as dt
+from typing import Any, NamedTuple
 
 from psycopg2 import sql
 
@@ -19,6 +22,13 @@ from sink_connector.handover import CopySnapshot
 from sink_connector.target import ensure_schema
 
 TopicPartition = tuple[str, int]
+
+
+class TableProgress(NamedTuple):
+    last_commit_at: dt.datetime | None  # the newest source commit applied
+    applied_at: dt.datetime  # when the sink last applied a change of the table
+    changes: int  # applied so far
+
 
 _TABLES = [
     """CREATE TABLE IF NOT EXISTS {schema}.offsets (
@@ -55,6 +65,21 @@ _TABLES = [
         parked_at   timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (group_id, topic, key))""",
 ]
+
+
+def installed(cur: Any, schema: str) -> bool:
+    """Whether the sink's tables exist in `schema` (it has run against this database). The tables are
+    created together, in one transaction."""
+    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema, "offsets").as_string(cur),))
+    return bool(cur.fetchone()[0])
+
+
+def initialized_tables(cur: Any, schema: str) -> list[TableName]:
+    """The tables the sink has filled (copied, replayed or taken as they were), in name order."""
+    cur.execute(
+        sql.SQL("SELECT schema_name, table_name FROM {} ORDER BY 1, 2").format(sql.Identifier(schema, "snapshots"))
+    )
+    return [TableName(s, t) for s, t in cur.fetchall()]
 
 
 class Bookkeeping:
@@ -130,17 +155,19 @@ class Bookkeeping:
             ),
         )
 
+    def applied_offsets(self, cur: Any) -> dict[TopicPartition, int | None]:
+        """The group's next offsets, every partition it has a row for."""
+        cur.execute(
+            sql.SQL("SELECT topic, partition, next_offset FROM {} WHERE group_id = %s").format(self._t("offsets")),
+            (self.group,),
+        )
+        return {(t, p): o for t, p, o in cur.fetchall()}
+
     def all_offsets(self, conn: Any) -> dict[TopicPartition, int | None]:
         with conn.cursor() as cur:
-            cur.execute(
-                sql.SQL("SELECT topic, partition, next_offset FROM {} WHERE group_id = %s").format(
-                    self._t("offsets")
-                ),
-                (self.group,),
-            )
-            rows = cur.fetchall()
+            offsets = self.applied_offsets(cur)
         conn.commit()
-        return {(t, p): o for t, p, o in rows}
+        return offsets
 
     def reset(self, cur: Any, topics: list[str]) -> None:
         """Replay from the start: forget the applied offsets of `topics`."""
@@ -174,6 +201,16 @@ class Bookkeeping:
                 [n for _, _, _, n in tables],
             ),
         )
+
+    def table_progress(self, cur: Any) -> dict[TableName, TableProgress]:
+        """What the group has applied, per table."""
+        cur.execute(
+            sql.SQL(
+                "SELECT schema_name, table_name, last_commit_at, applied_at, changes FROM {} WHERE group_id = %s"
+            ).format(self._t("tables")),
+            (self.group,),
+        )
+        return {TableName(s, n): TableProgress(c, a, k) for s, n, c, a, k in cur.fetchall()}
 
     # --- bulk copies ----------------------------------------------------------------------------
 

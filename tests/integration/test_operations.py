@@ -35,6 +35,8 @@ from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
 from cdc_common.lsn import lsn_to_int
+from cdc_common.tables import TableName
+from sink_connector.bookkeeping import Bookkeeping
 from tests.conftest import Databases, Stack
 from tests.helpers import REPO, psql_rows, run_cli, start_cli, wait_until
 from tests.kafka_broker import free_port
@@ -577,3 +579,32 @@ def test_demo_under_a_terminal_stops_cleanly_on_ctrl_c(
     )
     assert latencies and latencies[len(latencies) // 2] < 2.0, latencies
     assert (tmp_path / "demo" / "cdc-source.log").exists(), "the demo's logs are not under $STACK_DIR/demo"
+
+
+# --- cdc-verify ----------------------------------------------------------------------------------
+
+
+def test_verify_without_tables_checks_what_the_sink_filled(dbs: Databases) -> None:
+    """No --tables: the tables in the sink's bookkeeping on the target, else every table of the
+    source's public schema."""
+    for dsn in (dbs.source_dsn, dbs.target_dsn):
+        execute(dsn, "CREATE TABLE filled (id integer PRIMARY KEY)", "CREATE TABLE other (id integer PRIMARY KEY)")
+    execute(dbs.source_dsn, "INSERT INTO filled VALUES (1)", "INSERT INTO other VALUES (1)")
+    execute(dbs.target_dsn, "INSERT INTO filled VALUES (1)")
+    base = ["cdc-verify", "--source-dsn", dbs.source_dsn, "--target-dsn", dbs.target_dsn, "--log-format", "text"]
+
+    every = run_cli(base)
+    assert every.returncode == 1 and "DIFFERENT: 1 of 2 tables match" in every.stdout, every
+
+    conn = psycopg2.connect(dbs.target_dsn)
+    try:
+        book = Bookkeeping("cdc_sink", "g")
+        book.install(conn)
+        with conn.cursor() as cur:
+            book.record_initialized(cur, TableName("public", "filled"), "copy", None, None, 1)
+        conn.commit()
+    finally:
+        conn.close()
+    filled = run_cli(base)
+    assert filled.returncode == 0 and "identical: 1 of 1 tables match" in filled.stdout, filled
+    assert "public.other" not in filled.stdout, filled.stdout
