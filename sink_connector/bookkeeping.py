@@ -117,24 +117,22 @@ class Bookkeeping:
                 ).format(self._t("offsets")),
                 (self.group, topics, numbers),
             )
-            cur.execute(
-                sql.SQL(
-                    "SELECT topic, partition, next_offset FROM {} WHERE group_id = %s "
-                    "AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[]))"
-                ).format(self._t("offsets")),
-                (self.group, topics, numbers),
-            )
-            rows = cur.fetchall()
+            stored = self._offsets_of(cur, partitions, sql.SQL(""))
         conn.commit()
-        return {(t, p): o for t, p, o in rows}
+        return stored
 
     def lock(self, cur: Any, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
         """Inside a batch: lock the partitions' rows and return what they hold."""
+        return self._offsets_of(cur, partitions, sql.SQL(" FOR UPDATE"))
+
+    def _offsets_of(
+        self, cur: Any, partitions: list[TopicPartition], locking: sql.Composable
+    ) -> dict[TopicPartition, int | None]:
         cur.execute(
             sql.SQL(
                 "SELECT topic, partition, next_offset FROM {} WHERE group_id = %s "
-                "AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[])) FOR UPDATE"
-            ).format(self._t("offsets")),
+                "AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[])){}"
+            ).format(self._t("offsets"), locking),
             (self.group, [t for t, _ in partitions], [p for _, p in partitions]),
         )
         return {(t, p): o for t, p, o in cur.fetchall()}
