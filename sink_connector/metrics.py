@@ -3,7 +3,7 @@
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from cdc_common.service import counter, gauge
+from cdc_common.service import counter, gauge, samples
 
 if TYPE_CHECKING:
     from sink_connector.sink import Sink
@@ -14,7 +14,7 @@ def collect(sink: "Sink") -> Iterator[Any]:
         "cdc_sink_changes_applied_total",
         "Changes applied to the target, by table and op.",
         ["table", "op"],
-        [((t, op), n) for (t, op), n in list(sink.applied.items())],
+        samples(sink.applied),
     )
     yield counter("cdc_sink_batches_total", "Batches committed to the target.", [], [((), sink.batches)])
     yield counter(
@@ -35,14 +35,12 @@ def collect(sink: "Sink") -> Iterator[Any]:
         [],
         [((), sink.fenced)],
     )
-    yield counter(
-        "cdc_sink_errors_total", "Errors by kind.", ["kind"], [((k,), n) for k, n in list(sink.errors.items())]
-    )
+    yield counter("cdc_sink_errors_total", "Errors by kind.", ["kind"], samples(sink.errors))
     yield counter(
         "cdc_sink_snapshot_rows_total",
         "Rows bulk-copied from the source, by table.",
         ["table"],
-        [((t,), n) for t, n in list(sink.preparer.copied_rows.items())],
+        samples(sink.preparer.copied_rows),
     )
     yield sink.latency.family(
         "cdc_sink_end_to_end_latency_seconds", "From source commit to target commit, per change."

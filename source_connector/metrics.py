@@ -3,7 +3,7 @@
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from cdc_common.service import counter, gauge
+from cdc_common.service import counter, gauge, samples
 
 if TYPE_CHECKING:
     from source_connector.connector import SourceConnector
@@ -16,37 +16,37 @@ def collect(connector: "SourceConnector") -> Iterator[Any]:
             "cdc_source_events_total",
             "Change events published, by table and op (c u d r t).",
             ["table", "op"],
-            [((t, op), n) for (t, op), n in list(builder.events.items())],
+            samples(builder.events),
         )
         yield counter(
             "cdc_source_bytes_total",
             "Bytes of event values published, by table.",
             ["table"],
-            [((t,), n) for t, n in list(builder.bytes.items())],
+            samples(builder.bytes),
         )
     yield counter(
         "cdc_source_snapshot_rows_total",
         "Rows published by the initial snapshot, by table.",
         ["table"],
-        [((t,), n) for t, n in list(connector.snapshot_rows.items())],
+        samples(connector.snapshot_rows),
     )
     yield counter(
         "cdc_source_nan_nulls_total",
         "NOT NULL numeric/float values wal2json turned into null (NaN, Infinity), by table and column.",
         ["table", "column"],
-        [((t, c), n) for (t, c), n in list(connector.nan_counts.items())],
+        samples(connector.nan_counts),
     )
     yield counter(
         "cdc_source_refetched_total",
         "Key changes whose unchanged TOASTed columns were read back from the table, by table.",
         ["table"],
-        [((t,), n) for t, n in list(connector.refetched.items())],
+        samples(connector.refetched),
     )
     yield counter(
         "cdc_source_errors_total",
         "Errors by kind (Kafka client errors by their code).",
         ["kind"],
-        [((k,), n) for k, n in list(connector.kafka_errors.items())],
+        samples(connector.kafka_errors),
     )
     wal_status, safe_wal_size, retained = connector.slot_state
     if retained is not None:
