@@ -42,11 +42,19 @@ def collect(sink: "Sink") -> Iterator[Any]:
         ["table"],
         samples(sink.preparer.copied_rows),
     )
+    yield from _timings(sink)
+    yield from _gauges(sink)
+
+
+def _timings(sink: "Sink") -> Iterator[Any]:
     yield sink.latency.family(
         "cdc_sink_end_to_end_latency_seconds", "From source commit to target commit, per change."
     )
     yield sink.batch_sizes.family("cdc_sink_batch_size_messages", "Messages per applied batch.")
     yield sink.apply_seconds.family("cdc_sink_apply_seconds", "Time to apply and commit one batch.")
+
+
+def _gauges(sink: "Sink") -> Iterator[Any]:
     yield gauge(
         "cdc_sink_consumer_lag_messages",
         "Messages not yet applied, by topic and partition.",

@@ -7,10 +7,22 @@ from cdc_common.service import counter, gauge, samples
 
 if TYPE_CHECKING:
     from source_connector.connector import SourceConnector
+    from source_connector.stream import Stream
 
 
 def collect(connector: "SourceConnector") -> Iterator[Any]:
-    builder, stream = connector.builder, connector.stream
+    yield from _counts(connector)
+    yield from _slot(connector)
+    stream = connector.stream
+    if stream is not None:
+        yield from _stream(connector, stream)
+    yield gauge(
+        "cdc_source_up", "1 while the source connector can make progress.", 1.0 if connector.health()[0] else 0.0
+    )
+
+
+def _counts(connector: "SourceConnector") -> Iterator[Any]:
+    builder = connector.builder
     if builder is not None:
         yield counter(
             "cdc_source_events_total",
@@ -48,6 +60,9 @@ def collect(connector: "SourceConnector") -> Iterator[Any]:
         ["kind"],
         samples(connector.kafka_errors),
     )
+
+
+def _slot(connector: "SourceConnector") -> Iterator[Any]:
     wal_status, safe_wal_size, retained = connector.slot_state
     if retained is not None:
         yield gauge(
@@ -70,42 +85,37 @@ def collect(connector: "SourceConnector") -> Iterator[Any]:
                 ((s,), 1.0 if s == wal_status else 0.0) for s in ("reserved", "extended", "unreserved", "lost")
             ],
         )
-    if stream is not None:
-        yield counter(
-            "cdc_source_transactions_total", "Source transactions read.", [], [((), stream.transactions)]
-        )
-        yield counter("cdc_source_messages_total", "wal2json messages read.", [], [((), stream.messages)])
-        yield counter(
-            "cdc_source_heartbeats_total",
-            "Heartbeat messages read back from the WAL.",
-            [],
-            [((), stream.heartbeats_seen)],
-        )
-        yield gauge(
-            "cdc_source_confirmed_lsn",
-            "The position confirmed to the slot (flushed to Kafka).",
-            float(stream.gate.sent),
-        )
-        yield gauge(
-            "cdc_source_received_lsn", "The newest position read from the slot.", float(stream.received_lsn)
-        )
-        if stream.wal_end:
-            yield gauge(
-                "cdc_source_slot_lag_bytes",
-                "Server WAL end minus the confirmed position.",
-                float(max(0, stream.wal_end - stream.gate.sent)),
-            )
-        yield gauge(
-            "cdc_source_in_flight_messages",
-            "Messages handed to Kafka and not yet acknowledged.",
-            float(len(connector.producer)),
-        )
-        if stream.last_commit_us is not None:
-            yield gauge(
-                "cdc_source_last_commit_timestamp_seconds",
-                "Commit time of the newest transaction read.",
-                stream.last_commit_us / 1e6,
-            )
-    yield gauge(
-        "cdc_source_up", "1 while the source connector can make progress.", 1.0 if connector.health()[0] else 0.0
+
+
+def _stream(connector: "SourceConnector", stream: "Stream") -> Iterator[Any]:
+    yield counter("cdc_source_transactions_total", "Source transactions read.", [], [((), stream.transactions)])
+    yield counter("cdc_source_messages_total", "wal2json messages read.", [], [((), stream.messages)])
+    yield counter(
+        "cdc_source_heartbeats_total",
+        "Heartbeat messages read back from the WAL.",
+        [],
+        [((), stream.heartbeats_seen)],
     )
+    yield gauge(
+        "cdc_source_confirmed_lsn",
+        "The position confirmed to the slot (flushed to Kafka).",
+        float(stream.gate.sent),
+    )
+    yield gauge("cdc_source_received_lsn", "The newest position read from the slot.", float(stream.received_lsn))
+    if stream.wal_end:
+        yield gauge(
+            "cdc_source_slot_lag_bytes",
+            "Server WAL end minus the confirmed position.",
+            float(max(0, stream.wal_end - stream.gate.sent)),
+        )
+    yield gauge(
+        "cdc_source_in_flight_messages",
+        "Messages handed to Kafka and not yet acknowledged.",
+        float(len(connector.producer)),
+    )
+    if stream.last_commit_us is not None:
+        yield gauge(
+            "cdc_source_last_commit_timestamp_seconds",
+            "Commit time of the newest transaction read.",
+            stream.last_commit_us / 1e6,
+        )
