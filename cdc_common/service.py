@@ -53,6 +53,11 @@ def counter(name: str, doc: str, labels: Sequence[str], values: Iterable[tuple[S
     return family
 
 
+def single_counter(name: str, doc: str, value: float) -> Any:
+    """A counter without labels."""
+    return counter(name, doc, [], [((), value)])
+
+
 def samples(counts: Mapping[Any, float]) -> list[tuple[tuple[str, ...], float]]:
     """A counter's entries (keyed by one label value, or a tuple of them) as metric samples. A copy,
     as the connector's thread may add an entry during the scrape."""

@@ -3,7 +3,7 @@
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from cdc_common.service import counter, gauge, samples
+from cdc_common.service import counter, gauge, samples, single_counter
 
 if TYPE_CHECKING:
     from sink_connector.sink import Sink
@@ -16,24 +16,17 @@ def collect(sink: "Sink") -> Iterator[Any]:
         ["table", "op"],
         samples(sink.applied),
     )
-    yield counter("cdc_sink_batches_total", "Batches committed to the target.", [], [((), sink.batches)])
-    yield counter(
-        "cdc_sink_skipped_total",
-        "Events skipped because the bulk copy already held them.",
-        [],
-        [((), sink.skipped)],
+    yield single_counter("cdc_sink_batches_total", "Batches committed to the target.", sink.batches)
+    yield single_counter(
+        "cdc_sink_skipped_total", "Events skipped because the bulk copy already held them.", sink.skipped
     )
-    yield counter(
+    yield single_counter(
         "cdc_sink_dlq_messages_total",
         "Messages sent to a dead-letter topic.",
-        [],
-        [((), sink.dead_letters.sent if sink.dead_letters else 0)],
+        sink.dead_letters.sent if sink.dead_letters else 0,
     )
-    yield counter(
-        "cdc_sink_fenced_total",
-        "Batches dropped because another member moved the offsets.",
-        [],
-        [((), sink.fenced)],
+    yield single_counter(
+        "cdc_sink_fenced_total", "Batches dropped because another member moved the offsets.", sink.fenced
     )
     yield counter("cdc_sink_errors_total", "Errors by kind.", ["kind"], samples(sink.errors))
     yield counter(

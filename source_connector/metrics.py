@@ -3,7 +3,7 @@
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from cdc_common.service import counter, gauge, samples
+from cdc_common.service import counter, gauge, samples, single_counter
 
 if TYPE_CHECKING:
     from source_connector.connector import SourceConnector
@@ -88,13 +88,10 @@ def _slot(connector: "SourceConnector") -> Iterator[Any]:
 
 
 def _stream(connector: "SourceConnector", stream: "Stream") -> Iterator[Any]:
-    yield counter("cdc_source_transactions_total", "Source transactions read.", [], [((), stream.transactions)])
-    yield counter("cdc_source_messages_total", "wal2json messages read.", [], [((), stream.messages)])
-    yield counter(
-        "cdc_source_heartbeats_total",
-        "Heartbeat messages read back from the WAL.",
-        [],
-        [((), stream.heartbeats_seen)],
+    yield single_counter("cdc_source_transactions_total", "Source transactions read.", stream.transactions)
+    yield single_counter("cdc_source_messages_total", "wal2json messages read.", stream.messages)
+    yield single_counter(
+        "cdc_source_heartbeats_total", "Heartbeat messages read back from the WAL.", stream.heartbeats_seen
     )
     yield gauge(
         "cdc_source_confirmed_lsn",
