@@ -12,14 +12,26 @@ from psycopg2 import sql
 
 from bench.config import PG_BIN
 from bench.context import Context
-from bench.pg import confirmed_flush, connect, execute, int_to_lsn
+from bench.pg import confirmed_flush, connect, execute
 from bench.procs import Proc, script, sink_args
 from bench.workload import QUALIFIED, TABLE, create_table_only, fingerprint
+from cdc_common.lsn import int_to_lsn
 from source_connector.wal2json import WAL2JSON_OPTIONS
 
 log = logging.getLogger("bench.measure")
 
 POLL = 0.05  # seconds between checks of a slot's position
+
+
+def _run_to_exit(proc: Proc, what: str, n: int) -> float:
+    """Wait for `proc` (a run over `n` events) to exit 0; the seconds it ran."""
+    try:
+        code = proc.wait(_timeout(n))
+    finally:
+        proc.stop()  # a no-op once it exited; stops it when the wait was interrupted
+    if code != 0:
+        raise RuntimeError(f"{what} exited with {code}; {proc.tail()}")
+    return (proc.finished or time.monotonic()) - proc.started
 
 
 def _timeout(n: int) -> float:
@@ -105,13 +117,7 @@ def recvlogical(ctx: Context, dsn: str, slot: str, end_lsn: int, n: int) -> dict
     for key, value in options.items():
         args += ["-o", f"{key}={value}"]
     proc = Proc(f"pg_recvlogical-{slot}", args, ctx.log_dir)
-    try:
-        code = proc.wait(_timeout(n))
-    finally:
-        proc.stop()  # a no-op once it exited; stops it when the wait was interrupted
-    if code != 0:
-        raise RuntimeError(f"pg_recvlogical exited with {code}; {proc.tail()}")
-    seconds = (proc.finished or time.monotonic()) - proc.started
+    seconds = _run_to_exit(proc, "pg_recvlogical", n)
     return {
         "seconds": round(seconds, 3),
         "events_per_s": round(n / seconds, 1),
@@ -222,13 +228,7 @@ def sink_once(
     """cdc-sink --snapshot topic --once from process start to exit, into an empty target database."""
     args = sink_args(ctx.bootstrap, source_dsn, target_dsn, prefix, QUALIFIED, group, slot, "topic")
     proc = Proc(f"cdc-sink-{group}", args, ctx.log_dir, sample_rss=True)
-    try:
-        code = proc.wait(_timeout(n))
-    finally:
-        proc.stop()  # a no-op once it exited; stops it when the wait was interrupted
-    if code != 0:
-        raise RuntimeError(f"cdc-sink exited with {code}; {proc.tail()}")
-    seconds = (proc.finished or time.monotonic()) - proc.started
+    seconds = _run_to_exit(proc, "cdc-sink", n)
     with contextlib.closing(connect(target_dsn)) as target:
         got = fingerprint(target)
     if got != expected:

@@ -9,6 +9,7 @@ import psycopg2
 from psycopg2 import sql
 
 from bench.config import Endpoints
+from cdc_common.lsn import lsn_to_int
 
 log = logging.getLogger("bench.pg")
 
@@ -17,15 +18,6 @@ def connect(dsn: str, autocommit: bool = True, application_name: str = "cdc-benc
     conn = psycopg2.connect(dsn, application_name=application_name, options="-c TimeZone=UTC")
     conn.autocommit = autocommit
     return conn
-
-
-def lsn_to_int(text: str) -> int:
-    high, low = text.split("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
-def int_to_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 def scalar(conn: Any, query: str | sql.Composable, params: tuple[Any, ...] | None = None) -> Any:

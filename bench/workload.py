@@ -15,7 +15,8 @@ from typing import Any
 from psycopg2 import sql
 
 from bench.config import Workload
-from bench.pg import current_lsn, execute, lsn_to_int, scalar
+from bench.pg import current_lsn, execute, scalar
+from cdc_common.lsn import lsn_to_int
 
 TABLE = "person"
 QUALIFIED = "public.person"

@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg2 import sql
+
 from cdc_common.tables import TableName
 
 FIRST_USER_OID = 16384
@@ -83,6 +85,16 @@ def table_exists(conn: Any, table: TableName) -> bool:
     with conn.cursor() as cur:
         cur.execute(_TABLE, (table.schema, table.name))
         return cur.fetchone() is not None
+
+
+def estimated_rows(cur: Any, table: TableName) -> int | None:
+    """The planner's estimate of the table's row count (for progress), None before it was first analyzed."""
+    cur.execute(
+        "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+        (sql.Identifier(table.schema, table.name).as_string(cur),),
+    )
+    row = cur.fetchone()
+    return int(row[0]) if row and row[0] >= 0 else None
 
 
 def read_table(conn: Any, table: TableName) -> TableDef | None:

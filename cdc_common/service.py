@@ -8,7 +8,7 @@ only when Prometheus scrapes, so metrics cost nothing per event.
 import bisect
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -51,6 +51,17 @@ def counter(name: str, doc: str, labels: Sequence[str], values: Iterable[tuple[S
     for label_values, value in values:
         family.add_metric(list(label_values), value)
     return family
+
+
+def single_counter(name: str, doc: str, value: float) -> Any:
+    """A counter without labels."""
+    return counter(name, doc, [], [((), value)])
+
+
+def samples(counts: Mapping[Any, float]) -> list[tuple[tuple[str, ...], float]]:
+    """A counter's entries (keyed by one label value, or a tuple of them) as metric samples. A copy,
+    as the connector's thread may add an entry during the scrape."""
+    return [(key if isinstance(key, tuple) else (key,), n) for key, n in list(counts.items())]
 
 
 def gauge(

@@ -41,6 +41,10 @@ class _Throttle(logging.Filter):
         return True
 
 
+# librdkafka prints its own log lines straight to stderr ("%3|...|FAIL|..."), dozens a second while
+# the broker is unreachable: they would bypass the text/JSON log format and bury the one-line error.
+# Given a `logger`, a client hands them to Python logging instead, when it is polled (the producer
+# and consumers are; the admin client never is, and wait_for_kafka reports what it needs to).
 KAFKA_CLIENT_LOG = logging.getLogger("kafka.client")
 KAFKA_CLIENT_LOG.addFilter(_Throttle())
 

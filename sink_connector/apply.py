@@ -12,10 +12,9 @@ import orjson
 from psycopg2 import sql
 
 from schemas.partitioner import partition_for
+from schemas.values import json_row, output_text, typed_columns
 from sink_connector.changes import TableBatch
 from sink_connector.target import TargetTable
-
-INTEGER_TYPES = frozenset({"smallint", "integer", "bigint", "oid"})
 
 
 def _record_columns(columns: tuple[str, ...]) -> sql.Composable:
@@ -90,16 +89,8 @@ def _json(rows: list[dict[str, Any]]) -> str:
 
 def key_bytes(target: TargetTable, texts: tuple[str, ...]) -> bytes:
     """The Kafka key the source gives the row whose key columns read (as text) `texts`."""
-    row: dict[str, Any] = {}
-    for column, text in zip(target.key, texts, strict=True):
-        type_name = target.columns[column]
-        if type_name in INTEGER_TYPES:
-            row[column] = int(text)
-        elif type_name == "boolean":
-            row[column] = text == "true"
-        else:
-            row[column] = text
-    return orjson.dumps(row)
+    integers, booleans = typed_columns({k: target.columns[k] for k in target.key})
+    return orjson.dumps(json_row(target.key, texts, integers, booleans))
 
 
 def truncate(cur: Any, target: TargetTable, partitions: dict[int, int]) -> None:
@@ -109,17 +100,10 @@ def truncate(cur: Any, target: TargetTable, partitions: dict[int, int]) -> None:
     if counts == {1}:
         cur.execute(sql.SQL("TRUNCATE {}").format(target.ident))
         return
-    # The output function's text is what wal2json put in the key (`::text` differs for a few types,
-    # e.g. character(n) loses its padding); booleans read as true/false like key_bytes expects.
+    # The key columns read as the source reads them, so key_bytes gives the key wal2json put in Kafka.
     cur.execute(
         sql.SQL("SELECT {} FROM {}").format(
-            sql.SQL(", ").join(
-                sql.SQL("{}::text" if target.columns[k] == "boolean" else "format('%s', {})").format(
-                    sql.Identifier(k)
-                )
-                for k in target.key
-            ),
-            target.ident,
+            sql.SQL(", ").join(output_text(k, target.columns[k]) for k in target.key), target.ident
         )
     )
     doomed = []

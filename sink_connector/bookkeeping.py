@@ -7,17 +7,28 @@ transaction as the rows they describe:
              copy, the snapshot it was taken under (stream hand-over);
 - tables:    per table, the newest source commit applied and when (lag, status);
 - parked:    keys whose changes are held back behind a message sent to the dead-letter topic.
+
+cdc-status and cdc-verify read them through the functions here too.
 """
 
-from typing import Any
+import datetime as dt
+from typing import Any, NamedTuple
 
 from psycopg2 import sql
 
+from cdc_common.lsn import int_to_lsn, lsn_to_int
 from cdc_common.tables import TableName
 from sink_connector.handover import CopySnapshot
 from sink_connector.target import ensure_schema
 
 TopicPartition = tuple[str, int]
+
+
+class TableProgress(NamedTuple):
+    last_commit_at: dt.datetime | None  # the newest source commit applied
+    applied_at: dt.datetime  # when the sink last applied a change of the table
+    changes: int  # applied so far
+
 
 _TABLES = [
     """CREATE TABLE IF NOT EXISTS {schema}.offsets (
@@ -56,8 +67,19 @@ _TABLES = [
 ]
 
 
-def lsn_text(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+def installed(cur: Any, schema: str) -> bool:
+    """Whether the sink's tables exist in `schema` (it has run against this database). The tables are
+    created together, in one transaction."""
+    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema, "offsets").as_string(cur),))
+    return bool(cur.fetchone()[0])
+
+
+def initialized_tables(cur: Any, schema: str) -> list[TableName]:
+    """The tables the sink has filled (copied, replayed or taken as they were), in name order."""
+    cur.execute(
+        sql.SQL("SELECT schema_name, table_name FROM {} ORDER BY 1, 2").format(sql.Identifier(schema, "snapshots"))
+    )
+    return [TableName(s, t) for s, t in cur.fetchall()]
 
 
 class Bookkeeping:
@@ -95,24 +117,22 @@ class Bookkeeping:
                 ).format(self._t("offsets")),
                 (self.group, topics, numbers),
             )
-            cur.execute(
-                sql.SQL(
-                    "SELECT topic, partition, next_offset FROM {} WHERE group_id = %s "
-                    "AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[]))"
-                ).format(self._t("offsets")),
-                (self.group, topics, numbers),
-            )
-            rows = cur.fetchall()
+            stored = self._offsets_of(cur, partitions, sql.SQL(""))
         conn.commit()
-        return {(t, p): o for t, p, o in rows}
+        return stored
 
     def lock(self, cur: Any, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
         """Inside a batch: lock the partitions' rows and return what they hold."""
+        return self._offsets_of(cur, partitions, sql.SQL(" FOR UPDATE"))
+
+    def _offsets_of(
+        self, cur: Any, partitions: list[TopicPartition], locking: sql.Composable
+    ) -> dict[TopicPartition, int | None]:
         cur.execute(
             sql.SQL(
                 "SELECT topic, partition, next_offset FROM {} WHERE group_id = %s "
-                "AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[])) FOR UPDATE"
-            ).format(self._t("offsets")),
+                "AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[])){}"
+            ).format(self._t("offsets"), locking),
             (self.group, [t for t, _ in partitions], [p for _, p in partitions]),
         )
         return {(t, p): o for t, p, o in cur.fetchall()}
@@ -133,17 +153,19 @@ class Bookkeeping:
             ),
         )
 
+    def applied_offsets(self, cur: Any) -> dict[TopicPartition, int | None]:
+        """The group's next offsets, every partition it has a row for."""
+        cur.execute(
+            sql.SQL("SELECT topic, partition, next_offset FROM {} WHERE group_id = %s").format(self._t("offsets")),
+            (self.group,),
+        )
+        return {(t, p): o for t, p, o in cur.fetchall()}
+
     def all_offsets(self, conn: Any) -> dict[TopicPartition, int | None]:
         with conn.cursor() as cur:
-            cur.execute(
-                sql.SQL("SELECT topic, partition, next_offset FROM {} WHERE group_id = %s").format(
-                    self._t("offsets")
-                ),
-                (self.group,),
-            )
-            rows = cur.fetchall()
+            offsets = self.applied_offsets(cur)
         conn.commit()
-        return {(t, p): o for t, p, o in rows}
+        return offsets
 
     def reset(self, cur: Any, topics: list[str]) -> None:
         """Replay from the start: forget the applied offsets of `topics`."""
@@ -173,10 +195,20 @@ class Bookkeeping:
                 [t.schema for t, _, _, _ in tables],
                 [t.name for t, _, _, _ in tables],
                 [ts for _, ts, _, _ in tables],
-                [None if lsn is None else lsn_text(lsn) for _, _, lsn, _ in tables],
+                [None if lsn is None else int_to_lsn(lsn) for _, _, lsn, _ in tables],
                 [n for _, _, _, n in tables],
             ),
         )
+
+    def table_progress(self, cur: Any) -> dict[TableName, TableProgress]:
+        """What the group has applied, per table."""
+        cur.execute(
+            sql.SQL(
+                "SELECT schema_name, table_name, last_commit_at, applied_at, changes FROM {} WHERE group_id = %s"
+            ).format(self._t("tables")),
+            (self.group,),
+        )
+        return {TableName(s, n): TableProgress(c, a, k) for s, n, c, a, k in cur.fetchall()}
 
     # --- bulk copies ----------------------------------------------------------------------------
 
@@ -194,8 +226,7 @@ class Bookkeeping:
         mode, snapshot, lsn = row
         if mode != "copy" or snapshot is None:
             return mode, None
-        high, _, low = lsn.partition("/")
-        return mode, CopySnapshot.parse(snapshot, (int(high, 16) << 32) | int(low, 16))
+        return mode, CopySnapshot.parse(snapshot, lsn_to_int(lsn))
 
     def record_initialized(
         self, cur: Any, table: TableName, mode: str, snapshot_text: str | None, lsn: str | None, rows: int

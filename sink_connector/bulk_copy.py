@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 
 from psycopg2 import sql
 
-from cdc_common.catalog import TableDef
+from cdc_common.catalog import TableDef, estimated_rows
 from cdc_common.errors import CdcError
 from cdc_common.pg import connect_source, error_reason
 from cdc_common.progress import RowProgress
@@ -53,12 +53,6 @@ class _CountingWriter:
         return self.raw.write(data)
 
 
-def estimated_rows(cur: Any, definition: TableDef) -> int | None:
-    cur.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = %s", (definition.oid,))
-    row = cur.fetchone()
-    return int(row[0]) if row and row[0] > 0 else None
-
-
 def copy_table(source_dsn: str, target_cur: Any, definition: TableDef, progress: RowProgress) -> CopyResult:
     """Copy the source table into the (empty) target table, inside the caller's target transaction."""
     table = definition.name
@@ -69,7 +63,7 @@ def copy_table(source_dsn: str, target_cur: Any, definition: TableDef, progress:
         # The first statement of the transaction takes its snapshot; the WAL position is read after it.
         src.execute("SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text")
         snapshot_text, lsn_text = src.fetchone()
-        task = progress.start(str(table), estimated_rows(src, definition))
+        task = progress.start(str(table), estimated_rows(src, table))
         binary = binary_safe(definition)
         fmt = sql.SQL("binary" if binary else "text")
         columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in definition.columns)

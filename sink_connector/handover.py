@@ -11,39 +11,18 @@ created after the copy are newer and applied.
 
 from dataclasses import dataclass
 
-XID_EPOCH = 1 << 32
+from cdc_common.snapshots import Snapshot, parse_snapshot
 
 
 @dataclass(frozen=True)
-class CopySnapshot:
-    xmin: int  # 64-bit (xid8)
-    xmax: int
-    xip: frozenset[int]
+class CopySnapshot(Snapshot):
     lsn: int  # WAL insert position read right after the snapshot was taken
 
     @classmethod
     def parse(cls, text: str, lsn: int) -> "CopySnapshot":
-        """From pg_snapshot's text form `xmin:xmax:xip,xip,...`."""
-        xmin, xmax, xip = text.split(":")
-        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x), lsn)
-
-    def widen(self, xid: int) -> int:
-        """A 32-bit xid from the stream as the 64-bit xid nearest to this snapshot."""
-        full = (self.xmax & ~(XID_EPOCH - 1)) | xid
-        if full > self.xmax + XID_EPOCH // 2:
-            full -= XID_EPOCH
-        elif full < self.xmax - XID_EPOCH // 2:
-            full += XID_EPOCH
-        return full
-
-    def visible(self, xid: int) -> bool:
-        """Was the transaction `xid` (32-bit) committed when the snapshot was taken?"""
-        full = self.widen(xid)
-        if full < self.xmin:
-            return True
-        if full >= self.xmax:
-            return False
-        return full not in self.xip
+        """From pg_snapshot's text form `xmin:xmax:xip,xip,...` and the position read after it."""
+        snapshot = parse_snapshot(text)
+        return cls(snapshot.xmin, snapshot.xmax, snapshot.xip, lsn)
 
     def contains(self, op: str, xid: int | None, lsn: int | None, commit_lsn: int | None) -> bool:
         """True when the copy already holds this event's effect (skip it)."""

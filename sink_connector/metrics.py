@@ -3,7 +3,7 @@
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from cdc_common.service import counter, gauge
+from cdc_common.service import counter, gauge, samples, single_counter
 
 if TYPE_CHECKING:
     from sink_connector.sink import Sink
@@ -14,41 +14,40 @@ def collect(sink: "Sink") -> Iterator[Any]:
         "cdc_sink_changes_applied_total",
         "Changes applied to the target, by table and op.",
         ["table", "op"],
-        [((t, op), n) for (t, op), n in list(sink.applied.items())],
+        samples(sink.applied),
     )
-    yield counter("cdc_sink_batches_total", "Batches committed to the target.", [], [((), sink.batches)])
-    yield counter(
-        "cdc_sink_skipped_total",
-        "Events skipped because the bulk copy already held them.",
-        [],
-        [((), sink.skipped)],
+    yield single_counter("cdc_sink_batches_total", "Batches committed to the target.", sink.batches)
+    yield single_counter(
+        "cdc_sink_skipped_total", "Events skipped because the bulk copy already held them.", sink.skipped
     )
-    yield counter(
+    yield single_counter(
         "cdc_sink_dlq_messages_total",
         "Messages sent to a dead-letter topic.",
-        [],
-        [((), sink.dead_letters.sent if sink.dead_letters else 0)],
+        sink.dead_letters.sent if sink.dead_letters else 0,
     )
-    yield counter(
-        "cdc_sink_fenced_total",
-        "Batches dropped because another member moved the offsets.",
-        [],
-        [((), sink.fenced)],
+    yield single_counter(
+        "cdc_sink_fenced_total", "Batches dropped because another member moved the offsets.", sink.fenced
     )
-    yield counter(
-        "cdc_sink_errors_total", "Errors by kind.", ["kind"], [((k,), n) for k, n in list(sink.errors.items())]
-    )
+    yield counter("cdc_sink_errors_total", "Errors by kind.", ["kind"], samples(sink.errors))
     yield counter(
         "cdc_sink_snapshot_rows_total",
         "Rows bulk-copied from the source, by table.",
         ["table"],
-        [((t,), n) for t, n in list(sink.preparer.copied_rows.items())],
+        samples(sink.preparer.copied_rows),
     )
+    yield from _timings(sink)
+    yield from _gauges(sink)
+
+
+def _timings(sink: "Sink") -> Iterator[Any]:
     yield sink.latency.family(
         "cdc_sink_end_to_end_latency_seconds", "From source commit to target commit, per change."
     )
     yield sink.batch_sizes.family("cdc_sink_batch_size_messages", "Messages per applied batch.")
     yield sink.apply_seconds.family("cdc_sink_apply_seconds", "Time to apply and commit one batch.")
+
+
+def _gauges(sink: "Sink") -> Iterator[Any]:
     yield gauge(
         "cdc_sink_consumer_lag_messages",
         "Messages not yet applied, by topic and partition.",

@@ -9,13 +9,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 
 from cdc_common.errors import SourceError
-from cdc_common.kafka import ensure_topics, wait_for_kafka
+from cdc_common.kafka import admin_client, ensure_topics, wait_for_kafka
+from cdc_common.lsn import int_to_lsn
 from cdc_common.pg import connect_source
 from cdc_common.service import OpsServer
-from cdc_common.settings import Settings
+from cdc_common.settings import KAFKA_CLIENT_LOG, Settings
 from cdc_common.signals import StopFlag
 from schemas.topics import state_topic
 from source_connector.catalog import Catalog
@@ -35,20 +35,8 @@ from source_connector.start import Adopt, Create, Refuse, Restart, Resume, decid
 from source_connector.state import STATE_TOPIC_CONFIG, SourceState, clear_state, read_state, state_key, write_state
 from source_connector.stream import Stream, add_tables_option
 from source_connector.table_info import TableInfo
-from source_connector.wal2json import int_to_lsn
 
 log = logging.getLogger("source")
-
-# librdkafka prints its own log lines straight to stderr ("%3|...|FAIL|..."), dozens a second while
-# the broker is unreachable: they bypassed the text/JSON log format and buried the one-line error.
-# Given a `logger`, a client hands them to Python logging instead, when it is polled (the producer
-# and consumers are; the admin client never is, and wait_for_kafka reports what it needs to).
-KAFKA_CLIENT_LOG = logging.getLogger("kafka.client")  # librdkafka's lines (see Settings.kafka_config)
-
-
-def kafka_admin(settings: Settings) -> Any:
-    """cdc_common.kafka.admin_client, with librdkafka's log lines routed through logging."""
-    return AdminClient(settings.kafka_config(**{"socket.timeout.ms": 10000, "logger": KAFKA_CLIENT_LOG}))
 
 
 @dataclass(frozen=True)
@@ -149,7 +137,7 @@ class SourceConnector:
 
     def _run(self) -> None:
         source = self._open_source()
-        admin = kafka_admin(self.settings)
+        admin = admin_client(self.settings)
         wait_for_kafka(self.settings, self.options.kafka_timeout, self.stop)
         topic = state_topic(self.settings.topic_prefix)
         ensure_topics(admin, [topic], 1, self.options.replication_factor, STATE_TOPIC_CONFIG, quiet=True)
@@ -303,7 +291,7 @@ def drop(settings: Settings, options: SourceOptions, stop: StopFlag) -> bool:
     try:
         server = server_info(conn)
         dropped = drop_slot(conn, options.slot)
-        admin = kafka_admin(settings)
+        admin = admin_client(settings)
         wait_for_kafka(settings, options.kafka_timeout, stop)
         topic = state_topic(settings.topic_prefix)
         if topic in admin.list_topics(timeout=10).topics:

@@ -17,9 +17,11 @@ from typing import Any
 
 import orjson
 
+from cdc_common.lsn import lsn_to_int
 from schemas.envelope import CONNECTOR, ENVELOPE_VERSION, TOMBSTONE_HEADER, TombstoneSource
+from schemas.values import json_row
 from source_connector.table_info import TableInfo, wal2json_type
-from source_connector.wal2json import lsn_to_int, timestamp_to_us
+from source_connector.wal2json import timestamp_to_us
 
 Headers = list[tuple[str, bytes]]
 # (topic, key, value, partition, headers); value None is a tombstone, partition None lets the key
@@ -265,16 +267,5 @@ class EventBuilder:
 
 
 def snapshot_values(info: TableInfo, names: tuple[str, ...], texts: tuple[str | None, ...]) -> dict[str, Any]:
-    """A row read as text (snapshot.text_of) in the form wal2json gives: integers and booleans typed."""
-    row: dict[str, Any] = {}
-    ints, bools = info.integer_columns, info.boolean_columns
-    for name, text in zip(names, texts, strict=True):
-        if text is None:
-            row[name] = None
-        elif name in ints:
-            row[name] = int(text)
-        elif name in bools:
-            row[name] = text == "true"
-        else:
-            row[name] = text
-    return row
+    """A row read as text (schemas.values.output_text) in the form wal2json gives: integers and booleans typed."""
+    return json_row(names, texts, info.integer_columns, info.boolean_columns)

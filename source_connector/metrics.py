@@ -3,55 +3,70 @@
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from cdc_common.service import counter, gauge
+from cdc_common.service import counter, gauge, samples, single_counter
 
 if TYPE_CHECKING:
     from source_connector.connector import SourceConnector
+    from source_connector.stream import Stream
 
 
 def collect(connector: "SourceConnector") -> Iterator[Any]:
-    builder, stream = connector.builder, connector.stream
+    yield from _counts(connector)
+    yield from _slot(connector)
+    stream = connector.stream
+    if stream is not None:
+        yield from _stream(connector, stream)
+    yield gauge(
+        "cdc_source_up", "1 while the source connector can make progress.", 1.0 if connector.health()[0] else 0.0
+    )
+
+
+def _counts(connector: "SourceConnector") -> Iterator[Any]:
+    builder = connector.builder
     if builder is not None:
         yield counter(
             "cdc_source_events_total",
             "Change events published, by table and op (c u d r t).",
             ["table", "op"],
-            [((t, op), n) for (t, op), n in list(builder.events.items())],
+            samples(builder.events),
         )
         yield counter(
             "cdc_source_bytes_total",
             "Bytes of event values published, by table.",
             ["table"],
-            [((t,), n) for t, n in list(builder.bytes.items())],
+            samples(builder.bytes),
         )
     yield counter(
         "cdc_source_snapshot_rows_total",
         "Rows published by the initial snapshot, by table.",
         ["table"],
-        [((t,), n) for t, n in list(connector.snapshot_rows.items())],
+        samples(connector.snapshot_rows),
     )
     yield counter(
         "cdc_source_nan_nulls_total",
         "NOT NULL numeric/float values wal2json turned into null (NaN, Infinity), by table and column.",
         ["table", "column"],
-        [((t, c), n) for (t, c), n in list(connector.nan.counts.items())],
+        samples(connector.nan.counts),
     )
     yield counter(
         "cdc_source_refetched_total",
         "Key changes whose unchanged TOASTed columns were read back from the table, by table.",
         ["table"],
-        [((t,), n) for t, n in list(connector.readback.counts.items())] if connector.readback else [],
+        samples(connector.readback.counts) if connector.readback else [],
     )
     yield counter(
         "cdc_source_errors_total",
         "Errors by kind (Kafka client errors by their code).",
         ["kind"],
-        [((k,), n) for k, n in list(connector.kafka_errors.items())],
+        samples(connector.kafka_errors),
     )
+
+
+def _slot(connector: "SourceConnector") -> Iterator[Any]:
     watch = connector.watch
-    wal_status, safe_wal_size, retained = (
-        (watch.wal_status, watch.safe_wal_size, watch.retained) if watch else (None, None, None)
-    )
+    if watch is None:
+        return
+    wal_status, safe_wal_size, retained = watch.wal_status, watch.safe_wal_size, watch.retained
     if retained is not None:
         yield gauge(
             "cdc_source_slot_retained_wal_bytes",
@@ -73,42 +88,34 @@ def collect(connector: "SourceConnector") -> Iterator[Any]:
                 ((s,), 1.0 if s == wal_status else 0.0) for s in ("reserved", "extended", "unreserved", "lost")
             ],
         )
-    if stream is not None:
-        yield counter(
-            "cdc_source_transactions_total", "Source transactions read.", [], [((), stream.transactions)]
-        )
-        yield counter("cdc_source_messages_total", "wal2json messages read.", [], [((), stream.messages)])
-        yield counter(
-            "cdc_source_heartbeats_total",
-            "Heartbeat messages read back from the WAL.",
-            [],
-            [((), stream.heartbeats_seen)],
-        )
-        yield gauge(
-            "cdc_source_confirmed_lsn",
-            "The position confirmed to the slot (flushed to Kafka).",
-            float(stream.confirmed_lsn),
-        )
-        yield gauge(
-            "cdc_source_received_lsn", "The newest position read from the slot.", float(stream.received_lsn)
-        )
-        if stream.wal_end:
-            yield gauge(
-                "cdc_source_slot_lag_bytes",
-                "Server WAL end minus the confirmed position.",
-                float(max(0, stream.wal_end - stream.confirmed_lsn)),
-            )
-        yield gauge(
-            "cdc_source_in_flight_messages",
-            "Messages handed to Kafka and not yet acknowledged.",
-            float(len(connector.producer)),
-        )
-        if stream.last_commit_us is not None:
-            yield gauge(
-                "cdc_source_last_commit_timestamp_seconds",
-                "Commit time of the newest transaction read.",
-                stream.last_commit_us / 1e6,
-            )
-    yield gauge(
-        "cdc_source_up", "1 while the source connector can make progress.", 1.0 if connector.health()[0] else 0.0
+
+
+def _stream(connector: "SourceConnector", stream: "Stream") -> Iterator[Any]:
+    yield single_counter("cdc_source_transactions_total", "Source transactions read.", stream.transactions)
+    yield single_counter("cdc_source_messages_total", "wal2json messages read.", stream.messages)
+    yield single_counter(
+        "cdc_source_heartbeats_total", "Heartbeat messages read back from the WAL.", stream.heartbeats_seen
     )
+    yield gauge(
+        "cdc_source_confirmed_lsn",
+        "The position confirmed to the slot (flushed to Kafka).",
+        float(stream.confirmed_lsn),
+    )
+    yield gauge("cdc_source_received_lsn", "The newest position read from the slot.", float(stream.received_lsn))
+    if stream.wal_end:
+        yield gauge(
+            "cdc_source_slot_lag_bytes",
+            "Server WAL end minus the confirmed position.",
+            float(max(0, stream.wal_end - stream.confirmed_lsn)),
+        )
+    yield gauge(
+        "cdc_source_in_flight_messages",
+        "Messages handed to Kafka and not yet acknowledged.",
+        float(len(connector.producer)),
+    )
+    if stream.last_commit_us is not None:
+        yield gauge(
+            "cdc_source_last_commit_timestamp_seconds",
+            "Commit time of the newest transaction read.",
+            stream.last_commit_us / 1e6,
+        )

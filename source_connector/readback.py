@@ -11,11 +11,11 @@ from psycopg2 import sql
 
 from cdc_common.errors import SourceError
 from cdc_common.signals import StopFlag
+from cdc_common.snapshots import parse_snapshot
+from schemas.values import output_text
 from source_connector.events import snapshot_values
 from source_connector.session import SourceSession
-from source_connector.snapshot import text_of
 from source_connector.table_info import TableInfo
-from source_connector.visibility import visible
 
 log = logging.getLogger("source.readback")
 
@@ -30,7 +30,7 @@ def read_if_visible(conn: Any, query: sql.Composable, xid: int | None) -> list[A
         cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         try:
             cur.execute("SELECT pg_current_snapshot()::text")
-            if xid is not None and not visible(cur.fetchone()[0], xid):
+            if xid is not None and not parse_snapshot(cur.fetchone()[0]).visible(xid):
                 return None
             cur.execute(query)
             return [cur.fetchone()]
@@ -40,9 +40,9 @@ def read_if_visible(conn: Any, query: sql.Composable, xid: int | None) -> list[A
 
 
 def row_query(info: TableInfo, key: dict[str, Any], columns: list[str]) -> sql.Composable:
-    # Literals, not parameters: text_of() holds a '%s' of its own.
+    # Literals, not parameters: output_text() holds a '%s' of its own.
     return sql.SQL("SELECT {} FROM {} WHERE {}").format(
-        sql.SQL(", ").join(text_of(info, c) for c in columns),
+        sql.SQL(", ").join(output_text(c, info.types[c]) for c in columns),
         sql.Identifier(info.name.schema, info.name.name),
         sql.SQL(" AND ").join(
             sql.SQL("{} = {}::{}").format(

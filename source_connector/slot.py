@@ -6,9 +6,9 @@ from typing import Any
 import psycopg2
 
 from cdc_common.errors import CdcError, SourceError
+from cdc_common.lsn import lsn_to_int
 from cdc_common.pg import error_reason, sqlstate
 from source_connector import plugin_allowlist
-from source_connector.wal2json import lsn_to_int
 
 
 @dataclass(frozen=True)

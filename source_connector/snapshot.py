@@ -9,13 +9,15 @@ from typing import Any
 
 from psycopg2 import sql
 
+from cdc_common.catalog import estimated_rows
 from cdc_common.errors import CdcError
+from cdc_common.lsn import int_to_lsn
 from cdc_common.progress import RowProgress
+from schemas.values import output_text
 from source_connector.events import EventBuilder, TxContext, snapshot_values
 from source_connector.flush import FlushTracker, Transaction
 from source_connector.publisher import Publisher, raise_delivery_failure
 from source_connector.table_info import TableInfo
-from source_connector.wal2json import int_to_lsn
 
 log = logging.getLogger("source.snapshot")
 
@@ -24,27 +26,6 @@ FETCH_ROWS = 5000
 
 class SnapshotInterrupted(CdcError):
     """The snapshot was stopped before it finished; it starts over on the next run."""
-
-
-def text_of(info: TableInfo, column: str) -> sql.Composable:
-    """The column as its type's output function prints it, which is what wal2json sends for the same
-    value. `col::text` is not that for every type: character(n) lost its trailing blanks and inet
-    gained a /32 or /128 host mask, so `r` events differed from the `c`/`u` events of the same value.
-    format('%s') calls the output function (NULL kept NULL: format would print ''). Booleans stay
-    `::text` (true/false), the form snapshot_values turns into JSON booleans."""
-    ident = sql.Identifier(column)
-    if column in info.boolean_columns:
-        return sql.SQL("{}::text").format(ident)
-    return sql.SQL("CASE WHEN num_nonnulls({0}) = 1 THEN format('%s', {0}) END").format(ident)
-
-
-def estimated_rows(cur: Any, info: TableInfo) -> int | None:
-    cur.execute(
-        "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
-        (sql.Identifier(info.name.schema, info.name.name).as_string(cur),),
-    )
-    row = cur.fetchone()
-    return int(row[0]) if row and row[0] >= 0 else None
 
 
 def publish_snapshot(
@@ -72,7 +53,7 @@ def publish_snapshot(
                 if restart:
                     snapshot.truncate(info)
                 rows = snapshot.table(
-                    conn, info, progress, progress.start(str(info.name), estimated_rows(cur, info))
+                    conn, info, progress, progress.start(str(info.name), estimated_rows(cur, info.name))
                 )
                 if counts is not None:
                     counts[info.label] += rows
@@ -113,7 +94,7 @@ class Snapshot:
     def table(self, conn: Any, info: TableInfo, progress: RowProgress, task: Any) -> int:
         names = info.columns
         select = sql.SQL("SELECT {} FROM {}").format(
-            sql.SQL(", ").join(text_of(info, c) for c in names),
+            sql.SQL(", ").join(output_text(c, info.types[c]) for c in names),
             sql.Identifier(info.name.schema, info.name.name),
         )
         rows = 0

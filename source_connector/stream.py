@@ -16,6 +16,7 @@ from typing import Any
 import psycopg2
 
 from cdc_common.errors import ConnectError, SourceError
+from cdc_common.lsn import int_to_lsn, lsn_to_int
 from cdc_common.pg import connect_source, error_reason, is_connection_loss, sqlstate
 from cdc_common.retry import Backoff
 from cdc_common.settings import Settings
@@ -33,8 +34,6 @@ from source_connector.wal2json import (
     WAL2JSON_OPTIONS,
     Decoder,
     escape_table_pattern,
-    int_to_lsn,
-    lsn_to_int,
 )
 
 log = logging.getLogger("source.stream")

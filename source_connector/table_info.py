@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 import orjson
 
 from cdc_common.tables import TableName
+from schemas.values import typed_columns
 
-INTEGER_TYPES = frozenset({"smallint", "integer", "bigint", "oid"})
 DECIMAL_TYPES = ("numeric", "real", "double precision")
 
 REPLICA_IDENTITY = {"d": "DEFAULT", "f": "FULL", "i": "USING INDEX", "n": "NOTHING"}
@@ -48,8 +48,7 @@ class TableInfo:
         self.wal2json_types = [wal2json_type(self.types[c]) for c in self.columns]
         self.columns_json = orjson.Fragment(orjson.dumps({c: self.types[c] for c in self.columns}))
         self.key_json = orjson.Fragment(orjson.dumps(list(self.key)))
-        self.integer_columns = frozenset(c for c in self.columns if self.types[c] in INTEGER_TYPES)
-        self.boolean_columns = frozenset(c for c in self.columns if self.types[c] == "boolean")
+        self.integer_columns, self.boolean_columns = typed_columns({c: self.types[c] for c in self.columns})
         self.nan_columns = tuple(c for c in self.columns if c in self.not_null and is_decimal(self.types[c]))
 
     @property

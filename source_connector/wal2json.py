@@ -16,12 +16,15 @@ from typing import Any
 
 import orjson
 
+from schemas.values import INTEGER_TYPES
+
 # `"type":"numeric(12,2)","value":123.45` -> `"type":"numeric(12,2)","value":"123.45"`. Inside a JSON
 # string every '"' is escaped, so this can only match real keys, never the content of a value.
 _BARE_DECIMAL = re.compile(
     rb'("type":"(?:numeric(?:\(\d+,-?\d+\))?|real|double precision)","value":)(-?[0-9][0-9.eE+-]*)'
 )
-_QUOTED_INTEGER = re.compile(rb'("type":"(?:smallint|integer|bigint|oid)","value":)"(-?[0-9]+)"')
+_INTEGER_TYPE = "|".join(sorted(INTEGER_TYPES)).encode()
+_QUOTED_INTEGER = re.compile(rb'("type":"(?:' + _INTEGER_TYPE + rb')","value":)"(-?[0-9]+)"')
 _BYTEA_VALUE = b'"type":"bytea","value":"'
 _BYTEA_FIXED = b'"type":"bytea","value":"\\\\x'
 
@@ -55,17 +58,6 @@ class Decoder:
             payload = _BARE_DECIMAL.sub(rb'\1"\2"', payload)
         doc: dict[str, Any] = orjson.loads(payload)
         return doc
-
-
-def lsn_to_int(text: str) -> int:
-    """`16/B374D848` -> 97500059720."""
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
-def int_to_lsn(value: int) -> str:
-    """97500059720 -> `16/B374D848`."""
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 def timestamp_to_us(text: str) -> int:

@@ -7,12 +7,12 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, KafkaException, TopicPartition
-from psycopg2 import sql
 
 from cdc_common.errors import ConnectError
 from cdc_common.kafka import kafka_reason, wait_for_kafka
 from cdc_common.settings import Settings
 from schemas.topics import table_for, topic_for
+from sink_connector.bookkeeping import Bookkeeping, TableProgress, installed
 from source_connector.plugin_allowlist import allows, refused
 from source_connector.slot import plugin_setting
 
@@ -116,26 +116,14 @@ def slot_status(source: Any, name: str) -> SlotStatus:
 
 def sink_progress(
     target: Any, schema: str, group: str
-) -> tuple[dict[tuple[str, int], int | None], dict[str, tuple[Any, ...]]]:
+) -> tuple[dict[tuple[str, int], int | None], dict[str, TableProgress]]:
     """(applied offsets by topic/partition, progress by table) from the sink's tables, if any."""
+    book = Bookkeeping(schema, group)
     with target.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema, "offsets").as_string(cur),))
-        if not cur.fetchone()[0]:
+        if not installed(cur, schema):
             return {}, {}
-        cur.execute(
-            sql.SQL("SELECT topic, partition, next_offset FROM {} WHERE group_id = %s").format(
-                sql.Identifier(schema, "offsets")
-            ),
-            (group,),
-        )
-        offsets = {(t, p): o for t, p, o in cur.fetchall()}
-        cur.execute(
-            sql.SQL(
-                "SELECT schema_name, table_name, last_commit_at, applied_at, changes FROM {} WHERE group_id = %s"
-            ).format(sql.Identifier(schema, "tables")),
-            (group,),
-        )
-        tables = {f"{s}.{n}": (c, a, k) for s, n, c, a, k in cur.fetchall()}
+        offsets = book.applied_offsets(cur)
+        tables = {f"{t.schema}.{t.name}": p for t, p in book.table_progress(cur).items()}
     return offsets, tables
 
 

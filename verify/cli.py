@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 import orjson
-from psycopg2 import sql
 
 from cdc_common.catalog import read_table, tables_in_schema
 from cdc_common.cli import program
@@ -15,6 +14,7 @@ from cdc_common.errors import ConfigError
 from cdc_common.pg import connect_source, connect_target
 from cdc_common.settings import Settings, common_options
 from cdc_common.tables import TableName
+from sink_connector.bookkeeping import initialized_tables, installed
 from verify.compare import TableReport, compare_table
 
 EXIT_DIFFERENT = 1
@@ -24,18 +24,7 @@ EXIT_ERROR = 2
 def replicated_tables(target: Any, state_schema: str) -> list[TableName]:
     """The tables the sink has filled (its bookkeeping), when it has run against this target."""
     with target.cursor() as cur:
-        cur.execute(
-            "SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(state_schema, "snapshots").as_string(cur),)
-        )
-        if not cur.fetchone()[0]:
-            target.rollback()
-            return []
-        cur.execute(
-            sql.SQL("SELECT schema_name, table_name FROM {} ORDER BY 1, 2").format(
-                sql.Identifier(state_schema, "snapshots")
-            )
-        )
-        found = [TableName(s, t) for s, t in cur.fetchall()]
+        found = initialized_tables(cur, state_schema) if installed(cur, state_schema) else []
     target.rollback()
     return found
 

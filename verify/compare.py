@@ -38,11 +38,9 @@ def _key_expr(definition: TableDef) -> sql.Composable:
     return sql.SQL("ROW({})::text").format(sql.SQL(", ").join(map(sql.Identifier, definition.key)))
 
 
-def bucket_query(definition: TableDef) -> sql.Composed:
-    return sql.SQL(
-        "SELECT (hashtextextended({key}, 0) & {mask})::int AS b, count(*), bit_xor(hashtextextended({row}, 1)) "
-        "FROM {table} GROUP BY 1"
-    ).format(
+def _table_query(template: str, definition: TableDef) -> sql.Composed:
+    """`template` with the table's {key} and {row} text, the bucket {mask} and the {table}."""
+    return sql.SQL(template).format(
         key=_key_expr(definition),
         row=_row_expr(definition),
         mask=sql.Literal(BUCKETS - 1),
@@ -50,14 +48,18 @@ def bucket_query(definition: TableDef) -> sql.Composed:
     )
 
 
+def bucket_query(definition: TableDef) -> sql.Composed:
+    return _table_query(
+        "SELECT (hashtextextended({key}, 0) & {mask})::int AS b, count(*), bit_xor(hashtextextended({row}, 1)) "
+        "FROM {table} GROUP BY 1",
+        definition,
+    )
+
+
 def rows_query(definition: TableDef) -> sql.Composed:
-    return sql.SQL(
-        "SELECT {key}, hashtextextended({row}, 1) FROM {table} WHERE (hashtextextended({key}, 0) & {mask})::int = ANY(%s)"
-    ).format(
-        key=_key_expr(definition),
-        row=_row_expr(definition),
-        mask=sql.Literal(BUCKETS - 1),
-        table=sql.Identifier(definition.name.schema, definition.name.name),
+    return _table_query(
+        "SELECT {key}, hashtextextended({row}, 1) FROM {table} WHERE (hashtextextended({key}, 0) & {mask})::int = ANY(%s)",
+        definition,
     )
 
 

@@ -61,26 +61,21 @@ class Workload:
         bounds = self._person_range()
         if bounds is None:
             return None
-        pick = self.rng.randint(*bounds)
-        self.cur.execute(
-            sql.SQL("SELECT id FROM {} WHERE id >= %s ORDER BY id LIMIT 1").format(self.person), (pick,)
-        )
-        row = self.cur.fetchone()
-        if row is None:
-            self.cur.execute(sql.SQL("SELECT id FROM {} ORDER BY id LIMIT 1").format(self.person))
-            row = self.cur.fetchone()
-        return None if row is None else int(row[0])
+        found = self._first_id_from(self.person, self.rng.randint(*bounds))
+        return None if found is None else int(found)
 
     def random_order(self) -> uuid.UUID | None:
-        pick = str(uuid.UUID(int=self.rng.getrandbits(128)))
-        self.cur.execute(
-            sql.SQL("SELECT id FROM {} WHERE id >= %s ORDER BY id LIMIT 1").format(self.orders), (pick,)
-        )
+        found = self._first_id_from(self.orders, str(uuid.UUID(int=self.rng.getrandbits(128))))
+        return None if found is None else uuid.UUID(str(found))
+
+    def _first_id_from(self, table: sql.Identifier, pick: Any) -> Any:
+        """The first id at or after `pick`, wrapping around to the smallest; None when the table is empty."""
+        self.cur.execute(sql.SQL("SELECT id FROM {} WHERE id >= %s ORDER BY id LIMIT 1").format(table), (pick,))
         row = self.cur.fetchone()
         if row is None:
-            self.cur.execute(sql.SQL("SELECT id FROM {} ORDER BY id LIMIT 1").format(self.orders))
+            self.cur.execute(sql.SQL("SELECT id FROM {} ORDER BY id LIMIT 1").format(table))
             row = self.cur.fetchone()
-        return None if row is None else uuid.UUID(str(row[0]))
+        return None if row is None else row[0]
 
     # --- operations -------------------------------------------------------------------------
 

@@ -10,8 +10,9 @@ from bench import measure
 from bench.config import Workload, scenario_tag
 from bench.context import Context
 from bench.kafka import delete_prefix, message_count
-from bench.pg import Scratch, connect, create_logical_slot, int_to_lsn
+from bench.pg import Scratch, connect, create_logical_slot
 from bench.workload import TABLE, create_schema, fingerprint, generate
+from cdc_common.lsn import int_to_lsn
 
 log = logging.getLogger("bench.changes")
 

@@ -25,6 +25,7 @@ import orjson
 import psycopg2
 from psycopg2 import sql
 
+from cdc_common.lsn import lsn_to_int
 from cdc_common.tables import TableName
 from schemas.topics import topic_for
 from tests.conftest import Databases
@@ -321,16 +322,11 @@ def kill9(process: CliProcess) -> None:
     assert code == -signal.SIGKILL, f"{process.command} had already exited ({code}):\n{process.stderr_text()}"
 
 
-def lsn_int(text: str) -> int:
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
 def confirmed_flush(dsn: str, slot: str) -> int | None:
     rows = psql_rows(
         dsn, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
     )
-    return lsn_int(rows[0][0]) if rows and rows[0][0] else None
+    return lsn_to_int(rows[0][0]) if rows and rows[0][0] else None
 
 
 # --- the final check ------------------------------------------------------------------------------
@@ -375,7 +371,7 @@ class ScenarioReport:
 def wait_published(pipeline: Pipeline, processes: Sequence[CliProcess], timeout: float = 120) -> None:
     """Until the slot confirmed everything written so far: every change is in Kafka."""
     [(now,)] = psql_rows(pipeline.direct.source_dsn, "SELECT pg_current_wal_lsn()::text")
-    goal = lsn_int(now)
+    goal = lsn_to_int(now)
 
     def published() -> bool:
         assert_running(*processes)

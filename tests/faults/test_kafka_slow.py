@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import orjson
 import psutil
 
+from cdc_common.lsn import lsn_to_int
 from tests.conftest import Databases
 from tests.faults.broker import FaultBroker
 from tests.faults.harness import (
@@ -29,7 +30,6 @@ from tests.faults.harness import (
     ScenarioReport,
     Writer,
     final_check,
-    lsn_int,
     prepare_tables,
     settle,
 )
@@ -81,9 +81,9 @@ def sample(pipeline: Pipeline, source: CliProcess, metrics_port: int, with_ends:
     return Sample(
         time.monotonic(),
         rss,
-        lsn_int(confirmed),
+        lsn_to_int(confirmed),
         int(retained),
-        lsn_int(wal),
+        lsn_to_int(wal),
         found.get("cdc_source_in_flight_messages", 0.0),
         found.get("cdc_source_received_lsn", 0.0),
         ends,

@@ -23,6 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
+from cdc_common.lsn import lsn_to_int
+from cdc_common.tables import TableName
+from sink_connector.bookkeeping import Bookkeeping
 from tests.conftest import Databases, Stack
 from tests.helpers import psql_rows, run_cli, start_cli, wait_until
 from tests.kafka_broker import free_port
@@ -159,11 +162,6 @@ def status_json(dbs: Databases, prefix: str, slot: str, group: str, *extra: str)
     return result.returncode, orjson.loads(result.stdout)
 
 
-def lsn(text: str) -> int:
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
 def slot_row(stack: Stack, slot: str) -> tuple[Any, ...]:
     [row] = psql_rows(
         stack.source_admin_dsn,
@@ -209,7 +207,8 @@ def test_status_json_field_by_field(stack: Stack, dbs: Databases, topic_prefix: 
     assert s["active_pid"] == before[1] == after[1], (s, before, after)
     assert s["plugin"] == "wal2json" and s["database"] == dbs.name, s
     assert re.fullmatch(r"[0-9A-F]+/[0-9A-F]+", s["confirmed_flush_lsn"]), s
-    assert lsn(before[2]) <= lsn(s["confirmed_flush_lsn"]) <= lsn(after[2]), (s, before, after)
+    confirmed = lsn_to_int(s["confirmed_flush_lsn"])
+    assert lsn_to_int(before[2]) <= confirmed <= lsn_to_int(after[2]), (s, before, after)
     assert isinstance(s["retained_wal_bytes"], int) and s["retained_wal_bytes"] >= 0, s
     assert s["wal_status"] == "reserved", s
     assert report["sink"] == {"group": group, "lag_messages": 0, "lag_seconds": 0.0}, report["sink"]
@@ -311,7 +310,7 @@ def wal_sample(stack: Stack, slot: str) -> tuple[int, int, int]:
         "FROM pg_replication_slots WHERE slot_name = %s",
         (slot,),
     )
-    return lsn(current), lsn(restart), lsn(confirmed)
+    return lsn_to_int(current), lsn_to_int(restart), lsn_to_int(confirmed)
 
 
 WINDOW = 60  # seconds of noise: four running-xacts records
@@ -411,3 +410,32 @@ def test_heartbeat_keeps_the_slot_moving_while_another_database_writes(
         assert max(unconfirmed[-10:]) < generated / 8, unconfirmed  # a few seconds of WAL at most
     else:
         assert heartbeats == 0, heartbeats
+
+
+# --- cdc-verify ----------------------------------------------------------------------------------
+
+
+def test_verify_without_tables_checks_what_the_sink_filled(dbs: Databases) -> None:
+    """No --tables: the tables in the sink's bookkeeping on the target, else every table of the
+    source's public schema."""
+    for dsn in (dbs.source_dsn, dbs.target_dsn):
+        execute(dsn, "CREATE TABLE filled (id integer PRIMARY KEY)", "CREATE TABLE other (id integer PRIMARY KEY)")
+    execute(dbs.source_dsn, "INSERT INTO filled VALUES (1)", "INSERT INTO other VALUES (1)")
+    execute(dbs.target_dsn, "INSERT INTO filled VALUES (1)")
+    base = ["cdc-verify", "--source-dsn", dbs.source_dsn, "--target-dsn", dbs.target_dsn, "--log-format", "text"]
+
+    every = run_cli(base)
+    assert every.returncode == 1 and "DIFFERENT: 1 of 2 tables match" in every.stdout, every
+
+    conn = psycopg2.connect(dbs.target_dsn)
+    try:
+        book = Bookkeeping("cdc_sink", "g")
+        book.install(conn)
+        with conn.cursor() as cur:
+            book.record_initialized(cur, TableName("public", "filled"), "copy", None, None, 1)
+        conn.commit()
+    finally:
+        conn.close()
+    filled = run_cli(base)
+    assert filled.returncode == 0 and "identical: 1 of 1 tables match" in filled.stdout, filled
+    assert "public.other" not in filled.stdout, filled.stdout

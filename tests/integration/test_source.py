@@ -20,6 +20,7 @@ from jsonschema import Draft202012Validator
 from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
+from cdc_common.lsn import lsn_to_int
 from schemas.partitioner import partition_for
 from schemas.topics import state_topic
 from tests.conftest import Databases, Stack, admin_client
@@ -251,11 +252,6 @@ def as_text(value: Any) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def lsn_int(text: str) -> int:
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
 
 
 def slot_row(dbs: Databases, slot: str) -> tuple[Any, ...] | None:
@@ -1007,7 +1003,7 @@ def test_crash_safety_kill_9_loses_nothing(stack: Stack, dbs: Databases, topic_p
         assert second.poll() is None, f"the restarted connector exited:\n{second.stderr_text()}"
         row = slot_row(dbs, slot)
         assert row is not None
-        return lsn_int(row[1]) > lsn_int(before[1]) and total(stack, topics) > seen + 3000
+        return lsn_to_int(row[1]) > lsn_to_int(before[1]) and total(stack, topics) > seen + 3000
 
     wait_until(well_under_way, timeout=240, message="the restarted connector never confirmed a position")
     assert stop_process(second, signal.SIGKILL) == -signal.SIGKILL
@@ -1023,7 +1019,7 @@ def test_crash_safety_kill_9_loses_nothing(stack: Stack, dbs: Databases, topic_p
         assert writer.poll() is None, f"the writer exited:\n{writer.stderr_text()}"
         row = slot_row(dbs, slot)
         assert row is not None
-        positions.add(lsn_int(row[1]))
+        positions.add(lsn_to_int(row[1]))
         return len(positions) >= 4
 
     wait_until(slot_moves, timeout=120, interval=0.5, message="the slot's confirmed_flush_lsn did not advance")
@@ -1048,7 +1044,7 @@ def test_crash_safety_kill_9_loses_nothing(stack: Stack, dbs: Databases, topic_p
     # The slot never ran ahead of what the state topic says was confirmed.
     row = slot_row(dbs, slot)
     assert row is not None and row[0] is False, row
-    confirmed = lsn_int(row[1])
+    confirmed = lsn_to_int(row[1])
     states = state_records(stack, topic_prefix, slot)
     assert states and states[-1] is not None, states
     assert confirmed <= states[-1]["bound_lsn"], (row, states[-1])
@@ -1107,7 +1103,7 @@ def test_own_connection_lost_mid_transaction_releases_the_slot_and_confirms_agai
         writer.close()
     [(now,)] = psql_rows(admin, "SELECT pg_current_wal_lsn()::text")
     wait_until(
-        lambda: (row := slot_row(dbs, slot)) is not None and lsn_int(row[1]) >= lsn_int(now),
+        lambda: (row := slot_row(dbs, slot)) is not None and lsn_to_int(row[1]) >= lsn_to_int(now),
         timeout=60,
         message=f"the slot never confirmed {now} after the cut transaction",
     )

@@ -14,6 +14,7 @@ from cdc_common.dsn import describe, mask
 from cdc_common.errors import ConfigError
 from cdc_common.pg import is_connection_loss
 from cdc_common.retry import Backoff
+from cdc_common.service import samples
 from cdc_common.settings import KAFKA_CLIENT_LOG, Settings, build_settings, kafka_from_environment, read_properties
 from cdc_common.tables import TableName, parse_tables, quote_if_needed
 from writer.pacing import KINDS, MixSchedule, Pacer, parse_mix
@@ -387,3 +388,9 @@ def test_libpq_errors_without_sqlstate_are_lost_connections() -> None:
     assert is_connection_loss(psycopg2.InterfaceError("connection already closed"))
     assert not is_connection_loss(psycopg2.ProgrammingError("syntax error"))
     assert not is_connection_loss(psycopg2.DataError("invalid input syntax"))
+
+
+def test_metric_samples_from_counters() -> None:
+    assert samples(Counter({"a": 2, "b": 1})) == [(("a",), 2), (("b",), 1)]
+    assert samples(Counter({("t", "c"): 3})) == [(("t", "c"), 3)]
+    assert samples(Counter()) == []

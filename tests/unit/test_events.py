@@ -10,12 +10,13 @@ import pytest
 from jsonschema import Draft202012Validator
 
 import schemas
+from cdc_common.lsn import lsn_to_int
 from cdc_common.tables import TableName
 from schemas.envelope import CONNECTOR, ENVELOPE_VERSION
 from schemas.topics import topic_for
 from source_connector.events import EventBuilder, Message, TxContext, begin_context, snapshot_values
 from source_connector.table_info import TableInfo, key_problem, wal2json_type
-from source_connector.wal2json import Decoder, lsn_to_int, timestamp_to_us
+from source_connector.wal2json import Decoder, timestamp_to_us
 from tests.unit.wal2json_messages import TIMESTAMP, Column, bare, begin, bytea, change, text, truncate
 
 PREFIX = "cdc"

@@ -3,8 +3,9 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cdc_common.xid import EPOCH as XID_EPOCH
 from sink_connector.changes import TOMBSTONE
-from sink_connector.handover import XID_EPOCH, CopySnapshot
+from sink_connector.handover import CopySnapshot
 
 COPY_LSN = 5000
 SNAPSHOT = CopySnapshot.parse("500:510:503,507", COPY_LSN)

@@ -1,8 +1,7 @@
 """Decoder.decode on wal2json format-version 2 messages written exactly as the plugin writes them;
-LSN and commit-timestamp helpers; the add-tables escaping."""
+commit-timestamp helper; the add-tables escaping."""
 
 import datetime as dt
-import re
 from decimal import Decimal
 from typing import Any
 
@@ -15,8 +14,6 @@ from source_connector.wal2json import (
     WAL2JSON_OPTIONS,
     Decoder,
     escape_table_pattern,
-    int_to_lsn,
-    lsn_to_int,
     timestamp_to_us,
 )
 from tests.unit.wal2json_messages import (
@@ -383,35 +380,6 @@ def test_update_identity_round_trips(s: str, n: str, i: int) -> None:
     )
     doc = decode(payload)
     assert values(doc) == values(doc, "identity") == {"id": i, "t": s, "n": n}
-
-
-# --- LSNs ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text_", "value"),
-    [("0/0", 0), ("0/19276D8", 0x19276D8), ("16/B374D848", 97500059720), ("FFFFFFFF/FFFFFFFF", 2**64 - 1)],
-)
-def test_lsn_known_values(text_: str, value: int) -> None:
-    assert lsn_to_int(text_) == value
-    assert int_to_lsn(value) == text_
-
-
-def test_lsn_accepts_lower_case_and_leading_zeros() -> None:
-    assert lsn_to_int("16/b374d848") == 97500059720
-    assert lsn_to_int("00000016/0B374D84") == (0x16 << 32) | 0x0B374D84
-
-
-@given(st.integers(0, 2**64 - 1))
-def test_lsn_round_trip(value: int) -> None:
-    lsn = int_to_lsn(value)
-    assert re.fullmatch(r"(0|[1-9A-F][0-9A-F]{0,7})/(0|[1-9A-F][0-9A-F]{0,7})", lsn)
-    assert lsn_to_int(lsn) == value
-
-
-@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
-def test_lsn_order_is_numeric_order(a: int, b: int) -> None:
-    assert (lsn_to_int(int_to_lsn(a)) < lsn_to_int(int_to_lsn(b))) == (a < b)
 
 
 # --- commit timestamps ---------------------------------------------------------------------------
