@@ -154,6 +154,18 @@ class EventBuilder:
                 )
             ]
         before = {c["name"]: c["value"] for c in doc.get("identity", ())}
+        return self._update(info, before, after, columns, unchanged, tx, lsn)
+
+    def _update(
+        self,
+        info: TableInfo,
+        before: dict[str, Any],
+        after: dict[str, Any],
+        columns: Any,
+        unchanged: list[str],
+        tx: TxContext,
+        lsn: int,
+    ) -> list[Message]:
         if unchanged and any(k in unchanged for k in info.key):
             # A key column stored out of line and left unchanged: the old key (identity) holds it.
             for k in info.key:
@@ -164,41 +176,28 @@ class EventBuilder:
         if before and all(k in before for k in info.key):
             old_key = self.key(info, before)
             if old_key != new_key:
-                extra: dict[str, Any] | None = None
-                if unchanged:
-                    # The new key's row has no old row to leave the unchanged columns alone in: read
-                    # them back from the table (the row's current value, which any later change of
-                    # the key corrects); when the row is gone already, say they are not carried.
-                    values = (
-                        None
-                        if self.refetch is None
-                        else self.refetch(info, {k: after[k] for k in info.key}, unchanged, tx.xid)
-                    )
-                    if values is not None:
-                        after.update(values)
-                        extra = {"refetched": unchanged}
-                    else:
-                        extra = {"unchanged": unchanged}
-                return [
-                    *self._delete(info, before, tx, lsn, old_key),
-                    (
-                        info.topic,
-                        new_key,
-                        self._value(info, "c", None, after, tx, lsn, columns, extra=extra),
-                        None,
-                        None,
-                    ),
-                ]
+                extra = self._read_back(info, after, unchanged, tx) if unchanged else None
+                created = self._value(info, "c", None, after, tx, lsn, columns, extra=extra)
+                return [*self._delete(info, before, tx, lsn, old_key), (info.topic, new_key, created, None, None)]
         extra = {"unchanged": unchanged} if unchanged else None
-        return [
-            (
-                info.topic,
-                new_key,
-                self._value(info, "u", before or None, after, tx, lsn, columns, extra=extra),
-                None,
-                None,
-            )
-        ]
+        value = self._value(info, "u", before or None, after, tx, lsn, columns, extra=extra)
+        return [(info.topic, new_key, value, None, None)]
+
+    def _read_back(
+        self, info: TableInfo, after: dict[str, Any], unchanged: list[str], tx: TxContext
+    ) -> dict[str, Any]:
+        """A key change's new row has no old row to leave the unchanged columns alone in: read them
+        back from the table (the row's current value, which any later change of the key corrects);
+        when the row is gone already, say they are not carried."""
+        values = (
+            None
+            if self.refetch is None
+            else self.refetch(info, {k: after[k] for k in info.key}, unchanged, tx.xid)
+        )
+        if values is None:
+            return {"unchanged": unchanged}
+        after.update(values)
+        return {"refetched": unchanged}
 
     def _delete(
         self, info: TableInfo, before: dict[str, Any], tx: TxContext, lsn: int, key: bytes | None = None

@@ -17,18 +17,16 @@ import psycopg2
 
 from cdc_common.errors import ConnectError, SourceError
 from cdc_common.lsn import int_to_lsn, lsn_to_int
-from cdc_common.pg import connect_source, error_reason, is_connection_loss, sqlstate
-from cdc_common.retry import Backoff
+from cdc_common.pg import connect_source
 from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
 from source_connector.confirm import Confirmer
 from source_connector.events import EventBuilder, TxContext, begin_context
 from source_connector.flush import Transaction
 from source_connector.heartbeat import HEARTBEAT_PREFIX, Heartbeat
-from source_connector.plugin_allowlist import is_refusal
 from source_connector.ports import ReplicationCursor, ReplicationMessage
 from source_connector.publisher import Publisher, raise_delivery_failure
-from source_connector.slot import replication_error
+from source_connector.reconnect import Reconnect
 from source_connector.wal2json import (
     NUMBERS_AS_STRING_OPTION,
     WAL2JSON_OPTIONS,
@@ -38,14 +36,10 @@ from source_connector.wal2json import (
 
 log = logging.getLogger("source.stream")
 
-ROW_KINDS = frozenset({b"I", b"U", b"D"})
+CHANGE_KINDS = frozenset({b"I", b"U", b"D", b"T"})  # a row change, or a TRUNCATE
 HOUSEKEEPING_EVERY = 512  # messages between producer polls and feedback checks
 CONFIRM_INTERVAL = 0.5  # seconds between attempts to confirm a new position
 PERIODIC_INTERVAL = 30.0
-# How long a start waits for a slot that another process holds (the walsender of a previous run that
-# was killed may still be exiting) before reporting it, rather than waiting forever.
-SLOT_BUSY_TIMEOUT = 15.0
-REFUSED_LOG_INTERVAL = 60.0  # seconds between log lines while the server refuses the plugin
 
 
 class Stream:
@@ -73,14 +67,11 @@ class Stream:
         self.numbers_as_strings: bool | None = None  # probed on the first start
         self.decoder = Decoder()
         self.next_confirm = 0.0
-        self.down_since: float | None = None  # when the replication connection was lost
-        self.refused: str | None = None  # why the server refuses to stream (the fix), while it does
-        self.refused_logged = 0.0
+        self.reconnect = Reconnect(slot, stop)
         self.wal_end = 0  # the server's WAL end, as last reported
         self.last_commit_us: int | None = None  # source commit time of the newest transaction read
         self.periodic: Callable[[], None] | None = None  # called every PERIODIC_INTERVAL (slot checks)
         self.next_periodic = 0.0
-        self.has_streamed = False  # this process streamed from the slot at least once
         self.transactions = 0
         self.messages = 0
         self.cur: ReplicationCursor | None = None
@@ -142,20 +133,13 @@ class Stream:
                 )
         self.decoder = Decoder(numbers_as_strings=numbers_as_strings)
         log.info("streaming from slot %s at %s", self.slot, int_to_lsn(start_lsn), extra={"slot": self.slot})
-        self.down_since = None
-        if self.refused is not None:
-            log.info("the source server allows wal2json again: streaming resumes from the slot")
-            self.refused = None
 
     def run(self, conn: Any | None = None) -> None:
         """Stream until stopped; reconnects by itself when the source goes away."""
-        backoff = Backoff(base=0.5, cap=15.0)
-        busy_since: float | None = None
         while not self.stop:
             try:
                 conn, cur = self._open(conn)
-                self.has_streamed = True
-                backoff.reset()
+                self.reconnect.up()
                 self.cur = cur
                 self._loop(cur)
                 self._shutdown(cur)
@@ -164,7 +148,9 @@ class Stream:
             except psycopg2.Error as exc:
                 self._disconnected(conn)
                 conn = None
-                busy_since = self._retry_or_raise(exc, backoff, busy_since)
+                failure = self.reconnect.failed(exc)
+                self._settle()
+                self.reconnect.wait(failure)
             except ConnectError as exc:
                 # From connecting the stream, or from the connector's own connection inside the
                 # loop (a table lookup reconnecting while the server is down), possibly in the
@@ -173,64 +159,14 @@ class Stream:
                 self._disconnected(conn)
                 conn = None
                 self._settle()
-                delay = backoff.next_delay(time.monotonic())
-                log.warning("%s; retrying in %.1f s", exc, delay or 0)
-                self.stop.wait(delay or 1.0)
-
-    def _retry_or_raise(self, exc: psycopg2.Error, backoff: Backoff, busy_since: float | None) -> float | None:
-        """Wait before the next attempt after a replication error, or raise it when it is final.
-        Returns when the slot was first found busy (None: it was not)."""
-        known = replication_error(exc, self.slot)
-        busy = known is not None and sqlstate(exc) == "55006"
-        # The plugin allow-list changed under a running connector: wait for the fix, with the slot
-        # holding every change, rather than exit into a restart loop.
-        refused = self.has_streamed and is_refusal(sqlstate(exc), error_reason(exc))
-        transient = is_connection_loss(exc) or busy or refused
-        # The slot is active in another process. After this process streamed, that is most likely
-        # its own old walsender, which the server ends (wal_sender_timeout): keep retrying. At
-        # start-up it is usually another cdc-source on the same slot: wait a little, then fail with
-        # the reason instead of retrying silently forever.
-        now = time.monotonic()
-        if busy and not self.has_streamed:
-            busy_since = now if busy_since is None else busy_since
-            if now - busy_since >= SLOT_BUSY_TIMEOUT:
-                transient = False
-        if not transient:
-            if known is not None:
-                raise known from None
-            raise SourceError(f"replication failed: {error_reason(exc)}") from None
-        self._settle()
-        delay = backoff.next_delay(time.monotonic()) or 1.0
-        if busy_since is not None and not self.has_streamed:
-            delay = min(delay, max(0.1, busy_since + SLOT_BUSY_TIMEOUT - time.monotonic()))
-        if refused:
-            self._wait_refused(str(known), delay)
-            return busy_since
-        log.warning(
-            "%s (%s); reconnecting in %.1f s",
-            "replication slot busy" if busy else "replication connection lost",
-            error_reason(exc),
-            delay,
-            extra={"slot": self.slot},
-        )
-        self.stop.wait(delay)
-        return busy_since
-
-    def _wait_refused(self, reason: str, delay: float) -> None:
-        """The server refuses the plugin: /healthz says why, the log gives the fix once a minute."""
-        now = time.monotonic()
-        if self.refused is None or now - self.refused_logged >= REFUSED_LOG_INTERVAL:
-            self.refused_logged = now
-            log.error("%s (retrying; the slot keeps every change until then)", reason, extra={"slot": self.slot})
-        self.refused = reason
-        self.stop.wait(delay)
+                self.reconnect.wait_to_connect(exc)
 
     def _disconnected(self, conn: Any | None) -> None:
         """The stream is down: close the replication connection now, as a half-dead connection left
         to the garbage collector keeps the server's walsender (so the slot, and a shutdown of the
         server) busy until wal_sender_timeout."""
         self.cur = None
-        self.down_since = self.down_since or time.monotonic()
+        self.reconnect.down()
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()
@@ -257,10 +193,11 @@ class Stream:
             self.last = msg
             payload = msg.payload
             kind = payload[11:12]
-            if kind in ROW_KINDS:
+            if kind in CHANGE_KINDS:
                 if tx is None or ctx is None:
                     raise outside_transaction(payload)
-                for message in row(decode(payload), ctx):
+                doc = decode(payload)
+                for message in row(doc, ctx) if kind != b"T" else self.builder.truncate(doc, ctx):
                     publish(tx, message)
             elif kind == b"B":
                 confirmer.begin_seen(msg.data_start)
@@ -274,11 +211,6 @@ class Stream:
                 tx = None
                 self.transactions += 1
                 self.last_commit_us = ctx.ts_us
-            elif kind == b"T":
-                if tx is None or ctx is None:
-                    raise outside_transaction(payload)
-                for message in self.builder.truncate(decode(payload), ctx):
-                    publish(tx, message)
             elif kind == b"M":
                 confirmer.tracker.point(msg.data_start)
                 self.heartbeats_seen += 1
@@ -314,14 +246,12 @@ class Stream:
 
     def health(self) -> tuple[bool, str]:
         """Can the stream make progress? Not when the source or Kafka has been gone for long."""
-        now = time.monotonic()
+        problem = self.reconnect.problem()
+        if problem is not None:
+            return False, problem
         stalled = self.publisher.stalled_since
-        if self.refused is not None:
-            return False, self.refused
-        if self.down_since is not None and now - self.down_since > 30:
-            return False, f"replication connection lost for {now - self.down_since:.0f} s"
-        if stalled is not None and now - stalled > 60:
-            return False, f"Kafka has not accepted messages for {now - stalled:.0f} s"
+        if stalled is not None and time.monotonic() - stalled > 60:
+            return False, f"Kafka has not accepted messages for {time.monotonic() - stalled:.0f} s"
         return True, f"ok: confirmed {int_to_lsn(self.confirmed_lsn)}, {self.transactions} transactions read"
 
     def _wait_acknowledged(self, timeout: float | None = None) -> None:

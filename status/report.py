@@ -11,6 +11,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from cdc_common.errors import ConnectError
 from cdc_common.kafka import kafka_reason, wait_for_kafka
 from cdc_common.settings import Settings
+from cdc_common.tables import TableName
 from schemas.topics import table_for, topic_for
 from sink_connector.bookkeeping import Bookkeeping, TableProgress, installed
 from source_connector.plugin_allowlist import allows, refused
@@ -142,36 +143,62 @@ def message_time(consumer: Any, topic: str, partition: int, offset: int) -> floa
     return None
 
 
-def gather(
-    settings: Settings, source: Any, target: Any, slot: str, group: str, schema: str, quotas: dict[str, float]
-) -> Status:
-    problems: list[str] = []
-    slot_state = slot_status(source, slot)
-    plugins = plugin_setting(source)
-    if not allows(plugins):
-        problems.append(refused(plugins))
-    if not slot_state.exists:
-        problems.append(f"slot {slot} does not exist on the source (is cdc-source running?)")
-    else:
-        retained = slot_state.retained_wal_bytes or 0
-        if not slot_state.active and retained > quotas["max_slot_lag"]:
-            problems.append(
-                f"slot {slot} is inactive and holds {retained / 2**20:.1f} MiB of WAL "
-                f"(more than {quotas['max_slot_lag'] / 2**20:.0f} MiB): start cdc-source, or drop the slot"
-            )
-        if slot_state.wal_status in ("extended", "unreserved", "lost"):
-            problems.append(
-                f"slot {slot} has wal_status {slot_state.wal_status}: "
-                + (
-                    "its WAL is gone, changes were lost"
-                    if slot_state.wal_status == "lost"
-                    else "it is close to losing WAL"
-                )
-            )
-    offsets, progress = sink_progress(target, schema, group)
+def slot_problems(slot: str, state: SlotStatus, max_slot_lag: float) -> list[str]:
+    if not state.exists:
+        return [f"slot {slot} does not exist on the source (is cdc-source running?)"]
+    problems = []
+    retained = state.retained_wal_bytes or 0
+    if not state.active and retained > max_slot_lag:
+        problems.append(
+            f"slot {slot} is inactive and holds {retained / 2**20:.1f} MiB of WAL "
+            f"(more than {max_slot_lag / 2**20:.0f} MiB): start cdc-source, or drop the slot"
+        )
+    if state.wal_status in ("extended", "unreserved", "lost"):
+        problems.append(
+            f"slot {slot} has wal_status {state.wal_status}: "
+            + ("its WAL is gone, changes were lost" if state.wal_status == "lost" else "it is close to losing WAL")
+        )
+    return problems
+
+
+def partition_status(
+    consumer: Any, topic: str, partition: int, applied: int | None, now: float
+) -> PartitionStatus:
+    low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+    lag = max(0, high - (low if applied is None else applied))
+    lag_seconds = 0.0
+    if lag:
+        ts = message_time(consumer, topic, partition, low if applied is None else applied)
+        lag_seconds = max(0.0, now - ts) if ts is not None else 0.0
+    return PartitionStatus(partition, high, applied, lag, lag_seconds)
+
+
+def table_status(
+    consumer: Any,
+    partitions: list[int],
+    table: TableName | None,
+    topic: str,
+    offsets: dict[tuple[str, int], int | None],
+    progress: dict[str, TableProgress],
+) -> TableStatus:
+    """One topic's table: end offsets, what the sink applied, lag in messages and in seconds."""
+    status = TableStatus(str(table), topic)
+    applied = progress.get(f"{table.schema}.{table.name}" if table else "")
+    if applied is not None:
+        commit_at, applied_at, changes = applied
+        status.last_applied_commit = commit_at.isoformat() if commit_at else None
+        status.applied_at = applied_at.isoformat() if applied_at else None
+        status.changes_applied = int(changes)
+    now = time.time()
+    status.partitions = [partition_status(consumer, topic, p, offsets.get((topic, p)), now) for p in partitions]
+    return status
+
+
+def kafka_tables(
+    settings: Settings, group: str, offsets: dict[tuple[str, int], int | None], progress: dict[str, TableProgress]
+) -> list[TableStatus]:
     wait_for_kafka(settings, timeout=10)
     consumer = Consumer(settings.kafka_config(**{"group.id": group + "-status", "enable.auto.commit": False}))
-    tables: list[TableStatus] = []
     try:
         try:
             metadata = consumer.list_topics(timeout=10)
@@ -184,28 +211,32 @@ def gather(
             topics = [topic_for(settings.topic_prefix, t) for t in settings.tables]
         else:
             topics = sorted(t for t in metadata.topics if table_for(settings.topic_prefix, t) is not None)
-        now = time.time()
-        for topic in topics:
-            table = table_for(settings.topic_prefix, topic)
-            status = TableStatus(str(table), topic)
-            applied = progress.get(f"{table.schema}.{table.name}" if table else "")
-            if applied is not None:
-                commit_at, applied_at, changes = applied
-                status.last_applied_commit = commit_at.isoformat() if commit_at else None
-                status.applied_at = applied_at.isoformat() if applied_at else None
-                status.changes_applied = int(changes)
-            for p in sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []:
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                done = offsets.get((topic, p))
-                lag = max(0, high - (low if done is None else done))
-                lag_seconds = 0.0
-                if lag:
-                    ts = message_time(consumer, topic, p, low if done is None else done)
-                    lag_seconds = max(0.0, now - ts) if ts is not None else 0.0
-                status.partitions.append(PartitionStatus(p, high, done, lag, lag_seconds))
-            tables.append(status)
+        return [
+            table_status(
+                consumer,
+                sorted(metadata.topics[topic].partitions) if topic in metadata.topics else [],
+                table_for(settings.topic_prefix, topic),
+                topic,
+                offsets,
+                progress,
+            )
+            for topic in topics
+        ]
     finally:
         consumer.close()
+
+
+def gather(
+    settings: Settings, source: Any, target: Any, slot: str, group: str, schema: str, quotas: dict[str, float]
+) -> Status:
+    problems: list[str] = []
+    slot_state = slot_status(source, slot)
+    plugins = plugin_setting(source)
+    if not allows(plugins):
+        problems.append(refused(plugins))
+    problems += slot_problems(slot, slot_state, quotas["max_slot_lag"])
+    offsets, progress = sink_progress(target, schema, group)
+    tables = kafka_tables(settings, group, offsets, progress)
     for t in tables:
         if t.lag_messages > quotas["max_lag_messages"] or t.lag_seconds > quotas["max_lag_seconds"]:
             problems.append(
