@@ -5,6 +5,7 @@ poison (poison.py); a fenced batch is read again from the stored offsets."""
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import psycopg2
 
@@ -34,23 +35,15 @@ from sink_connector.session import classify
 log = logging.getLogger("sink")
 
 
+@dataclass
 class BatchProcessor:
-    def __init__(
-        self,
-        target: Target,
-        commit: BatchCommit,
-        policy: ErrorPolicy,
-        topic_tables: TopicTables,
-        stats: SinkStats,
-        reconnect: Callable[[BaseException, float], None],
-    ) -> None:
-        self.target = target
-        self.commit = commit
-        self.policy = policy
-        self.topic_tables = topic_tables
-        self.stats = stats
-        self.reconnect = reconnect
-        self.backoff = Backoff(base=0.5, cap=15.0)
+    target: Target
+    commit: BatchCommit
+    policy: ErrorPolicy
+    topic_tables: TopicTables
+    stats: SinkStats
+    reconnect: Callable[[BaseException, float], None]
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=15.0))
 
     def run(self, messages: Sequence[Message], stop: StopFlag) -> bool:
         """Apply the batch, retrying it while the target is unreachable or busy. False when the

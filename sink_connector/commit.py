@@ -55,10 +55,7 @@ class BatchCommit:
     def send_dead_letters(self, plan: BatchPlan) -> None:
         if plan.rejected and self.dead_letters is not None:
             for r in plan.rejected:
-                m = r.message
-                self.dead_letters.send(
-                    m.topic(), m.partition(), m.offset(), m.key(), m.value(), r.reason, m.headers()
-                )
+                self.dead_letters.send(r.message, r.reason)
             self.dead_letters.flush()
 
     def fence(self, plan: BatchPlan) -> None:

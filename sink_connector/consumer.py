@@ -4,6 +4,7 @@ the offset stored in the target), message errors, batch sizing, lag and --once's
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
@@ -28,21 +29,19 @@ def batch_count(messages: Sequence[Payload], most: int, budget: int) -> int:
     return max(1, min(most, int(budget // max(size, 1.0))))
 
 
+@dataclass
 class KafkaLog:
     """A consumer of the change topics whose partitions start from the target's stored offsets."""
 
-    def __init__(
-        self, settings: Settings, group: str, instance_id: str | None, claim: Claim, stats: SinkStats
-    ) -> None:
-        self.settings = settings
-        self.group = group
-        self.instance_id = instance_id
-        self.claim = claim
-        self.stats = stats
-        # The next offset this member expects per assigned partition (None: nothing applied yet).
-        self.expected: dict[TP, int | None] = {}
-        self.down_since: float | None = None
-        self.consumer: Any = None
+    settings: Settings
+    group: str
+    instance_id: str | None
+    claim: Claim
+    stats: SinkStats
+    # The next offset this member expects per assigned partition (None: nothing applied yet).
+    expected: dict[TP, int | None] = field(default_factory=dict)
+    down_since: float | None = None  # monotonic time Kafka became unreachable
+    consumer: Any = None
 
     def config(self) -> dict[str, Any]:
         static = {"group.instance.id": self.instance_id} if self.instance_id else {}

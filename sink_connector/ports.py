@@ -71,15 +71,7 @@ class Target(Protocol):
 class DeadLetterSink(Protocol):
     sent: int
 
-    def send(
-        self,
-        topic: str,
-        partition: int,
-        offset: int,
-        key: bytes | None,
-        value: bytes | None,
-        reason: str,
-        original: Headers | None = None,
-    ) -> None: ...
+    def send(self, message: Message, reason: str) -> None:
+        """Send the message on to its dead-letter topic, with the reason."""
 
     def flush(self) -> None: ...

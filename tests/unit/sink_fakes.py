@@ -13,7 +13,7 @@ from cdc_common.tables import TableName
 from sink_connector.bookkeeping import TopicPartition
 from sink_connector.changes import TableBatch
 from sink_connector.handover import CopySnapshot
-from sink_connector.ports import Headers
+from sink_connector.ports import Headers, Message
 from sink_connector.preparation import TableState
 from sink_connector.target import TargetTable
 
@@ -111,17 +111,8 @@ class FakeDeadLetters:
     letters: list[tuple[str, int, int, str]] = field(default_factory=list)
     sent: int = 0
 
-    def send(
-        self,
-        topic: str,
-        partition: int,
-        offset: int,
-        key: bytes | None,
-        value: bytes | None,
-        reason: str,
-        original: Headers | None = None,
-    ) -> None:
-        self.letters.append((topic, partition, offset, reason))
+    def send(self, message: Message, reason: str) -> None:
+        self.letters.append((message.topic(), message.partition(), message.offset(), reason))
         self.sent += 1
 
     def flush(self) -> None:

@@ -50,7 +50,9 @@ def test_which_values_let_wal2json_load(value: str | None, allowed: bool) -> Non
 
 
 def test_the_fix_keeps_what_the_list_has() -> None:
-    assert config_line("pgoutput, test_decoding") == "output_plugin_libraries = 'pgoutput, test_decoding, wal2json'"
+    assert (
+        config_line("pgoutput, test_decoding") == "output_plugin_libraries = 'pgoutput, test_decoding, wal2json'"
+    )
     assert config_line("pgoutput, decoderbufs") == "output_plugin_libraries = 'pgoutput, decoderbufs, wal2json'"
     assert config_line(None) == "output_plugin_libraries = 'pgoutput, test_decoding, wal2json'"
     assert config_line("") == "output_plugin_libraries = 'wal2json'"
