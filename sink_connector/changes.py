@@ -185,16 +185,15 @@ class TableBatch:
             self.max_commit_lsn is None or change.commit_lsn > self.max_commit_lsn
         ):
             self.max_commit_lsn = change.commit_lsn
-        op, key = change.op, change.key
+        op, key, row = change.op, change.key, change.row or {}
         if key in self.upserts:
             self.replaced.append(self.upserts[key].row)
         elif key in self.deletes:
             self.replaced.append(self.deletes[key][0])
         if op in FULL_ROW_OPS or (op == "u" and not change.unchanged):
-            self.upserts[key] = Upsert(change.row, None, change.partition)  # type: ignore[arg-type]
+            self.upserts[key] = Upsert(row, None, change.partition)
             self.deletes.pop(key, None)
         elif op == "u":
-            row: dict[str, Any] = change.row  # type: ignore[assignment]
             previous = self.upserts.get(key)
             missing = set(change.unchanged or ())
             if previous is not None:
@@ -207,7 +206,6 @@ class TableBatch:
                 self.deletes.pop(key, None)
         elif op in DELETE_OPS:
             self.upserts.pop(key, None)
-            row = change.row  # type: ignore[assignment]
             self.deletes[key] = ({k: row[k] for k in (change.key_columns or row)}, change.partition)
         else:  # t: the partition's rows go, so do the batch's earlier changes to them
             p = change.partition

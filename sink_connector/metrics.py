@@ -56,6 +56,14 @@ class SinkStats:
                 self.last_applied_ts_us = max(self.last_applied_ts_us or 0, b.max_ts_us)
 
 
+def _timings(stats: SinkStats) -> Iterator[Any]:
+    yield stats.latency.family(
+        "cdc_sink_end_to_end_latency_seconds", "From source commit to target commit, per change."
+    )
+    yield stats.batch_sizes.family("cdc_sink_batch_size_messages", "Messages per applied batch.")
+    yield stats.apply_seconds.family("cdc_sink_apply_seconds", "Time to apply and commit one batch.")
+
+
 def collect(sink: "Sink") -> Iterator[Any]:
     stats = sink.stats
     yield counter(
@@ -92,11 +100,7 @@ def collect(sink: "Sink") -> Iterator[Any]:
         ["table"],
         [((t,), n) for t, n in list(sink.preparer.copied_rows.items())],
     )
-    yield stats.latency.family(
-        "cdc_sink_end_to_end_latency_seconds", "From source commit to target commit, per change."
-    )
-    yield stats.batch_sizes.family("cdc_sink_batch_size_messages", "Messages per applied batch.")
-    yield stats.apply_seconds.family("cdc_sink_apply_seconds", "Time to apply and commit one batch.")
+    yield from _timings(stats)
     yield gauge(
         "cdc_sink_consumer_lag_messages",
         "Messages not yet applied, by topic and partition.",
