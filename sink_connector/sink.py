@@ -107,7 +107,7 @@ class Sink:
         processor = BatchProcessor(self.target, commit, policy, self.topic_tables, self.stats, self._reconnect)
         self._subscribe()
         try:
-            self._loop(processor, once)
+            self.loop(processor, once)
         finally:
             self.kafka.close()
             if self.dead_letters is not None:
@@ -146,7 +146,8 @@ class Sink:
 
     # --- the loop -----------------------------------------------------------------------------
 
-    def _loop(self, processor: BatchProcessor, once: EndOffsets | None) -> None:
+    def loop(self, processor: BatchProcessor, once: EndOffsets | None) -> None:
+        """Consume and apply batches until stopped (or caught up, with --once)."""
         while not self.stop:
             if once is not None and once.reached():
                 log.info("caught up with the end offsets seen at start-up; exiting (--once)")

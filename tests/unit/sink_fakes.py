@@ -218,3 +218,44 @@ class FakeTarget:
         if self.tx is not None:
             self.events.append("rollback")
         self.tx = None
+
+
+@dataclass
+class FakeError:
+    """A consumed message's error (confluent_kafka.KafkaError)."""
+
+    number: int
+
+    def code(self) -> int:
+        return self.number
+
+    def fatal(self) -> bool:
+        return False
+
+    def str(self) -> str:
+        return f"error {self.number}"
+
+
+@dataclass
+class ErrorMessage(FakeMessage):
+    failure: FakeError | None = None
+
+    def error(self) -> Any:
+        return self.failure
+
+
+@dataclass
+class FakeConsumer:
+    """confluent_kafka.Consumer as KafkaLog uses it: hands out the batches in turn, then nothing."""
+
+    batches: list[list[FakeMessage]]
+    ends: dict[TopicPartition, int] = field(default_factory=dict)
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        return self.batches.pop(0) if self.batches else []
+
+    def get_watermark_offsets(self, partition: Any, cached: bool = False) -> tuple[int, int]:
+        return 0, self.ends.get((partition.topic, partition.partition), 0)
+
+    def list_topics(self, timeout: float) -> None:
+        return None

@@ -3,17 +3,31 @@ and the target (tests/unit/sink_fakes.py): the code production runs, without the
 
 import psycopg2
 import pytest
+from confluent_kafka import KafkaError
 
 from cdc_common.errors import SinkError
+from cdc_common.settings import Settings
 from cdc_common.signals import StopFlag
 from cdc_common.tables import TableName
 from sink_connector.batch import BatchProcessor
 from sink_connector.commit import BatchCommit
+from sink_connector.consumer import EndOffsets
 from sink_connector.handover import CopySnapshot
 from sink_connector.metrics import SinkStats
 from sink_connector.plan import PARKED, TopicTables, decode_batch, plan_batch, positions_of
 from sink_connector.poison import ErrorPolicy
-from tests.unit.sink_fakes import PREFIX, FakeDeadLetters, FakeLog, FakeTarget, Partitions, topic_of
+from sink_connector.sink import Sink, SinkOptions
+from tests.unit.sink_fakes import (
+    PREFIX,
+    ErrorMessage,
+    FakeConsumer,
+    FakeDeadLetters,
+    FakeError,
+    FakeLog,
+    FakeTarget,
+    Partitions,
+    topic_of,
+)
 
 PERSON = TableName("public", "person")
 ORDERS = TableName("public", "orders")
@@ -283,3 +297,24 @@ def test_the_plan_names_the_positions_past_every_message() -> None:
     assert person.upserts.keys() == {b'{"id":2}'}
     assert person.deletes.keys() == {b'{"id":1}'}
     assert plan.progress == [(PERSON, person.max_ts_us, 9100, 3)]
+
+
+# --- the sink's loop ----------------------------------------------------------------------------
+
+
+def test_the_loop_applies_what_it_consumes_until_caught_up_with_once() -> None:
+    loop = Loop()
+    loop.assign(PERSON_0)
+    s = loop.stream
+    eof = ErrorMessage(topic_of("person"), 0, 2, None, None, failure=FakeError(KafkaError._PARTITION_EOF))
+    batches = [[s.upsert("person", 1, "a")], [s.upsert("person", 2, "b"), eof], [], [s.delete("person", 1)]]
+    settings = Settings("", "", "", PREFIX, ())
+    sink = Sink(settings, SinkOptions(once=True), StopFlag())
+    sink.kafka.expected = loop.expected
+    sink.kafka.consumer = FakeConsumer(batches, {PERSON_0: 3})
+    once = EndOffsets({PERSON_0: 3}, loop.expected, lambda: loop.target.db.offsets)
+    sink.loop(loop.processor, once)
+    assert loop.rows(PERSON) == {2: "b"}
+    assert loop.target.db.offsets == {PERSON_0: 3}
+    assert loop.stats.batches == 3
+    assert sink.stats.lag == {PERSON_0: 3}  # as seen before the first batch was applied
