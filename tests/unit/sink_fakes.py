@@ -141,6 +141,7 @@ class FakeTarget:
         self.tx: Database | None = None
         self.progress_locked = False
         self.lose_connection = 0  # commits to fail with a lost connection
+        self.reject_batches = False  # every batch fails, though no change of it alone does
 
     def claim(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
         for tp in partitions:
@@ -172,6 +173,8 @@ class FakeTarget:
     def apply(self, batch: TableBatch) -> None:
         self.events.append(f"apply {batch.table}")
         rows = self._open().rows.setdefault(batch.table, {})
+        if self.reject_batches:
+            raise psycopg2.DataError("no single change")
         for row in [*batch.replaced, *(u.row for u in batch.upserts.values())]:
             if row.get("n") == "bad":
                 raise psycopg2.DataError(f'invalid input syntax for type bigint: "{row["id"]}"')
@@ -181,6 +184,8 @@ class FakeTarget:
             rows[upsert.row["id"]] = {**rows.get(upsert.row["id"], {}), **upsert.row}
 
     def probe(self, batch: TableBatch) -> str | None:
+        if self.reject_batches:
+            return None
         saved = copy.deepcopy(self._open())
         try:
             self.apply(batch)

@@ -1,7 +1,6 @@
 """The sink's batch loop (batch.py, plan.py, commit.py, poison.py) against in-memory fakes of Kafka
 and the target (tests/unit/sink_fakes.py): the code production runs, without the services."""
 
-import psycopg2
 import pytest
 from confluent_kafka import KafkaError
 
@@ -272,15 +271,12 @@ def test_a_parked_key_stays_parked() -> None:
 def test_a_data_error_of_the_batch_but_of_no_single_change_stops() -> None:
     loop = Loop("dlq")
     loop.assign(PERSON_0)
-
-    def fails(batch: object) -> None:
-        raise psycopg2.DataError("no single change")
-
     loop.processor.run([loop.stream.upsert("person", 1, "a")], StopFlag())
-    loop.target.apply = fails  # type: ignore[method-assign]
-    loop.target.probe = lambda batch: None  # type: ignore[method-assign]
+    loop.target.reject_batches = True
     with pytest.raises(SinkError, match="no single change of it does"):
         loop.processor.run([loop.stream.upsert("person", 2, "b")], StopFlag())
+    assert loop.rows(PERSON) == {1: "a"}
+    assert loop.target.db.offsets[PERSON_0] == 1
 
 
 # --- the plan alone -----------------------------------------------------------------------------
