@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg2
+from psycopg2 import sql
 
 from cdc_common.errors import CdcError
 from cdc_common.pg import connect_target, error_reason, is_connection_loss, sqlstate
@@ -22,9 +23,17 @@ log = logging.getLogger("sink")
 # The consumer group's session timeout: a member silent for longer has lost its partitions.
 SESSION_TIMEOUT_MS = 10_000
 
-
 # Errors worth retrying the same batch for; other errors raised by a statement mean the data is bad.
 RETRY_SQLSTATES = {"40001", "40P01", "55P03", "57014", "53100", "53200", "53300"}
+
+_FROZEN_MEMBER_TIMEOUT = sql.SQL("SET LOCAL idle_in_transaction_session_timeout = {}").format(
+    sql.Literal(SESSION_TIMEOUT_MS)
+)
+_PROBE = sql.SQL("SAVEPOINT cdc_probe")
+_PROBE_DONE = sql.SQL("RELEASE SAVEPOINT cdc_probe")
+_PROGRESS = sql.SQL("SAVEPOINT progress; SET LOCAL lock_timeout = '100ms'")
+_PROGRESS_HELD = sql.SQL("ROLLBACK TO SAVEPOINT progress")
+_PROGRESS_DONE = sql.SQL("RELEASE SAVEPOINT progress; SET LOCAL lock_timeout = DEFAULT")
 
 
 def classify(exc: BaseException) -> str:
@@ -99,7 +108,7 @@ class TargetSession:
         # A member frozen (SIGSTOP, a paused VM) inside this transaction holds its partitions'
         # offsets rows, which the member taking the partitions over needs: the server ends the
         # transaction once the member has been silent as long as the group waits for it.
-        self.cur.execute("SET LOCAL idle_in_transaction_session_timeout = %s", (SESSION_TIMEOUT_MS,))
+        self.cur.execute(_FROZEN_MEMBER_TIMEOUT)
 
     def lock_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
         return self.book.lock(self.cur, partitions)
@@ -113,14 +122,14 @@ class TargetSession:
         apply_table(self.cur, state.target, batch)
 
     def probe(self, batch: TableBatch) -> str | None:
-        self.cur.execute("SAVEPOINT cdc_probe")
+        self.cur.execute(_PROBE)
         try:
             self.apply(batch)
         except psycopg2.Error as exc:
             if classify(exc) != "data":
                 raise
             return error_reason(exc)
-        self.cur.execute("RELEASE SAVEPOINT cdc_probe")
+        self.cur.execute(_PROBE_DONE)
         return None
 
     def park(self, topic: str, key: bytes, offset: int, reason: str) -> None:
@@ -133,13 +142,13 @@ class TargetSession:
         """The per-table progress rows are shared by the group's members: never wait for one that
         another member's open transaction holds (a frozen member would stall this one too); keep
         the figures for the next batch instead."""
-        self.cur.execute("SAVEPOINT progress; SET LOCAL lock_timeout = '100ms'")
+        self.cur.execute(_PROGRESS)
         try:
             self.book.progress(self.cur, progress)
         except psycopg2.errors.LockNotAvailable:
-            self.cur.execute("ROLLBACK TO SAVEPOINT progress")  # also undoes the lock_timeout
+            self.cur.execute(_PROGRESS_HELD)  # also undoes the lock_timeout
             return False
-        self.cur.execute("RELEASE SAVEPOINT progress; SET LOCAL lock_timeout = DEFAULT")
+        self.cur.execute(_PROGRESS_DONE)
         return True
 
     def commit(self) -> None:
