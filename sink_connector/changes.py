@@ -54,44 +54,11 @@ def decode(
 ) -> Change:
     """Parse and check one message; BadMessage says why it is not a change event."""
     if value is None:
-        if not key:
-            raise BadMessage("tombstone without a key")
-        try:
-            key_row = orjson.loads(key)
-        except orjson.JSONDecodeError as exc:
-            raise BadMessage(f"key is not JSON: {exc}") from None
-        if not isinstance(key_row, dict) or not key_row:
-            raise BadMessage("key is not a JSON object of key columns")
-        change = Change(topic, partition, offset, key, TOMBSTONE, key_row, None, list(key_row))
-        if headers:
-            _tombstone_position(change, headers)
-        return change
-    try:
-        env = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise BadMessage(f"value is not JSON: {exc}") from None
-    if not isinstance(env, dict):
-        raise BadMessage("value is not a JSON object")
-    try:
-        op = env["op"]
-        source = env["source"]
-        columns = env["columns"]
-        key_columns = env["key"]
-        before = env["before"]
-        after = env["after"]
-    except KeyError as exc:
-        raise BadMessage(f"envelope has no {exc.args[0]!r} field") from None
-    if not isinstance(op, str) or op not in OPS:
-        raise BadMessage(f"unknown op {op!r}")
-    if (
-        not isinstance(columns, dict)
-        or not isinstance(key_columns, list)
-        or not key_columns
-        or not all(isinstance(c, str) for c in key_columns)
-    ):
-        raise BadMessage("envelope `columns` must be an object and `key` a non-empty list of column names")
-    if not isinstance(source, dict):
-        raise BadMessage("envelope `source` must be an object")
+        return _tombstone(topic, partition, offset, key, headers)
+    env = _envelope(value)
+    op, source, columns, key_columns = env["op"], env["source"], env["columns"], env["key"]
+    before, after = env["before"], env["after"]
+    _check_envelope(op, source, columns, key_columns)
     if op == "t":
         row = None
         if key is None:
@@ -108,22 +75,55 @@ def decode(
     partitions = env.get("partitions") if op == "t" else None
     if op == "t" and (not isinstance(partitions, int) or partitions < 1):
         raise BadMessage("truncate event without a valid `partitions` count")
+    position = (source.get("txId"), source.get("lsn"), source.get("commit_lsn"), source.get("ts_us"))
     return Change(
-        topic,
-        partition,
-        offset,
-        key,
-        op,
-        row,
-        columns,
-        key_columns,
-        unchanged or None,
-        source.get("txId"),
-        source.get("lsn"),
-        source.get("commit_lsn"),
-        source.get("ts_us"),
-        partitions,
+        topic, partition, offset, key, op, row, columns, key_columns, unchanged or None, *position, partitions
     )
+
+
+def _tombstone(
+    topic: str, partition: int, offset: int, key: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None
+) -> Change:
+    """A null-valued message: the delete of its key (at the position its header names, if any)."""
+    if not key:
+        raise BadMessage("tombstone without a key")
+    try:
+        key_row = orjson.loads(key)
+    except orjson.JSONDecodeError as exc:
+        raise BadMessage(f"key is not JSON: {exc}") from None
+    if not isinstance(key_row, dict) or not key_row:
+        raise BadMessage("key is not a JSON object of key columns")
+    change = Change(topic, partition, offset, key, TOMBSTONE, key_row, None, list(key_row))
+    if headers:
+        _tombstone_position(change, headers)
+    return change
+
+
+def _envelope(value: bytes) -> dict[str, Any]:
+    try:
+        env = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise BadMessage(f"value is not JSON: {exc}") from None
+    if not isinstance(env, dict):
+        raise BadMessage("value is not a JSON object")
+    for name in ("op", "source", "columns", "key", "before", "after"):
+        if name not in env:
+            raise BadMessage(f"envelope has no {name!r} field")
+    return env
+
+
+def _check_envelope(op: Any, source: Any, columns: Any, key_columns: Any) -> None:
+    if not isinstance(op, str) or op not in OPS:
+        raise BadMessage(f"unknown op {op!r}")
+    if (
+        not isinstance(columns, dict)
+        or not isinstance(key_columns, list)
+        or not key_columns
+        or not all(isinstance(c, str) for c in key_columns)
+    ):
+        raise BadMessage("envelope `columns` must be an object and `key` a non-empty list of column names")
+    if not isinstance(source, dict):
+        raise BadMessage("envelope `source` must be an object")
 
 
 def _tombstone_position(change: Change, headers: Sequence[tuple[str, bytes | None]]) -> None:
@@ -185,16 +185,15 @@ class TableBatch:
             self.max_commit_lsn is None or change.commit_lsn > self.max_commit_lsn
         ):
             self.max_commit_lsn = change.commit_lsn
-        op, key = change.op, change.key
+        op, key, row = change.op, change.key, change.row or {}
         if key in self.upserts:
             self.replaced.append(self.upserts[key].row)
         elif key in self.deletes:
             self.replaced.append(self.deletes[key][0])
         if op in FULL_ROW_OPS or (op == "u" and not change.unchanged):
-            self.upserts[key] = Upsert(change.row, None, change.partition)  # type: ignore[arg-type]
+            self.upserts[key] = Upsert(row, None, change.partition)
             self.deletes.pop(key, None)
         elif op == "u":
-            row: dict[str, Any] = change.row  # type: ignore[assignment]
             previous = self.upserts.get(key)
             missing = set(change.unchanged or ())
             if previous is not None:
@@ -207,7 +206,6 @@ class TableBatch:
                 self.deletes.pop(key, None)
         elif op in DELETE_OPS:
             self.upserts.pop(key, None)
-            row = change.row  # type: ignore[assignment]
             self.deletes[key] = ({k: row[k] for k in (change.key_columns or row)}, change.partition)
         else:  # t: the partition's rows go, so do the batch's earlier changes to them
             p = change.partition

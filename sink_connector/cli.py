@@ -16,73 +16,76 @@ from sink_connector.sink import Sink, SinkOptions
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 
+def _option(flag: str, envvar: str, default: Any, help_text: str, kind: Any = None) -> Any:
+    return click.option(flag, envvar=envvar, type=kind, default=default, help=help_text)
+
+
+SINK_OPTIONS = [
+    _option("--group", "SINK_GROUP", "cdc-sink", "Kafka consumer group."),
+    _option(
+        "--on-error",
+        "SINK_ON_ERROR",
+        "fail",
+        "A message that cannot be applied: stop (fail), or send it to <topic>.dlq and park its key.",
+        click.Choice(["fail", "dlq"]),
+    ),
+    _option(
+        "--slot", "SOURCE_SLOT", "cdc_slot", "The source connector's slot: a bulk copy waits until it exists."
+    ),
+    _option(
+        "--state-schema",
+        "SINK_STATE_SCHEMA",
+        "cdc_sink",
+        "Target schema of the sink's own tables (offsets, snapshots...).",
+    ),
+    _option(
+        "--batch-size",
+        "SINK_BATCH_SIZE",
+        10000,
+        "Most messages applied in one transaction.",
+        click.IntRange(min=1),
+    ),
+    _option(
+        "--batch-bytes",
+        "SINK_BATCH_BYTES",
+        12 << 20,
+        "About how many bytes of messages one transaction applies (fewer messages when they are large).",
+        click.IntRange(min=1024),
+    ),
+    _option(
+        "--batch-wait-ms",
+        "SINK_BATCH_WAIT_MS",
+        20,
+        "How long to wait for a batch to fill.",
+        click.IntRange(min=0),
+    ),
+    _option(
+        "--instance-id",
+        "SINK_INSTANCE_ID",
+        None,
+        "Static group membership (Kafka's group.instance.id), unique per sink: restarted within the "
+        "session timeout (10 s), the sink gets its partitions back at once, without a rebalance.",
+    ),
+    click.option("--once", is_flag=True, help="Exit 0 once the end offsets seen at start-up are applied."),
+    _option(
+        "--kafka-timeout",
+        "KAFKA_TIMEOUT",
+        60.0,
+        "Seconds to keep retrying an unreachable Kafka at start-up.",
+        click.FloatRange(min=0),
+    ),
+    _option(
+        "--metrics-port",
+        "METRICS_PORT",
+        0,
+        "Serve Prometheus /metrics and /healthz on this port (0: off).",
+        click.IntRange(min=0, max=65535),
+    ),
+]
+
+
 def sink_options(func: Any) -> Any:
-    options = [
-        click.option("--group", envvar="SINK_GROUP", default="cdc-sink", help="Kafka consumer group."),
-        click.option(
-            "--on-error",
-            envvar="SINK_ON_ERROR",
-            type=click.Choice(["fail", "dlq"]),
-            default="fail",
-            help="A message that cannot be applied: stop (fail), or send it to <topic>.dlq and park its key.",
-        ),
-        click.option(
-            "--slot",
-            envvar="SOURCE_SLOT",
-            default="cdc_slot",
-            help="The source connector's slot: a bulk copy waits until it exists.",
-        ),
-        click.option(
-            "--state-schema",
-            envvar="SINK_STATE_SCHEMA",
-            default="cdc_sink",
-            help="Target schema of the sink's own tables (offsets, snapshots...).",
-        ),
-        click.option(
-            "--batch-size",
-            envvar="SINK_BATCH_SIZE",
-            type=click.IntRange(min=1),
-            default=10000,
-            help="Most messages applied in one transaction.",
-        ),
-        click.option(
-            "--batch-bytes",
-            envvar="SINK_BATCH_BYTES",
-            type=click.IntRange(min=1024),
-            default=12 << 20,
-            help="About how many bytes of messages one transaction applies (fewer messages when they are large).",
-        ),
-        click.option(
-            "--batch-wait-ms",
-            envvar="SINK_BATCH_WAIT_MS",
-            type=click.IntRange(min=0),
-            default=20,
-            help="How long to wait for a batch to fill.",
-        ),
-        click.option(
-            "--instance-id",
-            envvar="SINK_INSTANCE_ID",
-            default=None,
-            help="Static group membership (Kafka's group.instance.id), unique per sink: restarted within the "
-            "session timeout (10 s), the sink gets its partitions back at once, without a rebalance.",
-        ),
-        click.option("--once", is_flag=True, help="Exit 0 once the end offsets seen at start-up are applied."),
-        click.option(
-            "--kafka-timeout",
-            envvar="KAFKA_TIMEOUT",
-            type=click.FloatRange(min=0),
-            default=60.0,
-            help="Seconds to keep retrying an unreachable Kafka at start-up.",
-        ),
-        click.option(
-            "--metrics-port",
-            envvar="METRICS_PORT",
-            type=click.IntRange(min=0, max=65535),
-            default=0,
-            help="Serve Prometheus /metrics and /healthz on this port (0: off).",
-        ),
-    ]
-    for option in reversed(options):
+    for option in reversed(SINK_OPTIONS):
         func = option(func)
     return func
 

@@ -10,6 +10,7 @@ from cdc_common.errors import SinkError
 from cdc_common.kafka import HISTORY_TOPIC_CONFIG, ensure_topics
 from cdc_common.settings import Settings
 from schemas.topics import dlq_topic
+from sink_connector.ports import Message
 
 log = logging.getLogger("sink.dlq")
 
@@ -27,18 +28,10 @@ class DeadLetters:
         self.failures: list[str] = []
         self.sent = 0
 
-    def send(
-        self,
-        topic: str,
-        partition: int,
-        offset: int,
-        key: bytes | None,
-        value: bytes | None,
-        reason: str,
-        original: list[tuple[str, bytes | None]] | None = None,
-    ) -> None:
+    def send(self, message: Message, reason: str) -> None:
         """Send a message on to the dead-letter topic with its own headers (a tombstone's position)
         and the reason and origin."""
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
         target = dlq_topic(topic)
         if target not in self.known:
             ensure_topics(self.admin, [target], 1, self.replication_factor, HISTORY_TOPIC_CONFIG)
@@ -48,14 +41,14 @@ class DeadLetters:
             ("cdc.origin.topic", topic.encode()),
             ("cdc.origin.partition", str(partition).encode()),
             ("cdc.origin.offset", str(offset).encode()),
-            *(original or ()),
+            *(message.headers() or ()),
         ]
 
         def delivered(err: Any, msg: Any) -> None:
             if err is not None:
                 self.failures.append(f"{target}: {err}")
 
-        self.producer.produce(target, value, key, headers=headers, on_delivery=delivered)
+        self.producer.produce(target, message.value(), message.key(), headers=headers, on_delivery=delivered)
         self.sent += 1
         log.warning(
             "sent to %s: %s", target, reason, extra={"topic": topic, "partition": partition, "offset": offset}

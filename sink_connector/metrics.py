@@ -1,24 +1,88 @@
 """cdc-sink's Prometheus metrics, read from the sink's plain counters at scrape time."""
 
+import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cdc_common.service import counter, gauge, samples, single_counter
+from cdc_common.service import (
+    LATENCY_BUCKETS,
+    SIZE_BUCKETS,
+    FastHistogram,
+    counter,
+    gauge,
+    samples,
+    single_counter,
+)
+from sink_connector.bookkeeping import TopicPartition
+from sink_connector.plan import BatchPlan
 
 if TYPE_CHECKING:
     from sink_connector.sink import Sink
 
 
+@dataclass
+class SinkStats:
+    """The sink's plain counters, read by collect at scrape time."""
+
+    applied: Counter[tuple[str, str]] = field(default_factory=Counter)
+    skipped: int = 0
+    batches: int = 0
+    fenced: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    lag: dict[TopicPartition, int] = field(default_factory=dict)
+    last_applied_ts_us: int | None = None
+    latency: FastHistogram = field(default_factory=lambda: FastHistogram(LATENCY_BUCKETS))
+    batch_sizes: FastHistogram = field(default_factory=lambda: FastHistogram(SIZE_BUCKETS))
+    apply_seconds: FastHistogram = field(default_factory=lambda: FastHistogram(LATENCY_BUCKETS))
+    target_down_since: float | None = None  # monotonic time the target connection was lost
+
+    def committed(self, plan: BatchPlan, started: float) -> None:
+        """A batch plan committed to the target; `started` is when its commit step began (monotonic)."""
+        committed_us = time.time() * 1e6
+        self.target_down_since = None
+        self.batches += 1
+        self.skipped += plan.skipped
+        self.apply_seconds.observe(time.monotonic() - started)
+        self.batch_sizes.observe(len(plan.changes))
+        # one observation per change, computed once per source transaction (they share a commit time)
+        last_ts, same = None, 0
+        for c in plan.changes:
+            if c.ts_us != last_ts:
+                if last_ts is not None and same:
+                    self.latency.observe((committed_us - last_ts) / 1e6, same)
+                last_ts, same = c.ts_us, 0
+            same += 1
+        if last_ts is not None and same:
+            self.latency.observe((committed_us - last_ts) / 1e6, same)
+        for b in plan.tables:
+            name = str(b.table)
+            for op, n in b.ops.items():
+                self.applied[(name, op)] += n
+            if b.max_ts_us is not None:
+                self.last_applied_ts_us = max(self.last_applied_ts_us or 0, b.max_ts_us)
+
+
+def _timings(stats: SinkStats) -> Iterator[Any]:
+    yield stats.latency.family(
+        "cdc_sink_end_to_end_latency_seconds", "From source commit to target commit, per change."
+    )
+    yield stats.batch_sizes.family("cdc_sink_batch_size_messages", "Messages per applied batch.")
+    yield stats.apply_seconds.family("cdc_sink_apply_seconds", "Time to apply and commit one batch.")
+
+
 def collect(sink: "Sink") -> Iterator[Any]:
+    stats = sink.stats
     yield counter(
         "cdc_sink_changes_applied_total",
         "Changes applied to the target, by table and op.",
         ["table", "op"],
-        samples(sink.applied),
+        samples(stats.applied),
     )
-    yield single_counter("cdc_sink_batches_total", "Batches committed to the target.", sink.batches)
+    yield single_counter("cdc_sink_batches_total", "Batches committed to the target.", stats.batches)
     yield single_counter(
-        "cdc_sink_skipped_total", "Events skipped because the bulk copy already held them.", sink.skipped
+        "cdc_sink_skipped_total", "Events skipped because the bulk copy already held them.", stats.skipped
     )
     yield single_counter(
         "cdc_sink_dlq_messages_total",
@@ -26,38 +90,26 @@ def collect(sink: "Sink") -> Iterator[Any]:
         sink.dead_letters.sent if sink.dead_letters else 0,
     )
     yield single_counter(
-        "cdc_sink_fenced_total", "Batches dropped because another member moved the offsets.", sink.fenced
+        "cdc_sink_fenced_total", "Batches dropped because another member moved the offsets.", stats.fenced
     )
-    yield counter("cdc_sink_errors_total", "Errors by kind.", ["kind"], samples(sink.errors))
+    yield counter("cdc_sink_errors_total", "Errors by kind.", ["kind"], samples(stats.errors))
     yield counter(
         "cdc_sink_snapshot_rows_total",
         "Rows bulk-copied from the source, by table.",
         ["table"],
         samples(sink.preparer.copied_rows),
     )
-    yield from _timings(sink)
-    yield from _gauges(sink)
-
-
-def _timings(sink: "Sink") -> Iterator[Any]:
-    yield sink.latency.family(
-        "cdc_sink_end_to_end_latency_seconds", "From source commit to target commit, per change."
-    )
-    yield sink.batch_sizes.family("cdc_sink_batch_size_messages", "Messages per applied batch.")
-    yield sink.apply_seconds.family("cdc_sink_apply_seconds", "Time to apply and commit one batch.")
-
-
-def _gauges(sink: "Sink") -> Iterator[Any]:
+    yield from _timings(stats)
     yield gauge(
         "cdc_sink_consumer_lag_messages",
         "Messages not yet applied, by topic and partition.",
         labels=["topic", "partition"],
-        values=[((t, str(p)), n) for (t, p), n in list(sink.lag.items())],
+        values=[((t, str(p)), n) for (t, p), n in list(stats.lag.items())],
     )
-    if sink.last_applied_ts_us is not None:
+    if stats.last_applied_ts_us is not None:
         yield gauge(
             "cdc_sink_last_applied_commit_timestamp_seconds",
             "Source commit time of the newest change applied.",
-            sink.last_applied_ts_us / 1e6,
+            stats.last_applied_ts_us / 1e6,
         )
     yield gauge("cdc_sink_up", "1 while the sink can make progress.", 1.0 if sink.health()[0] else 0.0)

@@ -3,7 +3,8 @@
 from dataclasses import dataclass
 
 from cdc_common.tables import TableName
-from sink_connector.sink import batch_count, merge_progress
+from sink_connector.consumer import batch_count
+from sink_connector.plan import merge_progress
 
 BUDGET = 8 << 20
 

@@ -31,7 +31,10 @@ def test_every_metric_is_in_the_readme() -> None:
     text = README.read_text(encoding="utf-8")
     sources = "".join(
         p.read_text(encoding="utf-8")
-        for p in (README.parent / "source_connector" / "metrics.py", README.parent / "sink_connector" / "sink.py")
+        for p in (
+            README.parent / "source_connector" / "metrics.py",
+            README.parent / "sink_connector" / "metrics.py",
+        )
     )
     for metric in set(re.findall(r'"(cdc_(?:source|sink)_[a-z_]+)"', sources)):
         assert metric in text, f"metric {metric} is not documented"

@@ -1,0 +1,141 @@
+"""One batch of messages, from consumed to committed: decode, prepare the tables first seen (each in
+a transaction of its own), plan, commit (commit.py); a batch the target rejects is searched for its
+poison (poison.py); a fenced batch is read again from the stored offsets."""
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import psycopg2
+
+from cdc_common.errors import SinkError
+from cdc_common.pg import error_reason
+from cdc_common.retry import Backoff
+from cdc_common.signals import StopFlag
+from sink_connector.bookkeeping import TopicPartition
+from sink_connector.changes import Change, TableBatch
+from sink_connector.commit import BatchCommit, Fenced
+from sink_connector.metrics import SinkStats
+from sink_connector.plan import (
+    BatchPlan,
+    Rejected,
+    TopicTables,
+    before,
+    decode_batch,
+    new_tables,
+    plan_batch,
+    positions_of,
+    positions_of_changes,
+)
+from sink_connector.poison import ErrorPolicy, find_poison
+from sink_connector.ports import Message, Target
+from sink_connector.session import classify
+
+log = logging.getLogger("sink")
+
+
+@dataclass
+class BatchProcessor:
+    target: Target
+    commit: BatchCommit
+    policy: ErrorPolicy
+    topic_tables: TopicTables
+    stats: SinkStats
+    reconnect: Callable[[BaseException, float], None]
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=15.0))
+
+    def run(self, messages: Sequence[Message], stop: StopFlag) -> bool:
+        """Apply the batch, retrying it while the target is unreachable or busy. False when the
+        sink was stopped meanwhile."""
+        while True:
+            try:
+                self.process(messages)
+                self.backoff.reset()
+                return True
+            except Fenced as fenced:
+                self.resync(fenced.stored, messages)
+                return True
+            except psycopg2.Error as exc:
+                self.target.rollback()
+                kind = classify(exc)
+                if kind == "data":
+                    raise SinkError(f"applying a batch failed: {error_reason(exc)}") from None
+                delay = self.backoff.next_delay(time.monotonic()) or 1.0
+                if kind == "connection":
+                    self.reconnect(exc, delay)
+                else:
+                    stop.wait(delay)
+                if stop:
+                    return False
+
+    def process(self, messages: Sequence[Message]) -> None:
+        decoded = decode_batch(messages, self.topic_tables.table_of, self.policy.parked, self.policy.dead_letters)
+        if decoded.bad is not None:
+            bad = decoded.bad
+            self.commit_prefix(before(decoded.changes, bad.topic(), bad.partition(), bad.offset()))
+            raise self.policy.undecodable(bad, decoded.error)
+        changes, rejected = decoded.changes, decoded.rejected
+        self.prepare(changes)
+        positions = positions_of(messages)
+        while True:
+            try:
+                self.apply(self.plan(changes, rejected, positions))
+                return
+            except psycopg2.Error as exc:
+                if classify(exc) != "data":
+                    raise
+                self.target.rollback()
+                changes, set_aside = self.without_poison(changes, messages)
+                rejected = [*rejected, *set_aside]
+
+    def prepare(self, changes: list[Change]) -> None:
+        """Tables first seen in this batch: created or bulk-copied before the batch's transaction."""
+        for table, hint in new_tables(changes, self.topic_tables, self.target.tables).items():
+            self.target.prepare(table, hint)
+
+    def plan(
+        self, changes: list[Change], rejected: list[Rejected], positions: dict[TopicPartition, int]
+    ) -> BatchPlan:
+        return plan_batch(changes, rejected, positions, self.topic_tables, self.target.tables)
+
+    def plan_one(self, change: Change) -> list[TableBatch]:
+        return self.plan([change], [], {}).tables
+
+    def apply(self, plan: BatchPlan) -> None:
+        started = time.monotonic()
+        self.commit.run(plan)
+        self.stats.committed(plan, started)
+
+    def commit_prefix(self, changes: list[Change]) -> None:
+        """--on-error fail: apply and commit what came before the bad message (the sink stops next)."""
+        if changes:
+            self.prepare(changes)
+            self.apply(self.plan(changes, [], positions_of_changes(changes)))
+
+    def without_poison(
+        self, changes: list[Change], messages: Sequence[Message]
+    ) -> tuple[list[Change], list[Rejected]]:
+        """Find the change the target rejects: stop after the changes before it (fail), or set it
+        and the later changes of its key aside as dead letters (dlq)."""
+        index, reason = find_poison(self.target, changes, self.plan_one)
+        poison = changes[index]
+        if not self.policy.dead_letters:
+            self.commit_prefix(changes[:index])
+            raise self.policy.rejected(poison, reason) from None
+        return self.policy.set_aside(changes, poison, reason, messages)
+
+    def resync(self, stored: dict[TopicPartition, int | None], messages: Sequence[Message]) -> None:
+        """After a fencing conflict: continue every partition of the batch from what is stored."""
+        self.stats.fenced += 1
+        log.warning(
+            "another sink moved the offsets of %s: re-reading from the stored offsets",
+            ", ".join(f"{t}[{p}]" for t, p in stored),
+        )
+        expected = self.commit.expected
+        for tp in {(m.topic(), m.partition()) for m in messages}:
+            if tp not in expected:
+                continue
+            offset = stored.get(tp, expected[tp])
+            expected[tp] = offset
+            self.commit.messages.seek(tp, offset)

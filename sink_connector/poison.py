@@ -1,0 +1,68 @@
+"""What a message the sink cannot apply does (--on-error): stop the sink after applying everything
+before it (fail), or send it to the dead-letter topic and park its key (dlq)."""
+
+from collections.abc import Callable, Iterable
+
+from cdc_common.errors import SinkError
+from sink_connector.changes import Change, TableBatch
+from sink_connector.plan import Rejected
+from sink_connector.ports import Message, Target
+
+
+class ErrorPolicy:
+    def __init__(self, on_error: str, parked: set[tuple[str, bytes]]) -> None:
+        self.dead_letters = on_error == "dlq"
+        # Keys whose changes are held back behind a dead letter (shared with the decoding).
+        self.parked = parked
+
+    def undecodable(self, message: Message, error: str) -> SinkError:
+        return SinkError(
+            f"cannot decode message {message.topic()}[{message.partition()}] at offset {message.offset()}: "
+            f"{error}; nothing past it was applied (inspect it, or run with --on-error dlq)"
+        )
+
+    def rejected(self, poison: Change, reason: str) -> SinkError:
+        return SinkError(
+            f"the target rejected message {poison.topic}[{poison.partition}] at offset {poison.offset}: "
+            f"{reason}; nothing past it was applied (fix the target or the data, or run with --on-error dlq)"
+        )
+
+    def set_aside(
+        self, changes: list[Change], poison: Change, reason: str, messages: Iterable[Message]
+    ) -> tuple[list[Change], list[Rejected]]:
+        """--on-error dlq: the changes left to apply, and the dead letters: the poison and the later
+        changes of its key (parked behind it)."""
+        by_position = {(m.topic(), m.partition(), m.offset()): m for m in messages}
+        rejected = [
+            Rejected(
+                by_position[(poison.topic, poison.partition, poison.offset)], f"rejected by the target: {reason}"
+            )
+        ]
+        self.parked.add((poison.topic, poison.key))
+        kept = []
+        for c in changes:
+            if c is poison:
+                continue
+            if (c.topic, c.key) == (poison.topic, poison.key) and c.offset > poison.offset:
+                later = by_position[(c.topic, c.partition, c.offset)]
+                rejected.append(Rejected(later, f"parked: behind offset {poison.offset} of this key"))
+                continue
+            kept.append(c)
+        return kept, rejected
+
+
+def find_poison(
+    target: Target, changes: list[Change], plan_one: Callable[[Change], list[TableBatch]]
+) -> tuple[int, str]:
+    """Apply the changes one at a time (in a transaction that is rolled back) to find the first
+    one the target rejects, and why."""
+    target.begin()
+    try:
+        for index, change in enumerate(changes):
+            for batch in plan_one(change):
+                reason = target.probe(batch)
+                if reason is not None:
+                    return index, reason
+    finally:
+        target.rollback()
+    raise SinkError("a batch failed but no single change of it does; giving up on it")

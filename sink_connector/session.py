@@ -1,0 +1,167 @@
+"""The target database connection of a sink: batch transactions (offsets, rows, dead-letter keys and
+progress), table preparation in transactions of their own, reconnection."""
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2
+from psycopg2 import sql
+
+from cdc_common.errors import CdcError
+from cdc_common.pg import connect_target, error_reason, is_connection_loss, sqlstate
+from cdc_common.tables import TableName
+from sink_connector.apply import apply_table
+from sink_connector.bookkeeping import Bookkeeping, TopicPartition
+from sink_connector.changes import TableBatch
+from sink_connector.preparation import TablePreparer, TableState
+from sink_connector.target import reconcile
+
+log = logging.getLogger("sink")
+
+# The consumer group's session timeout: a member silent for longer has lost its partitions.
+SESSION_TIMEOUT_MS = 10_000
+
+# Errors worth retrying the same batch for; other errors raised by a statement mean the data is bad.
+RETRY_SQLSTATES = {"40001", "40P01", "55P03", "57014", "53100", "53200", "53300"}
+
+_FROZEN_MEMBER_TIMEOUT = sql.SQL("SET LOCAL idle_in_transaction_session_timeout = {}").format(
+    sql.Literal(SESSION_TIMEOUT_MS)
+)
+_PROBE = sql.SQL("SAVEPOINT cdc_probe")
+_PROBE_DONE = sql.SQL("RELEASE SAVEPOINT cdc_probe")
+_PROGRESS = sql.SQL("SAVEPOINT progress; SET LOCAL lock_timeout = '100ms'")
+_PROGRESS_HELD = sql.SQL("ROLLBACK TO SAVEPOINT progress")
+_PROGRESS_DONE = sql.SQL("RELEASE SAVEPOINT progress; SET LOCAL lock_timeout = DEFAULT")
+
+
+def classify(exc: BaseException) -> str:
+    """'connection', 'retry' or 'data' for an error raised while applying a batch."""
+    if is_connection_loss(exc):
+        return "connection"
+    if (sqlstate(exc) or "") in RETRY_SQLSTATES:
+        return "retry"
+    return "data"
+
+
+class TargetSession:
+    def __init__(self, dsn: str, book: Bookkeeping, preparer: TablePreparer) -> None:
+        self.dsn = dsn
+        self.book = book
+        self.preparer = preparer
+        self.tables: dict[TableName, TableState] = preparer.tables
+        self.conn: Any = None
+        self.cur: Any = None
+
+    # --- connection ---------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        self.conn = connect_target(
+            self.dsn,
+            application_name="cdc-sink",
+            autocommit=False,
+            # Safe for exactly-once: a batch's rows and its offsets commit together, so a target crash
+            # that loses the last commits loses both, and the sink re-applies them from the older
+            # offsets. (PostgreSQL's own subscriptions commit the same way by default.)
+            options="-c synchronous_commit=off",
+        )
+
+    def reconnect(self, exc: BaseException, delay: float, wait: Callable[[float], object]) -> None:
+        log.warning("target connection lost (%s); reconnecting in %.1f s", error_reason(exc), delay)
+        wait(delay)
+        self.close()
+        try:
+            self.connect()
+        except CdcError as again:
+            log.warning("%s", again)
+
+    def close(self) -> None:
+        with contextlib.suppress(psycopg2.Error):
+            self.conn.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.conn.closed)
+
+    # --- outside batches ----------------------------------------------------------------------
+
+    def install(self) -> None:
+        self.book.install(self.conn)
+
+    def parked(self) -> set[tuple[str, bytes]]:
+        return self.book.parked(self.conn)
+
+    def claim(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+        return self.book.claim(self.conn, partitions)
+
+    def all_offsets(self) -> dict[TopicPartition, int | None]:
+        return self.book.all_offsets(self.conn)
+
+    def prepare(self, table: TableName, hint: TableBatch | None) -> None:
+        self.preparer.prepare(self.conn, table, hint)
+
+    # --- one batch transaction ----------------------------------------------------------------
+
+    def begin(self) -> None:
+        self.cur = self.conn.cursor()
+        # A member frozen (SIGSTOP, a paused VM) inside this transaction holds its partitions'
+        # offsets rows, which the member taking the partitions over needs: the server ends the
+        # transaction once the member has been silent as long as the group waits for it.
+        self.cur.execute(_FROZEN_MEMBER_TIMEOUT)
+
+    def lock_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+        return self.book.lock(self.cur, partitions)
+
+    def apply(self, batch: TableBatch) -> None:
+        state = self.tables.get(batch.table)
+        if state is None:
+            return
+        if batch.columns:
+            state.target = reconcile(self.conn, state.target, batch.columns)
+        apply_table(self.cur, state.target, batch)
+
+    def probe(self, batch: TableBatch) -> str | None:
+        self.cur.execute(_PROBE)
+        try:
+            self.apply(batch)
+        except psycopg2.Error as exc:
+            if classify(exc) != "data":
+                raise
+            return error_reason(exc)
+        self.cur.execute(_PROBE_DONE)
+        return None
+
+    def park(self, topic: str, key: bytes, offset: int, reason: str) -> None:
+        self.book.park(self.cur, topic, key, offset, reason)
+
+    def store_offsets(self, positions: dict[TopicPartition, int]) -> None:
+        self.book.store(self.cur, positions)
+
+    def save_progress(self, progress: list[tuple[TableName, int | None, int | None, int]]) -> bool:
+        """The per-table progress rows are shared by the group's members: never wait for one that
+        another member's open transaction holds (a frozen member would stall this one too); keep
+        the figures for the next batch instead."""
+        self.cur.execute(_PROGRESS)
+        try:
+            self.book.progress(self.cur, progress)
+        except psycopg2.errors.LockNotAvailable:
+            self.cur.execute(_PROGRESS_HELD)  # also undoes the lock_timeout
+            return False
+        self.cur.execute(_PROGRESS_DONE)
+        return True
+
+    def commit(self) -> None:
+        self._end()
+        self.conn.commit()
+
+    def rollback(self) -> None:
+        self._end()
+        if not self.conn.closed:
+            self.conn.rollback()
+
+    def _end(self) -> None:
+        if self.cur is not None:
+            with contextlib.suppress(psycopg2.Error):
+                self.cur.close()
+            self.cur = None
