@@ -132,68 +132,70 @@ def build_settings(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+COMMON_OPTIONS = [
+    click.option(
+        "--source-dsn",
+        envvar="SOURCE_DSN",
+        default=DEFAULT_SOURCE_DSN,
+        show_default=mask(DEFAULT_SOURCE_DSN),
+        help="Source PostgreSQL connection string.",
+    ),
+    click.option(
+        "--target-dsn",
+        envvar="TARGET_DSN",
+        default=DEFAULT_TARGET_DSN,
+        show_default=mask(DEFAULT_TARGET_DSN),
+        help="Target PostgreSQL connection string.",
+    ),
+    click.option(
+        "--bootstrap-servers",
+        envvar="KAFKA_BOOTSTRAP_SERVERS",
+        default=DEFAULT_BOOTSTRAP,
+        show_default=True,
+        help="Kafka bootstrap servers.",
+    ),
+    click.option(
+        "--topic-prefix",
+        envvar="TOPIC_PREFIX",
+        default=DEFAULT_TOPIC_PREFIX,
+        show_default=True,
+        help="Topics are <prefix>.<schema>.<table>.",
+    ),
+    click.option(
+        "--tables",
+        envvar="TABLES",
+        default=None,
+        help="Comma-separated schema.table list (quote names like SQL). Default: all.",
+    ),
+    click.option(
+        "--kafka-config",
+        envvar="KAFKA_CONFIG",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="A properties file of extra librdkafka settings (TLS, SASL...).",
+    ),
+    click.option(
+        "--log-format",
+        envvar="LOG_FORMAT",
+        type=click.Choice(["auto", "text", "json"]),
+        default="auto",
+        show_default=True,
+        help="Log lines as text or JSON (auto: text on a terminal).",
+    ),
+    click.option(
+        "--log-level",
+        envvar="LOG_LEVEL",
+        default="info",
+        show_default=True,
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        help="Least severe log level printed.",
+    ),
+]
+
+
 def common_options(func: F) -> F:
     """Add the shared flags (with their environment variables) to a click command."""
-    options = [
-        click.option(
-            "--source-dsn",
-            envvar="SOURCE_DSN",
-            default=DEFAULT_SOURCE_DSN,
-            show_default=mask(DEFAULT_SOURCE_DSN),
-            help="Source PostgreSQL connection string.",
-        ),
-        click.option(
-            "--target-dsn",
-            envvar="TARGET_DSN",
-            default=DEFAULT_TARGET_DSN,
-            show_default=mask(DEFAULT_TARGET_DSN),
-            help="Target PostgreSQL connection string.",
-        ),
-        click.option(
-            "--bootstrap-servers",
-            envvar="KAFKA_BOOTSTRAP_SERVERS",
-            default=DEFAULT_BOOTSTRAP,
-            show_default=True,
-            help="Kafka bootstrap servers.",
-        ),
-        click.option(
-            "--topic-prefix",
-            envvar="TOPIC_PREFIX",
-            default=DEFAULT_TOPIC_PREFIX,
-            show_default=True,
-            help="Topics are <prefix>.<schema>.<table>.",
-        ),
-        click.option(
-            "--tables",
-            envvar="TABLES",
-            default=None,
-            help="Comma-separated schema.table list (quote names like SQL). Default: all.",
-        ),
-        click.option(
-            "--kafka-config",
-            envvar="KAFKA_CONFIG",
-            default=None,
-            type=click.Path(dir_okay=False),
-            help="A properties file of extra librdkafka settings (TLS, SASL...).",
-        ),
-        click.option(
-            "--log-format",
-            envvar="LOG_FORMAT",
-            type=click.Choice(["auto", "text", "json"]),
-            default="auto",
-            show_default=True,
-            help="Log lines as text or JSON (auto: text on a terminal).",
-        ),
-        click.option(
-            "--log-level",
-            envvar="LOG_LEVEL",
-            default="info",
-            show_default=True,
-            type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-            help="Least severe log level printed.",
-        ),
-    ]
-    for option in reversed(options):
+    for option in reversed(COMMON_OPTIONS):
         func = option(func)
     return func
 

@@ -3,6 +3,7 @@
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -73,6 +74,44 @@ def main(**kwargs: Any) -> None:
         run(settings, **kwargs)
 
 
+Connection = tuple[Any, Workload]
+
+
+def open_workload(settings: Settings, schema: str, make: Callable[[Any], Workload]) -> Connection:
+    """A connection to the source with the tables created, and the workload writing through it."""
+    conn = connect_source(settings.source_dsn, application_name="cdc-writer", autocommit=False)
+    cur = conn.cursor()
+    create_tables(cur, schema)
+    conn.commit()
+    return conn, make(cur)
+
+
+def reconnect(
+    exc: psycopg2.Error, backoff: Backoff, stop: StopFlag, reopen: Callable[[], Connection], current: Connection
+) -> Connection:
+    """After a failed batch: a new connection when the old one was lost (the same one if the new
+    one fails too, to try again later); any other error is raised."""
+    if not is_connection_loss(exc):
+        raise exc
+    delay = backoff.next_delay(time.monotonic())
+    if delay is None:
+        raise ConnectError(f"lost the source database and could not reconnect: {error_reason(exc)}") from None
+    log.warning("source connection lost (%s); reconnecting in %.1f s", error_reason(exc), delay)
+    stop.wait(delay)
+    try:
+        return reopen()
+    except ConnectError as again:
+        log.warning("%s", again)
+        return current
+
+
+def operations(done: int, totals: dict[str, int], seconds: float) -> str:
+    return (
+        f"{done} operations ({totals['insert']} inserts, {totals['update']} updates, "
+        f"{totals['delete']} deletes), {done / max(seconds, 1e-9):.1f}/s"
+    )
+
+
 def run(
     settings: Settings,
     rate: float,
@@ -84,27 +123,16 @@ def run(
     big_ratio: float,
     seed: int | None,
 ) -> None:
-    weights = parse_mix(mix)
-    stop = StopFlag().install()
-    rng = random.Random(seed)
+    schedule, stop, rng = MixSchedule(parse_mix(mix)), StopFlag().install(), random.Random(seed)
     rows = RowMaker(make_pools(seed), rng)
-    schedule = MixSchedule(weights)
-    pacer = Pacer(rate, batch)
-    status = StatusLine()
-    backoff = Backoff(deadline=120)
+    pacer, status, backoff = Pacer(rate, batch), StatusLine(), Backoff(deadline=120)
 
-    def open_workload() -> tuple[Any, Workload]:
-        conn = connect_source(
-            settings.source_dsn,
-            application_name="cdc-writer",
-            autocommit=False,
+    def reopen() -> Connection:
+        return open_workload(
+            settings, schema, lambda cur: Workload(cur, rows, rng, schema, key_change_ratio, big_ratio)
         )
-        cur = conn.cursor()
-        create_tables(cur, schema)
-        conn.commit()
-        return conn, Workload(cur, rows, rng, schema, key_change_ratio, big_ratio)
 
-    conn, work = open_workload()
+    conn, work = reopen()
     done, started = 0, time.monotonic()
     log.info("writing to %s at %s", schema, f"{rate:g} operations/s" if rate else "full speed")
     while not stop and (count is None or done < count):
@@ -115,34 +143,15 @@ def run(
             for _ in range(size):
                 work.run(schedule.next())
             conn.commit()
-            done += size
-            backoff.reset()
         except psycopg2.Error as exc:
-            if not is_connection_loss(exc):
-                raise
-            delay = backoff.next_delay(time.monotonic())
-            if delay is None:
-                raise ConnectError(
-                    f"lost the source database and could not reconnect: {error_reason(exc)}"
-                ) from None
-            log.warning("source connection lost (%s); reconnecting in %.1f s", error_reason(exc), delay)
-            stop.wait(delay)
-            try:
-                conn, work = open_workload()
-            except ConnectError as again:
-                log.warning("%s", again)
+            conn, work = reconnect(exc, backoff, stop, reopen, (conn, work))
             continue
-        now = time.monotonic()
-        totals = work.totals()
-        status.update(
-            f"writer: {done} operations ({totals['insert']} inserts, {totals['update']} updates, "
-            f"{totals['delete']} deletes), {done / max(now - started, 1e-9):.1f}/s",
-            now,
-        )
+        done += size
+        backoff.reset()
+        status.update(f"writer: {operations(done, work.totals(), time.monotonic() - started)}", time.monotonic())
     status.close()
     conn.close()
-    elapsed = time.monotonic() - started
-    totals = work.totals()
+    elapsed, totals = time.monotonic() - started, work.totals()
     click.echo(
         f"wrote {done} operations in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.1f}/s): "
         f"{totals['insert']} inserts, {totals['update']} updates, {totals['delete']} deletes"
