@@ -15,14 +15,11 @@ WORKDIR /src
 # psycopg2-binary and confluent-kafka ship wheels with libpq and librdkafka inside: no compiler needed.
 # README.m[d] copies the README when there is one (pyproject.toml names it) and is no error otherwise.
 COPY pyproject.toml README.m[d] ./
-COPY cdc_common ./cdc_common
+COPY pg_kafka_cdc ./pg_kafka_cdc
 COPY schemas ./schemas
 COPY writer ./writer
 COPY source_connector ./source_connector
 COPY sink_connector ./sink_connector
-COPY verify ./verify
-COPY status ./status
-COPY demo ./demo
 RUN pip install . \
     && cd / && rm -rf /src \
     && useradd --system --create-home --home-dir /home/cdc --uid 10001 --user-group cdc

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from psycopg2.extensions import make_dsn, parse_dsn
 
-from cdc_common.settings import DEFAULT_BOOTSTRAP, DEFAULT_SOURCE_DSN, DEFAULT_TARGET_DSN
+from pg_kafka_cdc.common.settings import DEFAULT_BOOTSTRAP, DEFAULT_SOURCE_DSN, DEFAULT_TARGET_DSN
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"

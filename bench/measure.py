@@ -15,7 +15,7 @@ from bench.context import Context
 from bench.pg import confirmed_flush, connect, execute
 from bench.procs import Proc, script, sink_args
 from bench.workload import QUALIFIED, TABLE, create_table_only, fingerprint
-from cdc_common.lsn import int_to_lsn
+from pg_kafka_cdc.common.lsn import int_to_lsn
 from source_connector.wal2json import WAL2JSON_OPTIONS
 
 log = logging.getLogger("bench.measure")

@@ -9,7 +9,7 @@ import psycopg2
 from psycopg2 import sql
 
 from bench.config import Endpoints
-from cdc_common.lsn import lsn_to_int
+from pg_kafka_cdc.common.lsn import lsn_to_int
 
 log = logging.getLogger("bench.pg")
 

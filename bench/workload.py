@@ -16,7 +16,7 @@ from psycopg2 import sql
 
 from bench.config import Workload
 from bench.pg import current_lsn, execute, scalar
-from cdc_common.lsn import lsn_to_int
+from pg_kafka_cdc.common.lsn import lsn_to_int
 
 TABLE = "person"
 QUALIFIED = "public.person"

@@ -30,8 +30,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from cdc_common.pg import connect
-from cdc_common.settings import DEFAULT_SOURCE_DSN, DEFAULT_TARGET_DSN
+from pg_kafka_cdc.common.pg import connect
+from pg_kafka_cdc.common.settings import DEFAULT_SOURCE_DSN, DEFAULT_TARGET_DSN
 
 TABLES = ("person", "orders")
 BIN = Path(sys.executable).parent

@@ -9,8 +9,8 @@ of each of its UTF-8 bytes, so `public.person` stays `cdc.public.person` and `"O
 import re
 from collections.abc import Iterable
 
-from cdc_common.errors import ConfigError
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.errors import ConfigError
+from pg_kafka_cdc.common.tables import TableName
 
 MAX_TOPIC_LENGTH = 249
 DLQ_SUFFIX = ".dlq"

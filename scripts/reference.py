@@ -9,10 +9,10 @@ from typing import Any
 
 import click
 
+from pg_kafka_cdc.status.cli import main as status
+from pg_kafka_cdc.verify.cli import main as verify
 from sink_connector.cli import main as sink
 from source_connector.cli import main as source
-from status.cli import main as status
-from verify.cli import main as verify
 from writer.cli import main as writer
 
 START, END = "<!-- reference:start -->", "<!-- reference:end -->"

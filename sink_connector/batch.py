@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 import psycopg2
 
-from cdc_common.errors import SinkError
-from cdc_common.pg import error_reason
-from cdc_common.retry import Backoff
-from cdc_common.signals import StopFlag
+from pg_kafka_cdc.common.errors import SinkError
+from pg_kafka_cdc.common.pg import error_reason
+from pg_kafka_cdc.common.retry import Backoff
+from pg_kafka_cdc.common.signals import StopFlag
 from sink_connector.bookkeeping import TopicPartition
 from sink_connector.changes import Change, TableBatch
 from sink_connector.commit import BatchCommit, Fenced

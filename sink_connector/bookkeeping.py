@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 
 from psycopg2 import sql
 
-from cdc_common.lsn import int_to_lsn, lsn_to_int
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.lsn import int_to_lsn, lsn_to_int
+from pg_kafka_cdc.common.tables import TableName
 from sink_connector.handover import CopySnapshot
 from sink_connector.target import ensure_schema
 

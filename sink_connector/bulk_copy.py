@@ -13,10 +13,10 @@ from typing import Any, BinaryIO
 
 from psycopg2 import sql
 
-from cdc_common.catalog import TableDef, estimated_rows
-from cdc_common.errors import CdcError
-from cdc_common.pg import connect_source, error_reason
-from cdc_common.progress import RowProgress
+from pg_kafka_cdc.common.catalog import TableDef, estimated_rows
+from pg_kafka_cdc.common.errors import CdcError
+from pg_kafka_cdc.common.pg import connect_source, error_reason
+from pg_kafka_cdc.common.progress import RowProgress
 
 log = logging.getLogger("sink.copy")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.tables import TableName
 from schemas.envelope import OPS, TOMBSTONE_HEADER
 
 TOMBSTONE = "tombstone"  # a null-valued message: delete of its key

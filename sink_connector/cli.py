@@ -4,11 +4,11 @@ from typing import Any
 
 import click
 
-from cdc_common.cli import DefaultGroup, program
-from cdc_common.errors import ConfigError
-from cdc_common.pg import connect_target
-from cdc_common.settings import Settings, common_options
-from cdc_common.signals import StopFlag
+from pg_kafka_cdc.common.cli import DefaultGroup, program
+from pg_kafka_cdc.common.errors import ConfigError
+from pg_kafka_cdc.common.pg import connect_target
+from pg_kafka_cdc.common.settings import Settings, common_options
+from pg_kafka_cdc.common.signals import StopFlag
 from sink_connector.bookkeeping import Bookkeeping
 from sink_connector.rebuild import reset_tables
 from sink_connector.sink import Sink, SinkOptions

@@ -9,8 +9,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from cdc_common.errors import SinkError
-from cdc_common.settings import Settings
+from pg_kafka_cdc.common.errors import SinkError
+from pg_kafka_cdc.common.settings import Settings
 from sink_connector.bookkeeping import TopicPartition as TP
 from sink_connector.metrics import SinkStats
 from sink_connector.ports import Message, Payload

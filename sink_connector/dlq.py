@@ -6,9 +6,9 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from cdc_common.errors import SinkError
-from cdc_common.kafka import HISTORY_TOPIC_CONFIG, ensure_topics
-from cdc_common.settings import Settings
+from pg_kafka_cdc.common.errors import SinkError
+from pg_kafka_cdc.common.kafka import HISTORY_TOPIC_CONFIG, ensure_topics
+from pg_kafka_cdc.common.settings import Settings
 from schemas.topics import dlq_topic
 from sink_connector.ports import Message
 

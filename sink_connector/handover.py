@@ -11,7 +11,7 @@ created after the copy are newer and applied.
 
 from dataclasses import dataclass
 
-from cdc_common.snapshots import Snapshot, parse_snapshot
+from pg_kafka_cdc.common.snapshots import Snapshot, parse_snapshot
 
 
 @dataclass(frozen=True)

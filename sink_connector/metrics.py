@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cdc_common.service import (
+from pg_kafka_cdc.common.service import (
     LATENCY_BUCKETS,
     SIZE_BUCKETS,
     FastHistogram,

@@ -9,7 +9,7 @@ table (changes.coalesce) and names the positions the batch moves its partitions 
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.tables import TableName
 from schemas.topics import table_for
 from sink_connector.bookkeeping import TopicPartition
 from sink_connector.changes import BadMessage, Change, TableBatch, coalesce, decode

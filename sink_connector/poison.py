@@ -3,7 +3,7 @@ before it (fail), or send it to the dead-letter topic and park its key (dlq)."""
 
 from collections.abc import Callable, Iterable
 
-from cdc_common.errors import SinkError
+from pg_kafka_cdc.common.errors import SinkError
 from sink_connector.changes import Change, TableBatch
 from sink_connector.plan import Rejected
 from sink_connector.ports import Message, Target

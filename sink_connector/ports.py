@@ -4,7 +4,7 @@ consumer.KafkaLog, session.TargetSession and dlq.DeadLetters are the real ones."
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.tables import TableName
 from sink_connector.bookkeeping import TopicPartition
 from sink_connector.changes import TableBatch
 from sink_connector.preparation import TableState

@@ -10,13 +10,13 @@ from typing import Any
 
 from psycopg2 import sql
 
-from cdc_common.catalog import read_table
-from cdc_common.errors import CdcError, SinkError
-from cdc_common.pg import connect_source
-from cdc_common.progress import RowProgress
-from cdc_common.settings import Settings
-from cdc_common.signals import StopFlag
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.catalog import read_table
+from pg_kafka_cdc.common.errors import CdcError, SinkError
+from pg_kafka_cdc.common.pg import connect_source
+from pg_kafka_cdc.common.progress import RowProgress
+from pg_kafka_cdc.common.settings import Settings
+from pg_kafka_cdc.common.signals import StopFlag
+from pg_kafka_cdc.common.tables import TableName
 from sink_connector.bookkeeping import Bookkeeping
 from sink_connector.bulk_copy import copy_table
 from sink_connector.changes import TableBatch

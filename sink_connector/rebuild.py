@@ -6,8 +6,8 @@ from typing import Any
 
 from psycopg2 import sql
 
-from cdc_common.catalog import table_exists
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.catalog import table_exists
+from pg_kafka_cdc.common.tables import TableName
 from schemas.topics import topic_for
 from sink_connector.bookkeeping import Bookkeeping
 

@@ -9,9 +9,9 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
-from cdc_common.errors import CdcError
-from cdc_common.pg import connect_target, error_reason, is_connection_loss, sqlstate
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.errors import CdcError
+from pg_kafka_cdc.common.pg import connect_target, error_reason, is_connection_loss, sqlstate
+from pg_kafka_cdc.common.tables import TableName
 from sink_connector.apply import apply_table
 from sink_connector.bookkeeping import Bookkeeping, TopicPartition
 from sink_connector.changes import TableBatch

@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cdc_common.kafka import admin_client, wait_for_kafka
-from cdc_common.service import OpsServer
-from cdc_common.settings import Settings
-from cdc_common.signals import StopFlag
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.kafka import admin_client, wait_for_kafka
+from pg_kafka_cdc.common.service import OpsServer
+from pg_kafka_cdc.common.settings import Settings
+from pg_kafka_cdc.common.signals import StopFlag
+from pg_kafka_cdc.common.tables import TableName
 from schemas.topics import change_topic_pattern, table_for, topic_for
 from sink_connector.batch import BatchProcessor
 from sink_connector.bookkeeping import Bookkeeping

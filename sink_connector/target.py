@@ -8,9 +8,9 @@ from typing import Any
 
 from psycopg2 import sql
 
-from cdc_common.catalog import FIRST_USER_OID, Column, TableDef, enum_labels, read_table
-from cdc_common.errors import SinkError
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.catalog import FIRST_USER_OID, Column, TableDef, enum_labels, read_table
+from pg_kafka_cdc.common.errors import SinkError
+from pg_kafka_cdc.common.tables import TableName
 
 log = logging.getLogger("sink.target")
 

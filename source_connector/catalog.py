@@ -3,9 +3,9 @@
 import logging
 from typing import Any
 
-from cdc_common.catalog import read_table, table_exists, tables_in_schema
-from cdc_common.errors import ConfigError, SourceError
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.catalog import read_table, table_exists, tables_in_schema
+from pg_kafka_cdc.common.errors import ConfigError, SourceError
+from pg_kafka_cdc.common.tables import TableName
 from schemas.topics import topic_for
 from source_connector.table_info import TableInfo, key_problem
 

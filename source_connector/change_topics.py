@@ -4,8 +4,8 @@ refused."""
 
 from typing import Any
 
-from cdc_common.errors import ConfigError
-from cdc_common.kafka import HISTORY_TOPIC_CONFIG, ensure_topics
+from pg_kafka_cdc.common.errors import ConfigError
+from pg_kafka_cdc.common.kafka import HISTORY_TOPIC_CONFIG, ensure_topics
 from schemas.topics import collisions
 from source_connector.table_info import TableInfo
 

@@ -4,10 +4,10 @@ from typing import Any
 
 import click
 
-from cdc_common.cli import DefaultGroup, program
-from cdc_common.errors import ConfigError
-from cdc_common.settings import common_options
-from cdc_common.signals import StopFlag
+from pg_kafka_cdc.common.cli import DefaultGroup, program
+from pg_kafka_cdc.common.errors import ConfigError
+from pg_kafka_cdc.common.settings import common_options
+from pg_kafka_cdc.common.signals import StopFlag
 from source_connector.connector import SourceConnector, SourceOptions, drop
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}

@@ -10,13 +10,13 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from cdc_common.errors import SourceError
-from cdc_common.kafka import admin_client, ensure_topics, wait_for_kafka
-from cdc_common.lsn import int_to_lsn
-from cdc_common.pg import connect_source
-from cdc_common.service import OpsServer
-from cdc_common.settings import KAFKA_CLIENT_LOG, Settings
-from cdc_common.signals import StopFlag
+from pg_kafka_cdc.common.errors import SourceError
+from pg_kafka_cdc.common.kafka import admin_client, ensure_topics, wait_for_kafka
+from pg_kafka_cdc.common.lsn import int_to_lsn
+from pg_kafka_cdc.common.pg import connect_source
+from pg_kafka_cdc.common.service import OpsServer
+from pg_kafka_cdc.common.settings import KAFKA_CLIENT_LOG, Settings
+from pg_kafka_cdc.common.signals import StopFlag
 from schemas.topics import state_topic
 from source_connector.catalog import Catalog
 from source_connector.change_topics import MAX_MESSAGE_BYTES, ChangeTopics

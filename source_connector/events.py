@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from cdc_common.lsn import lsn_to_int
+from pg_kafka_cdc.common.lsn import lsn_to_int
 from schemas.envelope import CONNECTOR, ENVELOPE_VERSION, TOMBSTONE_HEADER, TombstoneSource
 from schemas.values import json_row
 from source_connector.table_info import TableInfo, wal2json_type

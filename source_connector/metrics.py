@@ -3,7 +3,7 @@
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from cdc_common.service import counter, gauge, samples, single_counter
+from pg_kafka_cdc.common.service import counter, gauge, samples, single_counter
 
 if TYPE_CHECKING:
     from source_connector.connector import SourceConnector

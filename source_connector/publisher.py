@@ -6,8 +6,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from cdc_common.errors import CdcError
-from cdc_common.signals import StopFlag
+from pg_kafka_cdc.common.errors import CdcError
+from pg_kafka_cdc.common.signals import StopFlag
 from source_connector.events import Message
 from source_connector.flush import FlushTracker, Transaction
 from source_connector.ports import KafkaProducer

@@ -9,9 +9,9 @@ from typing import Any
 
 from psycopg2 import sql
 
-from cdc_common.errors import SourceError
-from cdc_common.signals import StopFlag
-from cdc_common.snapshots import parse_snapshot
+from pg_kafka_cdc.common.errors import SourceError
+from pg_kafka_cdc.common.signals import StopFlag
+from pg_kafka_cdc.common.snapshots import parse_snapshot
 from schemas.values import output_text
 from source_connector.events import snapshot_values
 from source_connector.session import SourceSession

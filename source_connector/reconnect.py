@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import psycopg2
 
-from cdc_common.errors import CdcError, SourceError
-from cdc_common.pg import error_reason, is_connection_loss, sqlstate
-from cdc_common.retry import Backoff
-from cdc_common.signals import StopFlag
+from pg_kafka_cdc.common.errors import CdcError, SourceError
+from pg_kafka_cdc.common.pg import error_reason, is_connection_loss, sqlstate
+from pg_kafka_cdc.common.retry import Backoff
+from pg_kafka_cdc.common.signals import StopFlag
 from source_connector.plugin_allowlist import is_refusal
 from source_connector.slot import replication_error
 

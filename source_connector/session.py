@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import psycopg2
 
-from cdc_common.pg import connect_source, is_connection_loss
+from pg_kafka_cdc.common.pg import connect_source, is_connection_loss
 
 T = TypeVar("T")
 

@@ -5,9 +5,9 @@ from typing import Any
 
 import psycopg2
 
-from cdc_common.errors import CdcError, SourceError
-from cdc_common.lsn import lsn_to_int
-from cdc_common.pg import error_reason, sqlstate
+from pg_kafka_cdc.common.errors import CdcError, SourceError
+from pg_kafka_cdc.common.lsn import lsn_to_int
+from pg_kafka_cdc.common.pg import error_reason, sqlstate
 from source_connector import plugin_allowlist
 
 

@@ -9,10 +9,10 @@ from typing import Any
 
 from psycopg2 import sql
 
-from cdc_common.catalog import estimated_rows
-from cdc_common.errors import CdcError
-from cdc_common.lsn import int_to_lsn
-from cdc_common.progress import RowProgress
+from pg_kafka_cdc.common.catalog import estimated_rows
+from pg_kafka_cdc.common.errors import CdcError
+from pg_kafka_cdc.common.lsn import int_to_lsn
+from pg_kafka_cdc.common.progress import RowProgress
 from schemas.values import output_text
 from source_connector.events import EventBuilder, TxContext, snapshot_values
 from source_connector.flush import FlushTracker, Transaction

@@ -10,7 +10,7 @@ record in Kafka. Pure: the connector reads both, asks `decide`, and carries out 
 
 from dataclasses import dataclass
 
-from cdc_common.lsn import int_to_lsn
+from pg_kafka_cdc.common.lsn import int_to_lsn
 from source_connector.slot import SlotInfo, slot_mismatch
 from source_connector.state import SourceState
 

@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from cdc_common.errors import SourceError
-from cdc_common.settings import Settings
+from pg_kafka_cdc.common.errors import SourceError
+from pg_kafka_cdc.common.settings import Settings
 
 STATE_TOPIC_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1", "min.compaction.lag.ms": "0"}
 

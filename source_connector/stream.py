@@ -15,11 +15,11 @@ from typing import Any
 
 import psycopg2
 
-from cdc_common.errors import ConnectError, SourceError
-from cdc_common.lsn import int_to_lsn, lsn_to_int
-from cdc_common.pg import connect_source
-from cdc_common.settings import Settings
-from cdc_common.signals import StopFlag
+from pg_kafka_cdc.common.errors import ConnectError, SourceError
+from pg_kafka_cdc.common.lsn import int_to_lsn, lsn_to_int
+from pg_kafka_cdc.common.pg import connect_source
+from pg_kafka_cdc.common.settings import Settings
+from pg_kafka_cdc.common.signals import StopFlag
 from source_connector.confirm import Confirmer
 from source_connector.events import EventBuilder, TxContext, begin_context
 from source_connector.flush import Transaction

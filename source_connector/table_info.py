@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.tables import TableName
 from schemas.values import typed_columns
 
 DECIMAL_TYPES = ("numeric", "real", "double precision")

@@ -12,7 +12,7 @@ import psycopg2
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from psycopg2 import sql
 
-from cdc_common.tables import TableName, parse_tables
+from pg_kafka_cdc.common.tables import TableName, parse_tables
 from tests.conftest import Databases
 from tests.helpers import CliProcess, reap_started, run_cli, start_cli, stop_process, wait_until
 

@@ -9,13 +9,13 @@ from typing import Any
 import click
 import psycopg2
 
-from cdc_common.cli import program
-from cdc_common.errors import ConnectError
-from cdc_common.pg import connect_source, error_reason, is_connection_loss
-from cdc_common.retry import Backoff
-from cdc_common.settings import Settings, common_options
-from cdc_common.signals import StopFlag
-from cdc_common.terminal import StatusLine
+from pg_kafka_cdc.common.cli import program
+from pg_kafka_cdc.common.errors import ConnectError
+from pg_kafka_cdc.common.pg import connect_source, error_reason, is_connection_loss
+from pg_kafka_cdc.common.retry import Backoff
+from pg_kafka_cdc.common.settings import Settings, common_options
+from pg_kafka_cdc.common.signals import StopFlag
+from pg_kafka_cdc.common.terminal import StatusLine
 from writer.operations import Workload
 from writer.pacing import MixSchedule, Pacer, parse_mix
 from writer.rows import RowMaker, make_pools

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from cdc_common.errors import ConfigError
+from pg_kafka_cdc.common.errors import ConfigError
 
 KINDS = ("insert", "update", "delete")
 

@@ -12,7 +12,7 @@ from bench.context import Context
 from bench.kafka import delete_prefix, message_count
 from bench.pg import Scratch, connect, create_logical_slot
 from bench.workload import TABLE, create_schema, fingerprint, generate
-from cdc_common.lsn import int_to_lsn
+from pg_kafka_cdc.common.lsn import int_to_lsn
 
 log = logging.getLogger("bench.changes")
 

@@ -25,8 +25,8 @@ import orjson
 import psycopg2
 from psycopg2 import sql
 
-from cdc_common.lsn import lsn_to_int
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.lsn import lsn_to_int
+from pg_kafka_cdc.common.tables import TableName
 from schemas.topics import topic_for
 from tests.conftest import Databases
 from tests.helpers import CliProcess, psql_rows, run_cli, start_cli, stop_process, wait_until

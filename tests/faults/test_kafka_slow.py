@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import orjson
 import psutil
 
-from cdc_common.lsn import lsn_to_int
+from pg_kafka_cdc.common.lsn import lsn_to_int
 from tests.conftest import Databases
 from tests.faults.broker import FaultBroker
 from tests.faults.harness import (

@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
-from cdc_common.lsn import lsn_to_int
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.lsn import lsn_to_int
+from pg_kafka_cdc.common.tables import TableName
 from sink_connector.bookkeeping import Bookkeeping
 from tests.conftest import Databases, Stack
 from tests.helpers import psql_rows, run_cli, start_cli, wait_until

@@ -15,7 +15,7 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.tables import TableName
 from schemas.topics import topic_for
 from tests.conftest import Databases, Stack, admin_client
 from tests.helpers import CliProcess, psql_rows, stop_process, wait_until

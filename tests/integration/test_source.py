@@ -20,7 +20,7 @@ from jsonschema import Draft202012Validator
 from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
-from cdc_common.lsn import lsn_to_int
+from pg_kafka_cdc.common.lsn import lsn_to_int
 from schemas.partitioner import partition_for
 from schemas.topics import state_topic
 from tests.conftest import Databases, Stack, admin_client

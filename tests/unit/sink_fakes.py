@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import psycopg2
 
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.tables import TableName
 from sink_connector.bookkeeping import TopicPartition
 from sink_connector.changes import TableBatch
 from sink_connector.handover import CopySnapshot

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.tables import TableName
 from sink_connector.consumer import batch_count
 from sink_connector.plan import merge_progress
 

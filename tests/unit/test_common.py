@@ -10,13 +10,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc_common.dsn import describe, mask
-from cdc_common.errors import ConfigError
-from cdc_common.pg import is_connection_loss
-from cdc_common.retry import Backoff
-from cdc_common.service import samples
-from cdc_common.settings import KAFKA_CLIENT_LOG, Settings, build_settings, kafka_from_environment, read_properties
-from cdc_common.tables import TableName, parse_tables, quote_if_needed
+from pg_kafka_cdc.common.dsn import describe, mask
+from pg_kafka_cdc.common.errors import ConfigError
+from pg_kafka_cdc.common.pg import is_connection_loss
+from pg_kafka_cdc.common.retry import Backoff
+from pg_kafka_cdc.common.service import samples
+from pg_kafka_cdc.common.settings import (
+    KAFKA_CLIENT_LOG,
+    Settings,
+    build_settings,
+    kafka_from_environment,
+    read_properties,
+)
+from pg_kafka_cdc.common.tables import TableName, parse_tables, quote_if_needed
 from writer.pacing import KINDS, MixSchedule, Pacer, parse_mix
 
 # --- table lists ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import click
 import pytest
 import yaml
 
-from cdc_common.settings import common_options
+from pg_kafka_cdc.common.settings import common_options
 from tests.helpers import REPO
 from writer.cli import main as writer_main
 

@@ -10,8 +10,8 @@ import pytest
 from jsonschema import Draft202012Validator
 
 import schemas
-from cdc_common.lsn import lsn_to_int
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.lsn import lsn_to_int
+from pg_kafka_cdc.common.tables import TableName
 from schemas.envelope import CONNECTOR, ENVELOPE_VERSION
 from schemas.topics import topic_for
 from source_connector.events import EventBuilder, Message, TxContext, begin_context, snapshot_values

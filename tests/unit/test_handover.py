@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc_common.xid import EPOCH as XID_EPOCH
+from pg_kafka_cdc.common.xid import EPOCH as XID_EPOCH
 from sink_connector.changes import TOMBSTONE
 from sink_connector.handover import CopySnapshot
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc_common.lsn import int_to_lsn, lsn_to_int
+from pg_kafka_cdc.common.lsn import int_to_lsn, lsn_to_int
 
 
 @pytest.mark.parametrize(

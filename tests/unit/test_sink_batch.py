@@ -4,10 +4,10 @@ and the target (tests/unit/sink_fakes.py): the code production runs, without the
 import pytest
 from confluent_kafka import KafkaError
 
-from cdc_common.errors import SinkError
-from cdc_common.settings import Settings
-from cdc_common.signals import StopFlag
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.errors import SinkError
+from pg_kafka_cdc.common.settings import Settings
+from pg_kafka_cdc.common.signals import StopFlag
+from pg_kafka_cdc.common.tables import TableName
 from sink_connector.batch import BatchProcessor
 from sink_connector.commit import BatchCommit
 from sink_connector.consumer import EndOffsets

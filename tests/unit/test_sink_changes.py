@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.tables import TableName
 from sink_connector.changes import TOMBSTONE, BadMessage, Change, TableBatch, coalesce, decode
 
 TOPIC = "cdc.public.probe"

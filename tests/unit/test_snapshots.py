@@ -1,7 +1,7 @@
 """pg_current_snapshot() text and the visibility of a transaction known by its 32-bit xid."""
 
-from cdc_common.snapshots import Snapshot, parse_snapshot
-from cdc_common.xid import widen
+from pg_kafka_cdc.common.snapshots import Snapshot, parse_snapshot
+from pg_kafka_cdc.common.xid import widen
 
 
 def visible(snapshot: str, xid: int) -> bool:

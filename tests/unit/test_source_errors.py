@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from cdc_common.errors import CdcError, SourceError
+from pg_kafka_cdc.common.errors import CdcError, SourceError
 from source_connector.slot import ServerInfo, replication_error, server_info
 
 

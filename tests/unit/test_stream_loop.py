@@ -9,8 +9,8 @@ from typing import Any
 
 import orjson
 
-from cdc_common.settings import Settings
-from cdc_common.signals import StopFlag
+from pg_kafka_cdc.common.settings import Settings
+from pg_kafka_cdc.common.signals import StopFlag
 from source_connector.confirm import Confirmer
 from source_connector.ports import DeliveryCallback, Headers
 from source_connector.publisher import Publisher

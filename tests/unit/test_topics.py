@@ -6,8 +6,8 @@ import pytest
 from hypothesis import assume, given, reject
 from hypothesis import strategies as st
 
-from cdc_common.errors import ConfigError
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.errors import ConfigError
+from pg_kafka_cdc.common.tables import TableName
 from schemas.topics import (
     MAX_TOPIC_LENGTH,
     change_topic_pattern,

@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc_common.xid import EPOCH, widen
+from pg_kafka_cdc.common.xid import EPOCH, widen
 
 HALF = EPOCH // 2
 

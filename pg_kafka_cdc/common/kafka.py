@@ -8,9 +8,9 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from cdc_common.errors import ConnectError
-from cdc_common.retry import Backoff
-from cdc_common.settings import Settings
+from pg_kafka_cdc.common.errors import ConnectError
+from pg_kafka_cdc.common.retry import Backoff
+from pg_kafka_cdc.common.settings import Settings
 
 log = logging.getLogger("kafka")
 

@@ -7,8 +7,8 @@ import psycopg2.errorcodes
 import psycopg2.extensions
 import psycopg2.extras
 
-from cdc_common.dsn import describe, mask, parse
-from cdc_common.errors import ConnectError
+from pg_kafka_cdc.common.dsn import describe, mask, parse
+from pg_kafka_cdc.common.errors import ConnectError
 
 # Value text depends on these; every connection of the pipeline pins them so both ends agree.
 SESSION_SETTINGS = {

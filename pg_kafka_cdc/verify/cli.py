@@ -8,14 +8,14 @@ from typing import Any
 import click
 import orjson
 
-from cdc_common.catalog import read_table, tables_in_schema
-from cdc_common.cli import program
-from cdc_common.errors import ConfigError
-from cdc_common.pg import connect_source, connect_target
-from cdc_common.settings import Settings, common_options
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.catalog import read_table, tables_in_schema
+from pg_kafka_cdc.common.cli import program
+from pg_kafka_cdc.common.errors import ConfigError
+from pg_kafka_cdc.common.pg import connect_source, connect_target
+from pg_kafka_cdc.common.settings import Settings, common_options
+from pg_kafka_cdc.common.tables import TableName
+from pg_kafka_cdc.verify.compare import TableReport, compare_table
 from sink_connector.bookkeeping import initialized_tables, installed
-from verify.compare import TableReport, compare_table
 
 EXIT_DIFFERENT = 1
 EXIT_ERROR = 2

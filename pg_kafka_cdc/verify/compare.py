@@ -8,8 +8,8 @@ from typing import Any
 
 from psycopg2 import sql
 
-from cdc_common.catalog import TableDef
-from cdc_common.errors import CdcError
+from pg_kafka_cdc.common.catalog import TableDef
+from pg_kafka_cdc.common.errors import CdcError
 
 BUCKETS = 1024
 

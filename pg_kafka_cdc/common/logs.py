@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from cdc_common.dsn import mask
+from pg_kafka_cdc.common.dsn import mask
 
 CONTEXT_FIELDS = ("table", "topic", "partition", "offset", "lsn", "slot", "group", "xid")
 

@@ -8,10 +8,10 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from cdc_common.errors import ConnectError
-from cdc_common.kafka import kafka_reason, wait_for_kafka
-from cdc_common.settings import Settings
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.errors import ConnectError
+from pg_kafka_cdc.common.kafka import kafka_reason, wait_for_kafka
+from pg_kafka_cdc.common.settings import Settings
+from pg_kafka_cdc.common.tables import TableName
 from schemas.topics import table_for, topic_for
 from sink_connector.bookkeeping import Bookkeeping, TableProgress, installed
 from source_connector.plugin_allowlist import allows, refused

@@ -9,11 +9,11 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from cdc_common.cli import program
-from cdc_common.errors import ConfigError
-from cdc_common.pg import connect_source, connect_target
-from cdc_common.settings import common_options
-from status.report import Status, gather
+from pg_kafka_cdc.common.cli import program
+from pg_kafka_cdc.common.errors import ConfigError
+from pg_kafka_cdc.common.pg import connect_source, connect_target
+from pg_kafka_cdc.common.settings import common_options
+from pg_kafka_cdc.status.report import Status, gather
 
 EXIT_ATTENTION = 1
 EXIT_ERROR = 2

@@ -11,11 +11,11 @@ import click
 import orjson
 import psycopg2.errors
 
-from cdc_common.dsn import mask
-from cdc_common.errors import CdcError
-from cdc_common.logs import setup_logging, use_json
-from cdc_common.pg import error_reason
-from cdc_common.settings import Settings, settings_from
+from pg_kafka_cdc.common.dsn import mask
+from pg_kafka_cdc.common.errors import CdcError
+from pg_kafka_cdc.common.logs import setup_logging, use_json
+from pg_kafka_cdc.common.pg import error_reason
+from pg_kafka_cdc.common.settings import Settings, settings_from
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130

@@ -4,7 +4,7 @@ import re
 
 from psycopg2.extensions import parse_dsn
 
-from cdc_common.errors import ConfigError
+from pg_kafka_cdc.common.errors import ConfigError
 
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]*):(?P<password>[^@\s]*)@", re.IGNORECASE)
 _KV_PASSWORD = re.compile(

@@ -3,7 +3,7 @@ ids), and whether a transaction known by its 32-bit xid is visible in one. Pure.
 
 from dataclasses import dataclass
 
-from cdc_common import xid as xids
+from pg_kafka_cdc.common import xid as xids
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 
 import click
 
-from cdc_common.dsn import mask, parse
-from cdc_common.errors import ConfigError
-from cdc_common.tables import TableName, parse_tables
+from pg_kafka_cdc.common.dsn import mask, parse
+from pg_kafka_cdc.common.errors import ConfigError
+from pg_kafka_cdc.common.tables import TableName, parse_tables
 
 DEFAULT_SOURCE_DSN = "postgresql://postgres:postgres@127.0.0.1:5432/testdb"
 DEFAULT_TARGET_DSN = "postgresql://postgres:postgres@127.0.0.1:5433/testdb"

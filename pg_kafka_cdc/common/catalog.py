@@ -5,7 +5,7 @@ from typing import Any
 
 from psycopg2 import sql
 
-from cdc_common.tables import TableName
+from pg_kafka_cdc.common.tables import TableName
 
 FIRST_USER_OID = 16384
 

@@ -1,0 +1,3 @@
+from pg_kafka_cdc.status.cli import main
+
+main()

@@ -1,0 +1,3 @@
+from pg_kafka_cdc.verify.cli import main
+
+main()

@@ -1,3 +1,0 @@
-from status.cli import main
-
-main()

@@ -1,3 +1,0 @@
-from verify.cli import main
-
-main()
