@@ -6,6 +6,7 @@ import click
 
 from pg_kafka_cdc.common.cli import DefaultGroup, program
 from pg_kafka_cdc.common.errors import ConfigError
+from pg_kafka_cdc.common.options import KAFKA_TIMEOUT, METRICS_PORT, option, with_options
 from pg_kafka_cdc.common.pg import connect_target
 from pg_kafka_cdc.common.settings import Settings, common_options
 from pg_kafka_cdc.common.signals import StopFlag
@@ -16,50 +17,44 @@ from sink_connector.sink import Sink, SinkOptions
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 
-def _option(flag: str, envvar: str, default: Any, help_text: str, kind: Any = None) -> Any:
-    return click.option(flag, envvar=envvar, type=kind, default=default, help=help_text)
-
-
 SINK_OPTIONS = [
-    _option("--group", "SINK_GROUP", "cdc-sink", "Kafka consumer group."),
-    _option(
+    option("--group", "SINK_GROUP", "cdc-sink", "Kafka consumer group."),
+    option(
         "--on-error",
         "SINK_ON_ERROR",
         "fail",
         "A message that cannot be applied: stop (fail), or send it to <topic>.dlq and park its key.",
         click.Choice(["fail", "dlq"]),
     ),
-    _option(
-        "--slot", "SOURCE_SLOT", "cdc_slot", "The source connector's slot: a bulk copy waits until it exists."
-    ),
-    _option(
+    option("--slot", "SOURCE_SLOT", "cdc_slot", "The source connector's slot: a bulk copy waits until it exists."),
+    option(
         "--state-schema",
         "SINK_STATE_SCHEMA",
         "cdc_sink",
         "Target schema of the sink's own tables (offsets, snapshots...).",
     ),
-    _option(
+    option(
         "--batch-size",
         "SINK_BATCH_SIZE",
         10000,
         "Most messages applied in one transaction.",
         click.IntRange(min=1),
     ),
-    _option(
+    option(
         "--batch-bytes",
         "SINK_BATCH_BYTES",
         12 << 20,
         "About how many bytes of messages one transaction applies (fewer messages when they are large).",
         click.IntRange(min=1024),
     ),
-    _option(
+    option(
         "--batch-wait-ms",
         "SINK_BATCH_WAIT_MS",
         20,
         "How long to wait for a batch to fill.",
         click.IntRange(min=0),
     ),
-    _option(
+    option(
         "--instance-id",
         "SINK_INSTANCE_ID",
         None,
@@ -67,27 +62,12 @@ SINK_OPTIONS = [
         "session timeout (10 s), the sink gets its partitions back at once, without a rebalance.",
     ),
     click.option("--once", is_flag=True, help="Exit 0 once the end offsets seen at start-up are applied."),
-    _option(
-        "--kafka-timeout",
-        "KAFKA_TIMEOUT",
-        60.0,
-        "Seconds to keep retrying an unreachable Kafka at start-up.",
-        click.FloatRange(min=0),
-    ),
-    _option(
-        "--metrics-port",
-        "METRICS_PORT",
-        0,
-        "Serve Prometheus /metrics and /healthz on this port (0: off).",
-        click.IntRange(min=0, max=65535),
-    ),
+    KAFKA_TIMEOUT,
+    METRICS_PORT,
 ]
 
 
-def sink_options(func: Any) -> Any:
-    for option in reversed(SINK_OPTIONS):
-        func = option(func)
-    return func
+sink_options = with_options(SINK_OPTIONS)
 
 
 def build_options(kwargs: dict[str, Any], snapshot: str, rebuild: tuple[Any, ...] = ()) -> SinkOptions:

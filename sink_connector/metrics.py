@@ -80,18 +80,17 @@ def collect(sink: "Sink") -> Iterator[Any]:
         ["table", "op"],
         samples(stats.applied),
     )
-    yield single_counter("cdc_sink_batches_total", "Batches committed to the target.", stats.batches)
-    yield single_counter(
-        "cdc_sink_skipped_total", "Events skipped because the bulk copy already held them.", stats.skipped
-    )
-    yield single_counter(
-        "cdc_sink_dlq_messages_total",
-        "Messages sent to a dead-letter topic.",
-        sink.dead_letters.sent if sink.dead_letters else 0,
-    )
-    yield single_counter(
-        "cdc_sink_fenced_total", "Batches dropped because another member moved the offsets.", stats.fenced
-    )
+    for name, doc, value in (
+        ("cdc_sink_batches_total", "Batches committed to the target.", stats.batches),
+        ("cdc_sink_skipped_total", "Events skipped because the bulk copy already held them.", stats.skipped),
+        (
+            "cdc_sink_dlq_messages_total",
+            "Messages sent to a dead-letter topic.",
+            sink.dead_letters.sent if sink.dead_letters else 0,
+        ),
+        ("cdc_sink_fenced_total", "Batches dropped because another member moved the offsets.", stats.fenced),
+    ):
+        yield single_counter(name, doc, value)
     yield counter("cdc_sink_errors_total", "Errors by kind.", ["kind"], samples(stats.errors))
     yield counter(
         "cdc_sink_snapshot_rows_total",

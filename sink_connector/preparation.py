@@ -5,7 +5,7 @@ One sink process at a time does it per table (an advisory lock), recorded in cdc
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg2 import sql
@@ -33,24 +33,16 @@ class TableState:
     snapshot: CopySnapshot | None  # the copy's snapshot, for the hand-over
 
 
+@dataclass
 class TablePreparer:
-    def __init__(
-        self,
-        settings: Settings,
-        book: Bookkeeping,
-        snapshot: str,
-        rebuild: tuple[TableName, ...],
-        slot: str,
-        stop: StopFlag,
-    ) -> None:
-        self.settings = settings
-        self.book = book
-        self.snapshot_mode = snapshot
-        self.rebuild = rebuild
-        self.slot = slot
-        self.stop = stop
-        self.tables: dict[TableName, TableState] = {}
-        self.copied_rows: Counter[str] = Counter()
+    settings: Settings
+    book: Bookkeeping
+    snapshot_mode: str  # the first fill of a table: copy, topic or never
+    rebuild: tuple[TableName, ...]
+    slot: str
+    stop: StopFlag
+    tables: dict[TableName, TableState] = field(default_factory=dict)
+    copied_rows: Counter[str] = field(default_factory=Counter)
 
     def prepare(self, conn: Any, table: TableName, batch: TableBatch | None) -> TableState | None:
         """The target table ready to take changes: bulk-copied, created or loaded. None when it

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pg_kafka_cdc.common.kafka import admin_client, wait_for_kafka
-from pg_kafka_cdc.common.service import OpsServer
+from pg_kafka_cdc.common.service import serving
 from pg_kafka_cdc.common.settings import Settings
 from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
@@ -67,16 +67,8 @@ class Sink:
         self.next_lag_check = 0.0
 
     def run(self) -> None:
-        server = (
-            OpsServer(self.options.metrics_port, lambda: collect(self), self.health).start()
-            if self.options.metrics_port
-            else None
-        )
-        try:
+        with serving(self.options.metrics_port, lambda: collect(self), self.health):
             self._run()
-        finally:
-            if server is not None:
-                server.stop()
 
     def health(self) -> tuple[bool, str]:
         now = time.monotonic()

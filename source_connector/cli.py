@@ -6,6 +6,7 @@ import click
 
 from pg_kafka_cdc.common.cli import DefaultGroup, program
 from pg_kafka_cdc.common.errors import ConfigError
+from pg_kafka_cdc.common.options import KAFKA_TIMEOUT, METRICS_PORT, option, with_options
 from pg_kafka_cdc.common.settings import common_options
 from pg_kafka_cdc.common.signals import StopFlag
 from source_connector.connector import SourceConnector, SourceOptions, drop
@@ -23,23 +24,54 @@ def parse_topic_config(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def slot_option(func: Any) -> Any:
-    return click.option(
-        "--slot",
-        envvar="SOURCE_SLOT",
-        default="cdc_slot",
-        help="Logical replication slot (created with wal2json if missing).",
-    )(func)
-
-
-def kafka_timeout_option(func: Any) -> Any:
-    return click.option(
-        "--kafka-timeout",
-        envvar="KAFKA_TIMEOUT",
-        type=click.FloatRange(min=0),
-        default=60.0,
-        help="Seconds to keep retrying an unreachable Kafka at start-up.",
-    )(func)
+SLOT = option("--slot", "SOURCE_SLOT", "cdc_slot", "Logical replication slot (created with wal2json if missing).")
+RUN_OPTIONS = [
+    SLOT,
+    KAFKA_TIMEOUT,
+    option(
+        "--snapshot",
+        "SOURCE_SNAPSHOT",
+        "initial",
+        "When the slot is created, publish the existing rows as `r` events first.",
+        click.Choice(["initial", "never"]),
+    ),
+    option(
+        "--partitions",
+        "SOURCE_PARTITIONS",
+        1,
+        "Partitions of the topics this connector creates.",
+        click.IntRange(min=1),
+    ),
+    option(
+        "--replication-factor",
+        "SOURCE_REPLICATION_FACTOR",
+        1,
+        "Replication factor of the topics this connector creates.",
+        click.IntRange(min=1),
+    ),
+    option(
+        "--topic-config",
+        "SOURCE_TOPIC_CONFIG",
+        None,
+        "Extra Kafka topic settings for created topics, key=value (repeat, or comma-separate).",
+        multiple=True,
+    ),
+    option(
+        "--heartbeat-interval",
+        "SOURCE_HEARTBEAT_INTERVAL",
+        0.0,
+        "Seconds between heartbeat messages written to the source's WAL (0: off).",
+        click.FloatRange(min=0),
+    ),
+    option(
+        "--max-in-flight",
+        "SOURCE_MAX_IN_FLIGHT",
+        100_000,
+        "Messages waiting for Kafka before WAL reading pauses.",
+        click.IntRange(min=1000),
+    ),
+    METRICS_PORT,
+]
 
 
 @click.group(cls=DefaultGroup, context_settings=CONTEXT)
@@ -49,56 +81,7 @@ def main() -> None:
 
 @main.command(context_settings=CONTEXT)
 @common_options
-@slot_option
-@kafka_timeout_option
-@click.option(
-    "--snapshot",
-    envvar="SOURCE_SNAPSHOT",
-    type=click.Choice(["initial", "never"]),
-    default="initial",
-    help="When the slot is created, publish the existing rows as `r` events first.",
-)
-@click.option(
-    "--partitions",
-    envvar="SOURCE_PARTITIONS",
-    type=click.IntRange(min=1),
-    default=1,
-    help="Partitions of the topics this connector creates.",
-)
-@click.option(
-    "--replication-factor",
-    envvar="SOURCE_REPLICATION_FACTOR",
-    type=click.IntRange(min=1),
-    default=1,
-    help="Replication factor of the topics this connector creates.",
-)
-@click.option(
-    "--topic-config",
-    envvar="SOURCE_TOPIC_CONFIG",
-    multiple=True,
-    help="Extra Kafka topic settings for created topics, key=value (repeat, or comma-separate).",
-)
-@click.option(
-    "--heartbeat-interval",
-    envvar="SOURCE_HEARTBEAT_INTERVAL",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    help="Seconds between heartbeat messages written to the source's WAL (0: off).",
-)
-@click.option(
-    "--max-in-flight",
-    envvar="SOURCE_MAX_IN_FLIGHT",
-    type=click.IntRange(min=1000),
-    default=100_000,
-    help="Messages waiting for Kafka before WAL reading pauses.",
-)
-@click.option(
-    "--metrics-port",
-    envvar="METRICS_PORT",
-    type=click.IntRange(min=0, max=65535),
-    default=0,
-    help="Serve Prometheus /metrics and /healthz on this port (0: off).",
-)
+@with_options(RUN_OPTIONS)
 def run(**kwargs: Any) -> None:
     """Stream changes until stopped (SIGTERM/SIGINT: finish, confirm, exit 0)."""
     with program("cdc-source", kwargs) as settings:
@@ -118,8 +101,7 @@ def run(**kwargs: Any) -> None:
 
 @main.command("drop-slot", context_settings=CONTEXT)
 @common_options
-@slot_option
-@kafka_timeout_option
+@with_options([SLOT, KAFKA_TIMEOUT])
 def drop_slot(**kwargs: Any) -> None:
     """Drop the replication slot and forget this connector's state for it.
 

@@ -14,7 +14,7 @@ from pg_kafka_cdc.common.errors import SourceError
 from pg_kafka_cdc.common.kafka import admin_client, ensure_topics, wait_for_kafka
 from pg_kafka_cdc.common.lsn import int_to_lsn
 from pg_kafka_cdc.common.pg import connect_source
-from pg_kafka_cdc.common.service import OpsServer
+from pg_kafka_cdc.common.service import serving
 from pg_kafka_cdc.common.settings import KAFKA_CLIENT_LOG, Settings
 from pg_kafka_cdc.common.signals import StopFlag
 from schemas.topics import state_topic
@@ -122,13 +122,8 @@ class SourceConnector:
         self.producer: Any = None
 
     def run(self) -> None:
-        port = self.options.metrics_port
-        server = OpsServer(port, lambda: collect(self), self.health).start() if port else None
-        try:
+        with serving(self.options.metrics_port, lambda: collect(self), self.health):
             self._run()
-        finally:
-            if server is not None:
-                server.stop()
 
     def health(self) -> tuple[bool, str]:
         if self.stream is None:

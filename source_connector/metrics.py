@@ -91,11 +91,12 @@ def _slot(connector: "SourceConnector") -> Iterator[Any]:
 
 
 def _stream(connector: "SourceConnector", stream: "Stream") -> Iterator[Any]:
-    yield single_counter("cdc_source_transactions_total", "Source transactions read.", stream.transactions)
-    yield single_counter("cdc_source_messages_total", "wal2json messages read.", stream.messages)
-    yield single_counter(
-        "cdc_source_heartbeats_total", "Heartbeat messages read back from the WAL.", stream.heartbeats_seen
-    )
+    for name, doc, value in (
+        ("cdc_source_transactions_total", "Source transactions read.", stream.transactions),
+        ("cdc_source_messages_total", "wal2json messages read.", stream.messages),
+        ("cdc_source_heartbeats_total", "Heartbeat messages read back from the WAL.", stream.heartbeats_seen),
+    ):
+        yield single_counter(name, doc, value)
     yield gauge(
         "cdc_source_confirmed_lsn",
         "The position confirmed to the slot (flushed to Kafka).",

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from pg_kafka_cdc.common.errors import CdcError
+from pg_kafka_cdc.common.logs import Every
 from pg_kafka_cdc.common.signals import StopFlag
 from source_connector.events import Message
 from source_connector.flush import FlushTracker, Transaction
@@ -39,7 +40,7 @@ class Publisher:
     def _when_room(self, tx: Transaction, message: Message) -> None:
         topic, key, value, partition, headers = message
         started = time.monotonic()
-        next_log = started + STALL_LOG_INTERVAL
+        stalled = Every(STALL_LOG_INTERVAL, STALL_LOG_INTERVAL, started)
         self.stalled_since = started
         try:
             while True:
@@ -58,8 +59,7 @@ class Publisher:
                     pass
                 self.while_full()
                 now = time.monotonic()
-                if now >= next_log:
-                    next_log = now + STALL_LOG_INTERVAL
+                if stalled.due(now):
                     log.warning(
                         "Kafka is not keeping up: %d messages waiting for acknowledgement for %.0f s; "
                         "WAL reading is paused (the slot keeps the WAL)",

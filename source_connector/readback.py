@@ -10,6 +10,7 @@ from typing import Any
 from psycopg2 import sql
 
 from pg_kafka_cdc.common.errors import SourceError
+from pg_kafka_cdc.common.logs import Every
 from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.snapshots import parse_snapshot
 from schemas.values import output_text
@@ -68,15 +69,14 @@ class ReadBack:
         self.counts[str(info.name)] += 1
         query = row_query(info, key, columns)
         started = time.monotonic()
-        next_log = started + FIRST_WAIT_LOG
+        waiting = Every(WAIT_LOG_INTERVAL, FIRST_WAIT_LOG, started)
         while (found := self.session.run(lambda conn: read_if_visible(conn, query, xid))) is None:
             if self.stop:
                 raise SourceError(
                     f"stopped while waiting for transaction {xid} to become visible; it will be re-read"
                 )
             now = time.monotonic()
-            if now >= next_log:
-                next_log = now + WAIT_LOG_INTERVAL
+            if waiting.due(now):
                 log.warning(
                     "transaction %s is decoded but not visible for %.0f s (waiting for a synchronous "
                     "standby?): the read-back of a key change of %s waits for it",

@@ -5,6 +5,7 @@ its table's complete history."""
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg2 import sql
@@ -71,18 +72,18 @@ def publish_snapshot(
     return total
 
 
+@dataclass
 class Snapshot:
     """The `r` events of one snapshot, all counted against one transaction at its consistent point."""
 
-    def __init__(
-        self, builder: EventBuilder, publisher: Publisher, tracker: FlushTracker, tx: Transaction, lsn: int
-    ) -> None:
-        self.builder = builder
-        self.publisher = publisher
-        self.tracker = tracker
-        self.tx = tx
-        self.lsn = lsn
-        self.ctx = TxContext(None, lsn, int(time.time() * 1_000_000))
+    builder: EventBuilder
+    publisher: Publisher
+    tracker: FlushTracker
+    tx: Transaction
+    lsn: int
+
+    def __post_init__(self) -> None:
+        self.ctx = TxContext(None, self.lsn, int(time.time() * 1_000_000))
 
     def truncate(self, info: TableInfo) -> None:
         """An earlier attempt died half-way and its `r` events are in the topic: a `t` first, so a

@@ -11,6 +11,7 @@ import logging
 import select
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
@@ -42,41 +43,30 @@ CONFIRM_INTERVAL = 0.5  # seconds between attempts to confirm a new position
 PERIODIC_INTERVAL = 30.0
 
 
+@dataclass
 class Stream:
-    def __init__(
-        self,
-        settings: Settings,
-        slot: str,
-        tables: list[str],
-        builder: EventBuilder,
-        publisher: Publisher,
-        confirmer: Confirmer,
-        stop: StopFlag,
-        heartbeat: Heartbeat | None = None,
-    ) -> None:
-        self.settings = settings
-        self.slot = slot
-        self.add_tables = tables
-        self.builder = builder
-        self.publisher = publisher
-        self.producer = publisher.producer
-        self.confirmer = confirmer
-        self.stop = stop
-        self.heartbeat = heartbeat
-        self.heartbeats_seen = 0
-        self.numbers_as_strings: bool | None = None  # probed on the first start
+    settings: Settings
+    slot: str
+    add_tables: list[str]  # wal2json's add-tables entries
+    builder: EventBuilder
+    publisher: Publisher
+    confirmer: Confirmer
+    stop: StopFlag
+    heartbeat: Heartbeat | None = None
+
+    def __post_init__(self) -> None:
+        self.producer = self.publisher.producer
+        self.reconnect = Reconnect(self.slot, self.stop)
         self.decoder = Decoder()
-        self.next_confirm = 0.0
-        self.reconnect = Reconnect(slot, stop)
+        self.numbers_as_strings: bool | None = None  # probed on the first start
+        self.heartbeats_seen = self.transactions = self.messages = 0
+        self.next_confirm = self.next_periodic = 0.0
         self.wal_end = 0  # the server's WAL end, as last reported
         self.last_commit_us: int | None = None  # source commit time of the newest transaction read
         self.periodic: Callable[[], None] | None = None  # called every PERIODIC_INTERVAL (slot checks)
-        self.next_periodic = 0.0
-        self.transactions = 0
-        self.messages = 0
         self.cur: ReplicationCursor | None = None
         self.last: ReplicationMessage | None = None  # the newest message read
-        publisher.while_full = self._while_full
+        self.publisher.while_full = self._while_full
 
     @property
     def confirmed_lsn(self) -> int:

@@ -11,6 +11,7 @@ import psycopg2
 
 from pg_kafka_cdc.common.cli import program
 from pg_kafka_cdc.common.errors import ConnectError
+from pg_kafka_cdc.common.options import option, with_options
 from pg_kafka_cdc.common.pg import connect_source, error_reason, is_connection_loss
 from pg_kafka_cdc.common.retry import Backoff
 from pg_kafka_cdc.common.settings import Settings, common_options
@@ -24,46 +25,41 @@ from writer.schema import create_tables
 log = logging.getLogger("writer")
 
 
+WRITER_OPTIONS = [
+    option(
+        "--rate", "WRITER_RATE", 1.0, "Operations per second (0: as fast as possible).", click.FloatRange(min=0)
+    ),
+    option("--mix", "WRITER_MIX", "70,20,10", "Weights of insert,update,delete."),
+    option("--batch", "WRITER_BATCH", 1, "Operations per transaction.", click.IntRange(min=1)),
+    option(
+        "--count",
+        "WRITER_COUNT",
+        None,
+        "Stop after this many operations (default: run until stopped).",
+        click.IntRange(min=0),
+    ),
+    option("--schema", "WRITER_SCHEMA", "public", "Schema of the writer's tables."),
+    option(
+        "--key-change-ratio",
+        "WRITER_KEY_CHANGE_RATIO",
+        0.0,
+        "Share of updates that also change the primary key.",
+        click.FloatRange(0, 1),
+    ),
+    option(
+        "--big-ratio",
+        "WRITER_BIG_RATIO",
+        0.0,
+        "Share of order writes that carry a large (TOASTed) note.",
+        click.FloatRange(0, 1),
+    ),
+    option("--seed", "WRITER_SEED", None, "Random seed, for repeatable runs.", int),
+]
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @common_options
-@click.option(
-    "--rate",
-    type=click.FloatRange(min=0),
-    default=1.0,
-    envvar="WRITER_RATE",
-    help="Operations per second (0: as fast as possible).",
-)
-@click.option("--mix", default="70,20,10", envvar="WRITER_MIX", help="Weights of insert,update,delete.")
-@click.option(
-    "--batch",
-    type=click.IntRange(min=1),
-    default=1,
-    envvar="WRITER_BATCH",
-    help="Operations per transaction.",
-)
-@click.option(
-    "--count",
-    type=click.IntRange(min=0),
-    default=None,
-    envvar="WRITER_COUNT",
-    help="Stop after this many operations (default: run until stopped).",
-)
-@click.option("--schema", default="public", envvar="WRITER_SCHEMA", help="Schema of the writer's tables.")
-@click.option(
-    "--key-change-ratio",
-    type=click.FloatRange(0, 1),
-    default=0.0,
-    envvar="WRITER_KEY_CHANGE_RATIO",
-    help="Share of updates that also change the primary key.",
-)
-@click.option(
-    "--big-ratio",
-    type=click.FloatRange(0, 1),
-    default=0.0,
-    envvar="WRITER_BIG_RATIO",
-    help="Share of order writes that carry a large (TOASTed) note.",
-)
-@click.option("--seed", type=int, default=None, envvar="WRITER_SEED", help="Random seed, for repeatable runs.")
+@with_options(WRITER_OPTIONS)
 def main(**kwargs: Any) -> None:
     """Write realistic random data to the source database at a chosen rate.
 

@@ -3,6 +3,7 @@
 import random
 import uuid
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg2 import sql
@@ -13,27 +14,21 @@ from writer.rows import STATUSES, RowMaker
 PERSON_UPDATES = ("balance", "active", "tags", "email", "address")
 
 
+@dataclass
 class Workload:
     """Chooses rows at random and changes them; `counts` says what was done, per kind and table."""
 
-    def __init__(
-        self,
-        cur: Cursor,
-        rows: RowMaker,
-        rng: random.Random,
-        schema: str = "public",
-        key_change_ratio: float = 0.0,
-        big_ratio: float = 0.0,
-    ) -> None:
-        self.cur = cur
-        self.rows = rows
-        self.rng = rng
-        self.key_change_ratio = key_change_ratio
-        self.big_ratio = big_ratio
-        self.person = sql.Identifier(schema, "person")
-        self.orders = sql.Identifier(schema, "orders")
-        self.schema = schema
-        self.counts: Counter[str] = Counter()
+    cur: Cursor
+    rows: RowMaker
+    rng: random.Random
+    schema: str = "public"
+    key_change_ratio: float = 0.0
+    big_ratio: float = 0.0
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.person = sql.Identifier(self.schema, "person")
+        self.orders = sql.Identifier(self.schema, "orders")
         self._id_range: tuple[int, int] | None = None
         self._since_range = 0
 

@@ -77,3 +77,18 @@ def setup_logging(component: str, log_format: str = "auto", level: str = "info")
     # librdkafka's own lines (a failed connect every few hundred ms) only with --log-level debug: the
     # connectors report Kafka errors through its error callback, the commands through their error.
     logging.getLogger("kafka.client").setLevel(logging.DEBUG if level.lower() == "debug" else logging.CRITICAL)
+
+
+class Every:
+    """Paces a repeated log line: `due(now)` is true the first time `first` seconds after the start,
+    then at most once per `interval` seconds."""
+
+    def __init__(self, interval: float, first: float = 0.0, start: float | None = None) -> None:
+        self.interval = interval
+        self.next = (time.monotonic() if start is None else start) + first
+
+    def due(self, now: float) -> bool:
+        if now < self.next:
+            return False
+        self.next = now + self.interval
+        return True

@@ -9,6 +9,7 @@ import bisect
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -133,3 +134,14 @@ class OpsServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextmanager
+def serving(port: int, collect: Callable[[], Iterator[Any]], health: Health) -> Iterator[None]:
+    """/metrics and /healthz on `port` while the block runs (nothing when `port` is 0)."""
+    server = OpsServer(port, collect, health).start() if port else None
+    try:
+        yield
+    finally:
+        if server is not None:
+            server.stop()

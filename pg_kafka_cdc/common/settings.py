@@ -4,14 +4,15 @@ local stack, so one environment file configures the whole pipeline."""
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from pg_kafka_cdc.common.dsn import mask, parse
 from pg_kafka_cdc.common.errors import ConfigError
+from pg_kafka_cdc.common.options import option, with_options
 from pg_kafka_cdc.common.tables import TableName, parse_tables
 
 DEFAULT_SOURCE_DSN = "postgresql://postgres:postgres@127.0.0.1:5432/testdb"
@@ -129,75 +130,61 @@ def build_settings(
     return Settings(source_dsn, target_dsn, bootstrap_servers.strip(), prefix, parse_tables(tables), kafka)
 
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
 COMMON_OPTIONS = [
-    click.option(
+    option(
         "--source-dsn",
-        envvar="SOURCE_DSN",
-        default=DEFAULT_SOURCE_DSN,
+        "SOURCE_DSN",
+        DEFAULT_SOURCE_DSN,
+        "Source PostgreSQL connection string.",
         show_default=mask(DEFAULT_SOURCE_DSN),
-        help="Source PostgreSQL connection string.",
     ),
-    click.option(
+    option(
         "--target-dsn",
-        envvar="TARGET_DSN",
-        default=DEFAULT_TARGET_DSN,
+        "TARGET_DSN",
+        DEFAULT_TARGET_DSN,
+        "Target PostgreSQL connection string.",
         show_default=mask(DEFAULT_TARGET_DSN),
-        help="Target PostgreSQL connection string.",
     ),
-    click.option(
+    option(
         "--bootstrap-servers",
-        envvar="KAFKA_BOOTSTRAP_SERVERS",
-        default=DEFAULT_BOOTSTRAP,
+        "KAFKA_BOOTSTRAP_SERVERS",
+        DEFAULT_BOOTSTRAP,
+        "Kafka bootstrap servers.",
         show_default=True,
-        help="Kafka bootstrap servers.",
     ),
-    click.option(
+    option(
         "--topic-prefix",
-        envvar="TOPIC_PREFIX",
-        default=DEFAULT_TOPIC_PREFIX,
+        "TOPIC_PREFIX",
+        DEFAULT_TOPIC_PREFIX,
+        "Topics are <prefix>.<schema>.<table>.",
         show_default=True,
-        help="Topics are <prefix>.<schema>.<table>.",
     ),
-    click.option(
-        "--tables",
-        envvar="TABLES",
-        default=None,
-        help="Comma-separated schema.table list (quote names like SQL). Default: all.",
-    ),
-    click.option(
+    option("--tables", "TABLES", None, "Comma-separated schema.table list (quote names like SQL). Default: all."),
+    option(
         "--kafka-config",
-        envvar="KAFKA_CONFIG",
-        default=None,
-        type=click.Path(dir_okay=False),
-        help="A properties file of extra librdkafka settings (TLS, SASL...).",
+        "KAFKA_CONFIG",
+        None,
+        "A properties file of extra librdkafka settings (TLS, SASL...).",
+        click.Path(dir_okay=False),
     ),
-    click.option(
+    option(
         "--log-format",
-        envvar="LOG_FORMAT",
-        type=click.Choice(["auto", "text", "json"]),
-        default="auto",
+        "LOG_FORMAT",
+        "auto",
+        "Log lines as text or JSON (auto: text on a terminal).",
+        click.Choice(["auto", "text", "json"]),
         show_default=True,
-        help="Log lines as text or JSON (auto: text on a terminal).",
     ),
-    click.option(
+    option(
         "--log-level",
-        envvar="LOG_LEVEL",
-        default="info",
+        "LOG_LEVEL",
+        "info",
+        "Least severe log level printed.",
+        click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
         show_default=True,
-        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-        help="Least severe log level printed.",
     ),
 ]
-
-
-def common_options(func: F) -> F:
-    """Add the shared flags (with their environment variables) to a click command."""
-    for option in reversed(COMMON_OPTIONS):
-        func = option(func)
-    return func
+common_options = with_options(COMMON_OPTIONS)  # the shared flags, with their environment variables
 
 
 def settings_from(kwargs: dict[str, Any]) -> Settings:
