@@ -2,6 +2,7 @@
 cdc-verify says the target is identical, read tables as PostgreSQL text, talk to Kafka directly."""
 
 import contextlib
+import re
 import subprocess
 import time
 import uuid
@@ -22,6 +23,14 @@ TEXT_SESSION = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=iso_8601 -c ex
 
 Table = TableName | str
 
+# The tables cdc-writer writes.
+WRITER_TABLES = ("public.person", "public.orders")
+
+# About 22 kB of hex digits from md5: pglz finds few repeats in it, so compressed it still exceeds the
+# TOAST threshold and is stored out of line; an update that does not touch it leaves it out of the WAL
+# (REPLICA IDENTITY DEFAULT).
+BIG_TEXT = "(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 700))"
+
 
 def table_name(table: Table) -> TableName:
     """`public.person`, `"a""b"."My Table"` or a TableName, as a TableName."""
@@ -39,9 +48,18 @@ def tables_option(tables: Iterable[Table]) -> str:
 # --- the programs ---------------------------------------------------------------------------------
 
 
+def _subcommand(extra: Sequence[str], names: Sequence[str]) -> tuple[list[str], Sequence[str]]:
+    """`extra` split into its leading subcommand (one of `names`; none: []) and the rest."""
+    command = [extra[0]] if extra and extra[0] in names else []
+    return command, extra[len(command) :]
+
+
 def source_args(dbs: Databases, prefix: str, slot: str, *extra: str) -> list[str]:
+    """cdc-source's arguments; `extra` may start with a subcommand (`drop-slot`)."""
+    command, rest = _subcommand(extra, ("run", "drop-slot"))
     return [
         "cdc-source",
+        *command,
         "--source-dsn",
         dbs.source_dsn,
         "--topic-prefix",
@@ -50,14 +68,13 @@ def source_args(dbs: Databases, prefix: str, slot: str, *extra: str) -> list[str
         slot,
         "--log-format",
         "text",
-        *extra,
+        *rest,
     ]
 
 
 def sink_args(dbs: Databases, prefix: str, slot: str, group: str, *extra: str) -> list[str]:
     """cdc-sink's arguments; `extra` may start with a subcommand (`rebuild`)."""
-    command = [extra[0]] if extra and extra[0] in ("run", "rebuild") else []
-    rest = extra[len(command) :]
+    command, rest = _subcommand(extra, ("run", "rebuild"))
     return [
         "cdc-sink",
         *command,
@@ -77,9 +94,13 @@ def sink_args(dbs: Databases, prefix: str, slot: str, group: str, *extra: str) -
     ]
 
 
-def start_source(dbs: Databases, prefix: str, slot: str, *extra: str) -> CliProcess:
-    """cdc-source in the background."""
-    return start_cli(source_args(dbs, prefix, slot, *extra))
+def start_source(dbs: Databases, prefix: str, slot: str, *extra: str, streaming: bool = False) -> CliProcess:
+    """cdc-source in the background; with `streaming`, returned once it streams from the slot (after
+    its initial snapshot, if any)."""
+    process = start_cli(source_args(dbs, prefix, slot, *extra))
+    if streaming:
+        wait_for_output(process, "streaming from slot", timeout=120)
+    return process
 
 
 def start_sink(dbs: Databases, prefix: str, slot: str, group: str, *extra: str) -> CliProcess:
@@ -128,16 +149,25 @@ def stop_cleanly(*processes: CliProcess) -> None:
         assert code == 0, f"{p.command} exited with {code} on SIGTERM:\n{p.stderr_text()[-5000:]}"
 
 
-def wait_while_running(
-    predicate: Callable[[], object], processes: Sequence[CliProcess], timeout: float = 60, message: str = ""
-) -> None:
-    """Until `predicate` holds; fails at once when one of `processes` exits meanwhile."""
+def while_running(processes: Sequence[CliProcess], predicate: Callable[[], object]) -> Callable[[], bool]:
+    """`predicate` for wait_until, failing at once when one of `processes` has exited."""
 
     def check() -> bool:
         assert_running(*processes)
         return bool(predicate())
 
-    wait_until(check, timeout=timeout, message=message)
+    return check
+
+
+def wait_while_running(
+    predicate: Callable[[], object],
+    processes: Sequence[CliProcess],
+    timeout: float = 60,
+    message: str = "",
+    interval: float = 0.2,
+) -> None:
+    """Until `predicate` holds; fails at once when one of `processes` exits meanwhile."""
+    wait_until(while_running(processes, predicate), timeout=timeout, interval=interval, message=message)
 
 
 def wait_for_output(process: CliProcess, text: str, timeout: float = 60) -> None:
@@ -150,6 +180,45 @@ def wait_for_output(process: CliProcess, text: str, timeout: float = 60) -> None
         return False
 
     wait_until(seen, timeout=timeout, message=f"{process.command!r} never logged {text!r}")
+
+
+# --- failures ----------------------------------------------------------------------------------
+
+# The exit code of an expected failure: cdc-verify and cdc-status keep 1 for "different"/"attention".
+ERROR_EXIT = {"cdc-source": 1, "cdc-sink": 1, "cdc-writer": 1, "cdc-verify": 2, "cdc-status": 2}
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR)\s+(cdc-[a-z]+)  \S")
+
+
+def error_lines(stderr: str, program: str = "cdc-sink") -> list[str]:
+    """The `<program>: error: ...` lines of `stderr`."""
+    return [line for line in stderr.splitlines() if line.startswith(f"{program}: error:")]
+
+
+def error_line(
+    program: str, result: subprocess.CompletedProcess[str], alone: bool = True, secret: str = ""
+) -> str:
+    """The text of the failure's one line (after `<program>: error: `). `alone`: nothing else on
+    stderr; otherwise only well-formed log lines of the program may come before it. `secret` (a
+    password) must appear nowhere in the output."""
+    everything = result.stdout + result.stderr
+    if secret:
+        assert secret not in everything, f"the password leaked:\n{everything}"
+    assert "Traceback" not in everything, f"{program} printed a stack trace:\n{everything}"
+    assert result.returncode == ERROR_EXIT[program], (
+        f"{program} exited with {result.returncode}, expected {ERROR_EXIT[program]}:\n{everything}"
+    )
+    lines = result.stderr.splitlines()
+    assert lines, f"{program} failed without a word on stderr (stdout: {result.stdout!r})"
+    prefix = f"{program}: error: "
+    errors = [line for line in lines if line.startswith(prefix)]
+    assert len(errors) == 1, f"expected one error line, got {len(errors)}:\n{result.stderr}"
+    assert lines[-1] == errors[0], f"the error is not the last line:\n{result.stderr}"
+    if alone:
+        assert len(lines) == 1, f"expected only the error line on stderr:\n{result.stderr}"
+    else:
+        stray = [line for line in lines[:-1] if not (m := LOG_LINE.match(line)) or m.group(2) != program]
+        assert not stray, "stderr holds lines that are neither log lines nor the error:\n" + "\n".join(stray[:10])
+    return errors[0][len(prefix) :]
 
 
 # --- comparing source and target --------------------------------------------------------------
@@ -256,10 +325,17 @@ def assert_same_rows(dbs: Databases, tables: Iterable[Table]) -> None:
             )
 
 
-def execute(dsn: str, *statements: str | sql.Composable, params: Any = None) -> None:
-    """Run statements in one transaction."""
+def execute(dsn: str, *statements: str | sql.Composable, params: Any = None, separately: bool = False) -> None:
+    """Run statements in one transaction; with `separately`, each in a transaction of its own (a
+    statement may then hold several, run as one transaction: `BEGIN; ...; COMMIT`)."""
     conn = psycopg2.connect(dsn, connect_timeout=10)
     try:
+        if separately:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                for statement in statements:
+                    cur.execute(statement, params)
+            return
         with conn, conn.cursor() as cur:
             for statement in statements:
                 cur.execute(statement, params)

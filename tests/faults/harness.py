@@ -32,18 +32,19 @@ from tests.conftest import Databases
 from tests.helpers import CliProcess, psql_rows, run_cli, start_cli, stop_process, wait_until
 from tests.kafka_read import read_topics
 from tests.pipeline import (
+    WRITER_TABLES,
     assert_running,
+    execute,
     partition_ends,
     rows_as_text,
     sink_args,
     source_args,
     stored_offsets,
     verify,
+    while_running,
     writer_args,
 )
 from writer.schema import create_tables
-
-WRITER_TABLES = ("public.person", "public.orders")
 
 AUDIT_DDL = [
     "CREATE SCHEMA IF NOT EXISTS faults_audit",
@@ -68,16 +69,6 @@ AUDIT_DDL = [
         for t in ("person", "orders")
     ),
 ]
-
-
-def execute(dsn: str, *statements: str | sql.Composable) -> None:
-    conn = psycopg2.connect(dsn, connect_timeout=10)
-    try:
-        with conn, conn.cursor() as cur:
-            for statement in statements:
-                cur.execute(statement)
-    finally:
-        conn.close()
 
 
 def prepare_tables(source_dsn: str, target_dsn: str) -> None:
@@ -284,16 +275,6 @@ class Pipeline:
     def lag_seconds(self) -> float | None:
         last = self.last_applied_commit()
         return None if last is None else max(0.0, time.time() - last)
-
-
-def while_running(processes: Sequence[CliProcess], predicate: Callable[[], object]) -> Callable[[], bool]:
-    """`predicate` for wait_until, failing at once when one of `processes` has exited."""
-
-    def check() -> bool:
-        assert_running(*processes)
-        return bool(predicate())
-
-    return check
 
 
 def logs(processes: Iterable[CliProcess], tail: int = 3000) -> str:

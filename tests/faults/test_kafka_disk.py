@@ -36,11 +36,10 @@ from tests.faults.harness import (
     settle,
     wait_applied_all,
     wait_published,
-    while_running,
 )
 from tests.helpers import wait_until
 from tests.kafka_broker import free_port
-from tests.pipeline import stop_cleanly, wait_for_output
+from tests.pipeline import stop_cleanly, wait_for_output, while_running
 
 
 @pytest.fixture

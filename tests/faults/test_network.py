@@ -27,12 +27,11 @@ from tests.faults.harness import (
     populate_person,
     prepare_tables,
     settle,
-    while_running,
 )
 from tests.faults.proxy import TcpProxy
 from tests.helpers import CliProcess, wait_until
 from tests.kafka_broker import free_port
-from tests.pipeline import partition_ends, stop_cleanly, wait_for_output
+from tests.pipeline import partition_ends, stop_cleanly, wait_for_output, while_running
 
 BIG_TRANSACTION = 50_000
 

@@ -13,19 +13,12 @@ import orjson
 
 from schemas.topics import dlq_topic, topic_for
 from tests.conftest import Databases, Stack
-from tests.faults.harness import (
-    WRITER_TABLES,
-    Pipeline,
-    ScenarioReport,
-    Writer,
-    execute,
-    final_check,
-    prepare_tables,
-    settle,
-    while_running,
-)
+from tests.faults.harness import Pipeline, ScenarioReport, Writer, final_check, prepare_tables, settle
 from tests.helpers import CliProcess, wait_until
 from tests.pipeline import (
+    WRITER_TABLES,
+    error_lines,
+    execute,
     partition_ends,
     produce,
     read_all,
@@ -35,6 +28,7 @@ from tests.pipeline import (
     table_name,
     verify,
     wait_for_output,
+    while_running,
 )
 
 P = "public.p"
@@ -72,10 +66,6 @@ def start(
     sink = pipeline.start_sink("--on-error", on_error)
     pipeline.wait_applying([source, sink, writer.process], minimum=200)
     return pipeline, writer, source, sink
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("cdc-sink: error:")]
 
 
 def test_poison_message_stops_the_sink_in_fail_mode(

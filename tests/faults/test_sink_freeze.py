@@ -11,18 +11,9 @@ import time
 from psycopg2.extensions import make_dsn
 
 from tests.conftest import Databases, Stack
-from tests.faults.harness import (
-    Pipeline,
-    ScenarioReport,
-    Writer,
-    final_check,
-    logs,
-    prepare_tables,
-    settle,
-    while_running,
-)
+from tests.faults.harness import Pipeline, ScenarioReport, Writer, final_check, logs, prepare_tables, settle
 from tests.helpers import CliProcess, psql_rows, wait_until
-from tests.pipeline import stop_cleanly, wait_for_output
+from tests.pipeline import stop_cleanly, wait_for_output, while_running
 
 FENCED = "another sink moved the offsets"
 

@@ -16,10 +16,9 @@ from tests.faults.harness import (
     populate_person,
     prepare_tables,
     settle,
-    while_running,
 )
 from tests.helpers import CliProcess, psql_rows, wait_until
-from tests.pipeline import stop_cleanly, wait_for_output
+from tests.pipeline import stop_cleanly, wait_for_output, while_running
 
 PREEXISTING = 200_000
 

@@ -19,7 +19,6 @@ from tests.faults.harness import (
     ScenarioReport,
     compare_rows,
     describe_events,
-    execute,
     key_events,
     prepare_tables,
     wait_applied_all,
@@ -27,7 +26,7 @@ from tests.faults.harness import (
 )
 from tests.helpers import psql_rows
 from tests.pg_cluster import PgCluster
-from tests.pipeline import stop_cleanly, wait_for_output
+from tests.pipeline import execute, stop_cleanly, wait_for_output
 
 BIG_NOTE = (
     "(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 700))"  # ~22 kB, stored out of line

@@ -8,12 +8,10 @@ leak cannot hide behind the stack's `postgres:postgres`. Source servers that the
 imitate (wal_level not logical, no wal2json) are private PostgreSQL clusters made by the tests.
 """
 
-import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from subprocess import CompletedProcess
 from urllib.parse import quote
 
 import psycopg2
@@ -23,14 +21,12 @@ from psycopg2 import sql
 from tests.conftest import Databases, Stack
 from tests.helpers import psql_rows, run_cli, start_cli, stop_process
 from tests.pg_cluster import PgCluster
-from tests.pipeline import execute, wait_for_output
+from tests.pipeline import error_line, execute, wait_for_output
+from tests.source_events import EventReader, count, topic_of
 
 SECRET = "S3cr3t!pw"
 WRONG_SECRET = SECRET + "-wrong"
 PROGRAMS = ("cdc-source", "cdc-sink", "cdc-writer", "cdc-verify", "cdc-status")
-# The exit code of an expected failure: cdc-verify and cdc-status keep 1 for "different"/"attention".
-ERROR_EXIT = {"cdc-source": 1, "cdc-sink": 1, "cdc-writer": 1, "cdc-verify": 2, "cdc-status": 2}
-LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR)\s+(cdc-[a-z]+)  \S")
 EMPTY_LIBDIR = "<the cluster's empty folder>"
 
 
@@ -117,31 +113,8 @@ def base_run(stack: Stack, dbs: Databases, prefix: str) -> Run:
     return Run(dbs.source_dsn, dbs.target_dsn, stack.bootstrap_servers, prefix)
 
 
-def error_line(program: str, result: CompletedProcess[str], alone: bool = True) -> str:
-    """The text of the failure's one line (after `<program>: error: `). `alone`: nothing else on
-    stderr; otherwise only well-formed log lines of the program may come before it."""
-    everything = result.stdout + result.stderr
-    assert SECRET not in everything, f"the password leaked:\n{everything}"
-    assert "Traceback" not in everything, f"{program} printed a stack trace:\n{everything}"
-    assert result.returncode == ERROR_EXIT[program], (
-        f"{program} exited with {result.returncode}, expected {ERROR_EXIT[program]}:\n{everything}"
-    )
-    lines = result.stderr.splitlines()
-    assert lines, f"{program} failed without a word on stderr (stdout: {result.stdout!r})"
-    prefix = f"{program}: error: "
-    errors = [line for line in lines if line.startswith(prefix)]
-    assert len(errors) == 1, f"expected one error line, got {len(errors)}:\n{result.stderr}"
-    assert lines[-1] == errors[0], f"the error is not the last line:\n{result.stderr}"
-    if alone:
-        assert len(lines) == 1, f"expected only the error line on stderr:\n{result.stderr}"
-    else:
-        stray = [line for line in lines[:-1] if not (m := LOG_LINE.match(line)) or m.group(2) != program]
-        assert not stray, "stderr holds lines that are neither log lines nor the error:\n" + "\n".join(stray[:10])
-    return errors[0][len(prefix) :]
-
-
 def fails(program: str, command: list[str], alone: bool = True, timeout: float = 120) -> str:
-    return error_line(program, run_cli(command, timeout=timeout), alone)
+    return error_line(program, run_cli(command, timeout=timeout), alone, secret=SECRET)
 
 
 def assert_mentions(line: str, *fragments: str) -> None:
@@ -303,7 +276,7 @@ def test_verify_reports_a_table_without_primary_key(stack: Stack, owned: Databas
 # --- the slot ----------------------------------------------------------------------------------
 
 
-def test_slot_in_use(stack: Stack, owned: Databases, topic_prefix: str) -> None:
+def test_slot_in_use(stack: Stack, owned: Databases, topic_prefix: str, reader: EventReader) -> None:
     execute(owned.source_dsn, "CREATE TABLE item (id int PRIMARY KEY)")
     slot = f"t_err_{uuid.uuid4().hex[:8]}"
     run = Run(owned.source_dsn, owned.target_dsn, stack.bootstrap_servers, topic_prefix, slot=slot)
@@ -317,6 +290,12 @@ def test_slot_in_use(stack: Stack, owned: Databases, topic_prefix: str) -> None:
         line = fails("cdc-source", run.command("cdc-source", sub="drop-slot"))
         assert_mentions(line, f"replication slot {slot} is in use by process", "stop the cdc-source")
         assert first.poll() is None, f"the first connector died:\n{first.stderr_text()}"
+        # The first one is unharmed: it still streams.
+        execute(owned.source_dsn, "INSERT INTO item VALUES (1)")
+        items = topic_of(topic_prefix, "item")
+        events = reader.wait_then_stop([items], count(items, 1), "the insert", first)
+        assert [(e.key, e.op) for e in events] == [(b'{"id":1}', "c")]
+        reader.assert_valid()
     finally:
         assert stop_process(first) == 0, first.stderr_text()
     assert SECRET not in first.stderr_text() + first.stdout_text()
