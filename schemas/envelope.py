@@ -12,6 +12,8 @@ TOASTed values): a consumer must leave them as they are, never set them to NULL.
 A delete's tombstone (same key, null value) carries the delete's position in a `cdc.source` header,
 the JSON object `{"txId", "lsn", "commit_lsn", "ts_us"}` of the `d` event's `source`, so a consumer
 that skips changes a snapshot already holds can skip the tombstone with its delete.
+
+schemas/codec.py writes and reads these bytes: the source encodes with it, the sink decodes with it.
 """
 
 from typing import Literal, NotRequired, TypedDict

@@ -1,7 +1,9 @@
 """How a column's value is written in events and keys (see envelope.py): the text PostgreSQL's output
 function prints for it, except integers and booleans, which are JSON integers and booleans, as
 wal2json writes them. Whoever reads a row from PostgreSQL itself (the source's snapshot, the sink
-working out a key) reads it with `output_text` and turns it into JSON values with `json_row`."""
+working out a key) reads it with `output_text` and turns it into JSON values with `json_row`. Whoever
+reads an event checks its rows with `value_problem`: a JSON number that is not an integer (or does
+not fit 64 bits) would be parsed as a float and lose digits, so it is refused, never rounded."""
 
 from collections.abc import Iterable, Mapping
 
@@ -11,6 +13,10 @@ from schemas.envelope import Row
 
 INTEGER_TYPES = frozenset({"smallint", "integer", "bigint", "oid"})
 BOOLEAN_TYPE = "boolean"
+
+# What a JSON parser makes of the values a row may hold: strings, integers, booleans and null.
+VALUE_TYPES = frozenset({str, int, bool, type(None)})
+_REFUSED = {float: "number that is not a 64-bit integer", list: "array", dict: "object"}
 
 
 def typed_columns(types: Mapping[str, str]) -> tuple[frozenset[str], frozenset[str]]:
@@ -35,6 +41,16 @@ def json_row(
         else:
             row[name] = text
     return row
+
+
+def value_problem(row: Mapping[str, object]) -> str | None:
+    """What is wrong with the first value of a parsed row that is not a string, integer, boolean or
+    null (`column 'n' is a JSON number ...`); None when every value is one."""
+    if VALUE_TYPES.issuperset(map(type, row.values())):
+        return None
+    name, value = next((n, v) for n, v in row.items() if type(v) not in VALUE_TYPES)
+    kind = _REFUSED.get(type(value), type(value).__name__)
+    return f"column {name!r} is a JSON {kind}: numbers other than integers are sent as their exact text"
 
 
 def output_text(column: str, type_name: str) -> sql.Composable:

@@ -8,22 +8,16 @@ partition are deleted before the rest of the batch is applied.
 """
 
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from pg_kafka_cdc.common.tables import TableName
-from schemas.envelope import OPS, TOMBSTONE_HEADER
+from schemas import codec
+from schemas.codec import BadMessage, Headers
 
 TOMBSTONE = "tombstone"  # a null-valued message: delete of its key
 FULL_ROW_OPS = frozenset({"c", "r"})
 DELETE_OPS = frozenset({"d", TOMBSTONE})
-
-
-class BadMessage(Exception):
-    """A message that cannot be decoded as a change event; names what is wrong with it."""
 
 
 @dataclass(slots=True)
@@ -45,106 +39,38 @@ class Change:
 
 
 def decode(
-    topic: str,
-    partition: int,
-    offset: int,
-    key: bytes | None,
-    value: bytes | None,
-    headers: Sequence[tuple[str, bytes | None]] | None = None,
+    topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, headers: Headers | None = None
 ) -> Change:
-    """Parse and check one message; BadMessage says why it is not a change event."""
+    """Parse and check one message (schemas.codec); BadMessage says why it is not a change event."""
     if value is None:
         return _tombstone(topic, partition, offset, key, headers)
-    env = _envelope(value)
+    env = codec.decode(value)
     op, source, columns, key_columns = env["op"], env["source"], env["columns"], env["key"]
-    before, after = env["before"], env["after"]
-    _check_envelope(op, source, columns, key_columns)
     if op == "t":
         row = None
         if key is None:
             key = b""
     else:
-        row = before if op == "d" else after
-        if not isinstance(row, dict) or not row.keys() >= set(key_columns):
-            raise BadMessage(f"`{'before' if op == 'd' else 'after'}` must be an object holding the key columns")
+        row = env["before"] if op == "d" else env["after"]
         if not key:
             raise BadMessage("change event without a key")
-    unchanged = env.get("unchanged")
-    if unchanged is not None and (op not in ("u", "c") or not isinstance(unchanged, list)):
-        raise BadMessage("`unchanged` is only allowed on updates and creates, as a list")
+    unchanged = env.get("unchanged") or None
     partitions = env.get("partitions") if op == "t" else None
-    if op == "t" and (not isinstance(partitions, int) or partitions < 1):
-        raise BadMessage("truncate event without a valid `partitions` count")
     position = (source.get("txId"), source.get("lsn"), source.get("commit_lsn"), source.get("ts_us"))
-    return Change(
-        topic, partition, offset, key, op, row, columns, key_columns, unchanged or None, *position, partitions
-    )
+    return Change(topic, partition, offset, key, op, row, columns, key_columns, unchanged, *position, partitions)
 
 
-def _tombstone(
-    topic: str, partition: int, offset: int, key: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None
-) -> Change:
+def _tombstone(topic: str, partition: int, offset: int, key: bytes | None, headers: Headers | None) -> Change:
     """A null-valued message: the delete of its key (at the position its header names, if any)."""
     if not key:
         raise BadMessage("tombstone without a key")
-    try:
-        key_row = orjson.loads(key)
-    except orjson.JSONDecodeError as exc:
-        raise BadMessage(f"key is not JSON: {exc}") from None
-    if not isinstance(key_row, dict) or not key_row:
-        raise BadMessage("key is not a JSON object of key columns")
+    key_row = codec.decode_key(key)
     change = Change(topic, partition, offset, key, TOMBSTONE, key_row, None, list(key_row))
-    if headers:
-        _tombstone_position(change, headers)
+    position = codec.decode_tombstone(headers)
+    if position is not None:
+        change.xid, change.lsn = position["txId"], position["lsn"]
+        change.commit_lsn, change.ts_us = position["commit_lsn"], position["ts_us"]
     return change
-
-
-def _envelope(value: bytes) -> dict[str, Any]:
-    try:
-        env = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise BadMessage(f"value is not JSON: {exc}") from None
-    if not isinstance(env, dict):
-        raise BadMessage("value is not a JSON object")
-    for name in ("op", "source", "columns", "key", "before", "after"):
-        if name not in env:
-            raise BadMessage(f"envelope has no {name!r} field")
-    return env
-
-
-def _check_envelope(op: Any, source: Any, columns: Any, key_columns: Any) -> None:
-    if not isinstance(op, str) or op not in OPS:
-        raise BadMessage(f"unknown op {op!r}")
-    if (
-        not isinstance(columns, dict)
-        or not isinstance(key_columns, list)
-        or not key_columns
-        or not all(isinstance(c, str) for c in key_columns)
-    ):
-        raise BadMessage("envelope `columns` must be an object and `key` a non-empty list of column names")
-    if not isinstance(source, dict):
-        raise BadMessage("envelope `source` must be an object")
-
-
-def _tombstone_position(change: Change, headers: Sequence[tuple[str, bytes | None]]) -> None:
-    """The delete's position from the tombstone's `cdc.source` header, when it has one (a tombstone
-    without it is a delete of its key at an unknown position)."""
-    for name, raw in headers:
-        if name != TOMBSTONE_HEADER:
-            continue
-        try:
-            position = orjson.loads(raw or b"")
-        except orjson.JSONDecodeError as exc:
-            raise BadMessage(f"tombstone header {TOMBSTONE_HEADER} is not JSON: {exc}") from None
-        if not isinstance(position, dict) or not all(
-            v is None or (isinstance(v, int) and not isinstance(v, bool))
-            for v in (position.get(f) for f in ("txId", "lsn", "commit_lsn", "ts_us"))
-        ):
-            raise BadMessage(f"tombstone header {TOMBSTONE_HEADER} must be an object of integers or nulls")
-        change.xid = position.get("txId")
-        change.lsn = position.get("lsn")
-        change.commit_lsn = position.get("commit_lsn")
-        change.ts_us = position.get("ts_us")
 
 
 @dataclass

@@ -10,9 +10,10 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pg_kafka_cdc.common.tables import TableName
+from schemas.codec import BadMessage
 from schemas.topics import table_for
 from sink_connector.bookkeeping import TopicPartition
-from sink_connector.changes import BadMessage, Change, TableBatch, coalesce, decode
+from sink_connector.changes import Change, TableBatch, coalesce, decode
 from sink_connector.ports import Message
 from sink_connector.preparation import TableState
 

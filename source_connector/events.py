@@ -18,7 +18,8 @@ from typing import Any
 import orjson
 
 from pg_kafka_cdc.common.lsn import lsn_to_int
-from schemas.envelope import CONNECTOR, ENVELOPE_VERSION, TOMBSTONE_HEADER, TombstoneSource
+from schemas.codec import Columns, encode, encode_key, encode_tombstone
+from schemas.envelope import CONNECTOR, ENVELOPE_VERSION, TOMBSTONE_HEADER, Op, Source, TombstoneSource
 from schemas.values import json_row
 from source_connector.table_info import TableInfo, wal2json_type
 from source_connector.wal2json import timestamp_to_us
@@ -77,42 +78,35 @@ class EventBuilder:
     def _value(
         self,
         info: TableInfo,
-        op: str,
+        op: Op,
         before: dict[str, Any] | None,
         after: dict[str, Any] | None,
         tx: TxContext,
         lsn: int | None,
-        columns: Any,
+        columns: Columns,
         snapshot: bool = False,
-        extra: dict[str, Any] | None = None,
+        unchanged: list[str] | None = None,
+        refetched: list[str] | None = None,
+        partitions: int | None = None,
     ) -> bytes:
-        env: dict[str, Any] = {
-            "before": before,
-            "after": after,
-            "op": op,
-            "ts_ms": int(time.time() * 1000),
-            "source": {
-                "version": ENVELOPE_VERSION,
-                "connector": CONNECTOR,
-                "name": self.prefix,
-                "db": self.database,
-                "schema": info.name.schema,
-                "table": info.name.name,
-                "slot": self.slot,
-                "lsn": lsn,
-                "commit_lsn": tx.commit_lsn,
-                "txId": tx.xid,
-                "ts_ms": tx.ts_ms,
-                "ts_us": tx.ts_us,
-                "seq": tx.seq,
-                "snapshot": snapshot,
-            },
-            "columns": columns,
-            "key": info.key_json,
+        source: Source = {
+            "version": ENVELOPE_VERSION,
+            "connector": CONNECTOR,
+            "name": self.prefix,
+            "db": self.database,
+            "schema": info.name.schema,
+            "table": info.name.name,
+            "slot": self.slot,
+            "lsn": lsn,
+            "commit_lsn": tx.commit_lsn,
+            "txId": tx.xid,
+            "ts_ms": tx.ts_ms,
+            "ts_us": tx.ts_us,
+            "seq": tx.seq,
+            "snapshot": snapshot,
         }
-        if extra:
-            env.update(extra)
-        value = orjson.dumps(env)
+        ts_ms = int(time.time() * 1000)
+        value = encode(before, after, op, ts_ms, source, columns, info.key_json, unchanged, refetched, partitions)
         self.events[(info.label, op)] += 1
         self.bytes[info.label] += len(value)
         return value
@@ -120,7 +114,7 @@ class EventBuilder:
     @staticmethod
     def key(info: TableInfo, row: dict[str, Any]) -> bytes:
         """The message key: the key columns as a JSON object, in key order."""
-        return orjson.dumps({k: row[k] for k in info.key})
+        return encode_key(row, info.key)
 
     # --- row changes ------------------------------------------------------------------------
 
@@ -136,7 +130,7 @@ class EventBuilder:
             before = {c["name"]: c["value"] for c in doc["identity"]}
             return self._delete(info, before, tx, lsn)
         after = {c["name"]: c["value"] for c in doc["columns"]}
-        columns: Any = info.columns_json
+        columns: Columns = info.columns_json
         unchanged: list[str] = []
         if tuple(after) != info.columns or [c["type"] for c in doc["columns"]] != info.wal2json_types:
             identity = doc.get("identity") if action == "U" else None
@@ -161,7 +155,7 @@ class EventBuilder:
         info: TableInfo,
         before: dict[str, Any],
         after: dict[str, Any],
-        columns: Any,
+        columns: Columns,
         unchanged: list[str],
         tx: TxContext,
         lsn: int,
@@ -176,28 +170,27 @@ class EventBuilder:
         if before and all(k in before for k in info.key):
             old_key = self.key(info, before)
             if old_key != new_key:
-                extra = self._read_back(info, after, unchanged, tx) if unchanged else None
-                created = self._value(info, "c", None, after, tx, lsn, columns, extra=extra)
+                missing, refetched = self._read_back(info, after, unchanged, tx) if unchanged else (None, None)
+                created = self._value(info, "c", None, after, tx, lsn, columns, False, missing, refetched)
                 return [*self._delete(info, before, tx, lsn, old_key), (info.topic, new_key, created, None, None)]
-        extra = {"unchanged": unchanged} if unchanged else None
-        value = self._value(info, "u", before or None, after, tx, lsn, columns, extra=extra)
+        value = self._value(info, "u", before or None, after, tx, lsn, columns, unchanged=unchanged)
         return [(info.topic, new_key, value, None, None)]
 
     def _read_back(
         self, info: TableInfo, after: dict[str, Any], unchanged: list[str], tx: TxContext
-    ) -> dict[str, Any]:
+    ) -> tuple[list[str] | None, list[str] | None]:
         """A key change's new row has no old row to leave the unchanged columns alone in: read them
         back from the table (the row's current value, which any later change of the key corrects);
-        when the row is gone already, say they are not carried."""
+        when the row is gone already, say they are not carried. (unchanged, refetched) of the event."""
         values = (
             None
             if self.refetch is None
             else self.refetch(info, {k: after[k] for k in info.key}, unchanged, tx.xid)
         )
         if values is None:
-            return {"unchanged": unchanged}
+            return unchanged, None
         after.update(values)
-        return {"refetched": unchanged}
+        return None, unchanged
 
     def _delete(
         self, info: TableInfo, before: dict[str, Any], tx: TxContext, lsn: int, key: bytes | None = None
@@ -207,7 +200,7 @@ class EventBuilder:
         position: TombstoneSource = {"txId": tx.xid, "lsn": lsn, "commit_lsn": tx.commit_lsn, "ts_us": tx.ts_us}
         return [
             (info.topic, key, value, None, None),
-            (info.topic, key, None, None, [(TOMBSTONE_HEADER, orjson.dumps(position))]),
+            (info.topic, key, None, None, [(TOMBSTONE_HEADER, encode_tombstone(position))]),
         ]
 
     def _irregular(
@@ -216,7 +209,7 @@ class EventBuilder:
         carried: list[dict[str, Any]],
         after: dict[str, Any],
         identity: list[dict[str, Any]] | None,
-    ) -> tuple[TableInfo, Any, list[str]]:
+    ) -> tuple[TableInfo, Columns, list[str]]:
         """The slow path: unchanged TOAST columns left out, or the table changed since it was read."""
         message_types = {c["name"]: c["type"] for c in carried}
         if any(n not in info.types or wal2json_type(info.types[n]) != t for n, t in message_types.items()):
@@ -249,9 +242,7 @@ class EventBuilder:
             return []
         tx.seq += 1
         count = self.partitions(info.topic)
-        value = self._value(
-            info, "t", None, None, tx, lsn_to_int(doc["lsn"]), info.columns_json, extra={"partitions": count}
-        )
+        value = self._value(info, "t", None, None, tx, lsn_to_int(doc["lsn"]), info.columns_json, partitions=count)
         return [(info.topic, None, value, p, None) for p in range(count)]
 
     # --- snapshot ---------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pg_kafka_cdc.common.tables import TableName
-from sink_connector.changes import TOMBSTONE, BadMessage, Change, TableBatch, coalesce, decode
+from schemas.codec import BadMessage
+from sink_connector.changes import TOMBSTONE, Change, TableBatch, coalesce, decode
 
 TOPIC = "cdc.public.probe"
 TABLE = TableName("public", "probe")

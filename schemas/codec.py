@@ -1,0 +1,180 @@
+"""The bytes of a change message: its value (the envelope, schemas/envelope.py), its key and a
+tombstone's `cdc.source` header. The source writes them with the encode functions, the sink reads
+them with the decode functions; schemas/envelope.schema.json describes the same bytes.
+
+Encoding is the source's hot path: nothing is checked or copied, the caller's dicts go to orjson as
+they are, in the envelope's key order. `columns` and `key` may be orjson Fragments (a table's columns
+and key, serialized once). Decoding checks what applying a change relies on (op, rows holding the
+key columns, values as the value rules allow, positions, `unchanged`, `partitions`) and raises
+BadMessage naming the first thing wrong; the descriptive fields (`ts_ms`, the source's names, `seq`,
+`snapshot`) are passed on as they are.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import orjson
+
+from schemas.envelope import OPS, TOMBSTONE_HEADER, Envelope, Op, Row, Source, TombstoneSource
+from schemas.values import value_problem
+
+Columns = Mapping[str, str] | orjson.Fragment
+KeyColumns = Sequence[str] | orjson.Fragment
+Headers = Sequence[tuple[str, bytes | None]]
+
+REQUIRED = ("op", "source", "columns", "key", "before", "after")  # checked in this order
+POSITION = ("txId", "lsn", "commit_lsn", "ts_us")  # where a change happened, as in TombstoneSource
+_POSITION_TYPES = frozenset({int, type(None)})
+_NAME_TYPES = frozenset({str})
+_REQUIRED = frozenset(REQUIRED)
+
+
+class BadMessage(Exception):
+    """A message that cannot be read as a change message; names what is wrong with it."""
+
+
+# --- encoding -----------------------------------------------------------------------------------
+
+
+def encode(
+    before: Row | None,
+    after: Row | None,
+    op: Op,
+    ts_ms: int,
+    source: Source,
+    columns: Columns,
+    key: KeyColumns,
+    unchanged: list[str] | None = None,
+    refetched: list[str] | None = None,
+    partitions: int | None = None,
+) -> bytes:
+    """The value of a change message. `unchanged` and `refetched` are left out when empty,
+    `partitions` when None."""
+    env: dict[str, object] = {
+        "before": before,
+        "after": after,
+        "op": op,
+        "ts_ms": ts_ms,
+        "source": source,
+        "columns": columns,
+        "key": key,
+    }
+    if unchanged:
+        env["unchanged"] = unchanged
+    if refetched:
+        env["refetched"] = refetched
+    if partitions is not None:
+        env["partitions"] = partitions
+    return orjson.dumps(env)
+
+
+def encode_key(row: Mapping[str, object], key: Sequence[str]) -> bytes:
+    """The message key: the key columns of the row as a JSON object, in key order."""
+    return orjson.dumps({k: row[k] for k in key})
+
+
+def encode_tombstone(position: TombstoneSource) -> bytes:
+    """The `cdc.source` header of a delete's tombstone."""
+    return orjson.dumps(position)
+
+
+# --- decoding -----------------------------------------------------------------------------------
+
+
+def decode(value: bytes) -> Envelope:
+    """The envelope of a change message's value, checked."""
+    env = _loads(value, "value")
+    if not isinstance(env, dict):
+        raise BadMessage("value is not a JSON object")
+    if not env.keys() >= _REQUIRED:
+        missing = next(name for name in REQUIRED if name not in env)
+        raise BadMessage(f"envelope has no {missing!r} field")
+    op, columns, key, source = env["op"], env["columns"], env["key"], env["source"]
+    if not isinstance(op, str) or op not in OPS:
+        raise BadMessage(f"unknown op {op!r}")
+    if not isinstance(columns, dict) or not _is_names(key) or not key:
+        raise BadMessage("envelope `columns` must be an object and `key` a non-empty list of column names")
+    if not _NAME_TYPES.issuperset(map(type, columns.values())):
+        raise BadMessage("envelope `columns` must map each column to its type name")
+    if not isinstance(source, dict):
+        raise BadMessage("envelope `source` must be an object")
+    if not _is_position(source):
+        raise BadMessage("envelope `source` txId, lsn, commit_lsn and ts_us must be integers or nulls")
+    if op != "t":
+        name = "before" if op == "d" else "after"
+        row = env[name]
+        if not isinstance(row, dict) or not row.keys() >= set(key):
+            raise BadMessage(f"`{name}` must be an object holding the key columns")
+    _check_rows(env["before"], env["after"])
+    _check_lists(env, op)
+    partitions = env.get("partitions")
+    if op == "t" and (not isinstance(partitions, int) or partitions < 1):
+        raise BadMessage("truncate event without a valid `partitions` count")
+    return cast(Envelope, env)
+
+
+def decode_key(key: bytes) -> Row:
+    """The key columns of a message key."""
+    row = _loads(key, "key")
+    if not isinstance(row, dict) or not row:
+        raise BadMessage("key is not a JSON object of key columns")
+    problem = value_problem(row)
+    if problem is not None:
+        raise BadMessage(f"key {problem}")
+    return row
+
+
+def decode_tombstone(headers: Headers | None) -> TombstoneSource | None:
+    """Where a tombstone's delete happened, from its `cdc.source` header; None without one (a
+    delete of its key at an unknown position)."""
+    found: TombstoneSource | None = None
+    for name, raw in headers or ():
+        if name != TOMBSTONE_HEADER:
+            continue
+        position = _loads(raw or b"", f"tombstone header {TOMBSTONE_HEADER}")
+        if not isinstance(position, dict) or not _is_position(position):
+            raise BadMessage(f"tombstone header {TOMBSTONE_HEADER} must be an object of integers or nulls")
+        found = {
+            "txId": position.get("txId"),
+            "lsn": position.get("lsn"),
+            "commit_lsn": position.get("commit_lsn"),
+            "ts_us": position.get("ts_us"),
+        }
+    return found
+
+
+def _loads(raw: bytes, what: str) -> object:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadMessage(f"{what} is not JSON: {exc}") from None
+
+
+def _is_position(fields: Mapping[str, object]) -> bool:
+    """The position fields present are integers or nulls."""
+    return _POSITION_TYPES.issuperset(map(type, map(fields.get, POSITION)))
+
+
+def _is_names(names: object) -> bool:
+    return isinstance(names, list) and _NAME_TYPES.issuperset(map(type, names))
+
+
+def _check_rows(before: object, after: object) -> None:
+    """Both rows are objects or null, of values the value rules allow."""
+    for name, row in (("before", before), ("after", after)):
+        if row is None:
+            continue
+        if not isinstance(row, dict):
+            raise BadMessage(f"`{name}` must be an object or null")
+        problem = value_problem(row)
+        if problem is not None:
+            raise BadMessage(f"`{name}` {problem}")
+
+
+def _check_lists(env: dict[str, Any], op: str) -> None:
+    unchanged = env.get("unchanged")
+    if unchanged is not None and (op not in ("u", "c") or not _is_names(unchanged)):
+        raise BadMessage("`unchanged` is only allowed on updates and creates, as a list")
+    refetched = env.get("refetched")
+    if refetched is not None and not _is_names(refetched):
+        raise BadMessage("`refetched` must be a list of column names")
