@@ -140,7 +140,36 @@ def decode_tombstone(headers: Headers | None) -> TombstoneSource | None:
             "commit_lsn": position.get("commit_lsn"),
             "ts_us": position.get("ts_us"),
         }
+        seq = position.get("seq")
+        if type(seq) is int:
+            found["seq"] = seq
     return found
+
+
+# --- positions ----------------------------------------------------------------------------------
+
+Position = tuple[int, int, int]  # (commit LSN, seq, rank): see envelope.py
+RANKS = {"d": 0, "c": 2, "u": 2, "r": 2, "t": 2}
+TOMBSTONE_RANK = 1
+
+
+def position(value: bytes | None, headers: Headers | None) -> Position | None:
+    """Where a message stands in its partition (None for a message without a full position: another
+    producer's, or a tombstone written before tombstones carried their delete's seq)."""
+    try:
+        if value is None:
+            tombstone = decode_tombstone(headers)
+            if tombstone is None:
+                return None
+            commit_lsn, seq, rank = tombstone["commit_lsn"], tombstone.get("seq"), TOMBSTONE_RANK
+        else:
+            doc = orjson.loads(value)
+            commit_lsn, seq, rank = doc["source"]["commit_lsn"], doc["source"]["seq"], RANKS[doc["op"]]
+    except (BadMessage, orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    if type(commit_lsn) is not int or type(seq) is not int:
+        return None
+    return commit_lsn, seq, rank
 
 
 def _loads(raw: bytes, what: str) -> object:

@@ -10,8 +10,12 @@ NULL (null). numeric, real and double precision are strings, so no digit is ever
 TOASTed values): a consumer must leave them as they are, never set them to NULL.
 
 A delete's tombstone (same key, null value) carries the delete's position in a `cdc.source` header,
-the JSON object `{"txId", "lsn", "commit_lsn", "ts_us"}` of the `d` event's `source`, so a consumer
-that skips changes a snapshot already holds can skip the tombstone with its delete.
+the JSON object `{"txId", "lsn", "commit_lsn", "ts_us", "seq"}` of the `d` event's `source`, so a
+consumer that skips changes a snapshot already holds can skip the tombstone with its delete.
+
+Positions: (commit_lsn, seq, rank) strictly increases along a topic's partition, where the rank
+orders the messages one change gives: a delete (0), its tombstone (1), then an insert, update,
+snapshot read or truncate (2). The source never publishes a position twice, also after a crash.
 
 schemas/codec.py writes and reads these bytes: the source encodes with it, the sink decodes with it.
 """
@@ -58,6 +62,7 @@ class TombstoneSource(TypedDict):
     lsn: int | None
     commit_lsn: int | None
     ts_us: int | None
+    seq: NotRequired[int]  # the delete's seq (absent in topics written before it was added)
 
 
 class Envelope(TypedDict):

@@ -23,6 +23,7 @@ from source_connector.change_topics import MAX_MESSAGE_BYTES, ChangeTopics
 from source_connector.confirm import Confirmer
 from source_connector.events import EventBuilder
 from source_connector.heartbeat import Heartbeat, emit_heartbeat
+from source_connector.held import replay_of
 from source_connector.losses import NanLosses
 from source_connector.metrics import collect
 from source_connector.publisher import Publisher
@@ -150,7 +151,7 @@ class SourceConnector:
             source.server.database,
             ", ".join(str(i.name) for i in source.infos) or "(none yet)",
         )
-        self._stream(source, builder, publisher, Confirmer(self.producer, state, topic))
+        self._stream(source, builder, publisher, Confirmer(self.producer, state, topic), topics)
         self.producer.flush(30)
 
     def _open_source(self) -> Source:
@@ -261,7 +262,14 @@ class SourceConnector:
             conn.close()
         log.info("initial snapshot published: %d rows of %d tables", rows, len(source.infos))
 
-    def _stream(self, source: Source, builder: EventBuilder, publisher: Publisher, confirmer: Confirmer) -> None:
+    def _stream(
+        self,
+        source: Source,
+        builder: EventBuilder,
+        publisher: Publisher,
+        confirmer: Confirmer,
+        topics: ChangeTopics,
+    ) -> None:
         interval = self.options.heartbeat_interval
         heartbeat = Heartbeat(interval, lambda: source.session.run(emit_heartbeat)) if interval > 0 else None
         add_tables = add_tables_option([i.name for i in source.infos]) if self.settings.tables else ["public.*"]
@@ -275,6 +283,7 @@ class SourceConnector:
             confirmer,
             self.stop,
             heartbeat,
+            lambda: replay_of(self.settings, topics.counts, topics.partitions),
         )
         self.stream.periodic = self.watch.check
         self.stream.run()

@@ -197,7 +197,13 @@ class EventBuilder:
     ) -> list[Message]:
         key = key if key is not None else self.key(info, before)
         value = self._value(info, "d", before, None, tx, lsn, info.columns_json)
-        position: TombstoneSource = {"txId": tx.xid, "lsn": lsn, "commit_lsn": tx.commit_lsn, "ts_us": tx.ts_us}
+        position: TombstoneSource = {
+            "txId": tx.xid,
+            "lsn": lsn,
+            "commit_lsn": tx.commit_lsn,
+            "ts_us": tx.ts_us,
+            "seq": tx.seq,
+        }
         return [
             (info.topic, key, value, None, None),
             (info.topic, key, None, None, [(TOMBSTONE_HEADER, encode_tombstone(position))]),

@@ -95,6 +95,11 @@ def _stream(connector: "SourceConnector", stream: "Stream") -> Iterator[Any]:
         ("cdc_source_transactions_total", "Source transactions read.", stream.transactions),
         ("cdc_source_messages_total", "wal2json messages read.", stream.messages),
         ("cdc_source_heartbeats_total", "Heartbeat messages read back from the WAL.", stream.heartbeats_seen),
+        (
+            "cdc_source_duplicates_skipped_total",
+            "Messages read again from the slot after a restart that the topics held already (not published twice).",
+            stream.duplicates_skipped + (stream.replay.skipped if stream.replay else 0),
+        ),
     ):
         yield single_counter(name, doc, value)
     yield gauge(

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
+from confluent_kafka import KafkaException
 
 from pg_kafka_cdc.common.errors import ConnectError, SourceError
+from pg_kafka_cdc.common.kafka import kafka_reason
 from pg_kafka_cdc.common.lsn import int_to_lsn, lsn_to_int
 from pg_kafka_cdc.common.pg import connect_source
 from pg_kafka_cdc.common.settings import Settings
@@ -28,6 +30,7 @@ from source_connector.heartbeat import HEARTBEAT_PREFIX, Heartbeat
 from source_connector.ports import ReplicationCursor, ReplicationMessage
 from source_connector.publisher import Publisher, raise_delivery_failure
 from source_connector.reconnect import Reconnect
+from source_connector.replay import Replay
 from source_connector.wal2json import (
     NUMBERS_AS_STRING_OPTION,
     WAL2JSON_OPTIONS,
@@ -53,6 +56,8 @@ class Stream:
     confirmer: Confirmer
     stop: StopFlag
     heartbeat: Heartbeat | None = None
+    # What the topics hold already, read again before each start of streaming (see replay.py).
+    held: Callable[[], Replay] | None = None
 
     def __post_init__(self) -> None:
         self.producer = self.publisher.producer
@@ -66,6 +71,8 @@ class Stream:
         self.periodic: Callable[[], None] | None = None  # called every PERIODIC_INTERVAL (slot checks)
         self.cur: ReplicationCursor | None = None
         self.last: ReplicationMessage | None = None  # the newest message read
+        self.replay: Replay | None = None
+        self.duplicates_skipped = 0  # messages read again that the topics held already
         self.publisher.while_full = self._while_full
 
     @property
@@ -78,16 +85,9 @@ class Stream:
 
     # --- connection -----------------------------------------------------------------------------
 
-    def _options(self, with_numbers_as_strings: bool) -> dict[str, str]:
-        options = dict(WAL2JSON_OPTIONS)
-        options["add-tables"] = ",".join(self.add_tables)
-        options["add-msg-prefixes"] = HEARTBEAT_PREFIX
-        if with_numbers_as_strings:
-            options[NUMBERS_AS_STRING_OPTION] = "1"
-        return options
-
     def _open(self, conn: Any | None) -> tuple[Any, Any]:
         """A replication connection streaming from the confirmed position."""
+        self._read_held()
         start_lsn = self.confirmer.tracker.flushed_lsn
         for attempt in (True, False):
             if attempt and self.numbers_as_strings is False:
@@ -97,7 +97,7 @@ class Stream:
             cur = conn.cursor()
             try:
                 cur.start_replication_expert(
-                    start_replication_command(self.slot, start_lsn, self._options(attempt)),
+                    start_replication_command(self.slot, start_lsn, wal2json_options(self.add_tables, attempt)),
                     decode=False,
                     status_interval=3600,
                 )
@@ -172,7 +172,7 @@ class Stream:
         stop = self.stop
         tx: Transaction | None = None
         ctx: TxContext | None = None
-        count = 0
+        replay, count = self.replay, 0
         while not stop:
             msg = read()
             if msg is None:
@@ -188,7 +188,10 @@ class Stream:
                     raise outside_transaction(payload)
                 doc = decode(payload)
                 for message in row(doc, ctx) if kind != b"T" else self.builder.truncate(doc, ctx):
-                    publish(tx, message)
+                    if replay is None or replay.keep(message):
+                        publish(tx, message)
+                if replay is not None and replay.done:
+                    replay = self._replayed(replay)
             elif kind == b"B":
                 confirmer.begin_seen(msg.data_start)
                 doc = decode(payload)
@@ -210,6 +213,21 @@ class Stream:
                 count = 0
                 self._housekeeping(cur, idle=False)
         self.messages += count
+
+    def _read_held(self) -> None:
+        """Before streaming from the confirmed position: what the topics hold of what comes after it
+        (everything sent is acknowledged by now), so that none of it is published twice."""
+        try:
+            self.replay = None if self.held is None else self.held()
+        except KafkaException as exc:
+            raise ConnectError(f"cannot read the topics' last positions from Kafka: {kafka_reason(exc)}") from None
+
+    def _replayed(self, replay: Replay) -> Replay | None:
+        """The stream is past what the topics held: from here on every message is new (None)."""
+        self.duplicates_skipped += replay.skipped
+        log.info("past what the topics held: %d messages read again were not published twice", replay.skipped)
+        self.replay = None
+        return self.replay
 
     def _while_full(self) -> None:
         if self.cur is not None:
@@ -276,6 +294,15 @@ def _literal(value: str) -> str:
     """A SQL string literal. psycopg2's start_replication quotes option values as latin-1, which
     garbles a table name such as `ünïcödé`; the command is built here, in UTF-8, instead."""
     return "'" + value.replace("'", "''") + "'"
+
+
+def wal2json_options(add_tables: list[str], numbers_as_strings: bool) -> dict[str, str]:
+    options = dict(WAL2JSON_OPTIONS)
+    options["add-tables"] = ",".join(add_tables)
+    options["add-msg-prefixes"] = HEARTBEAT_PREFIX
+    if numbers_as_strings:
+        options[NUMBERS_AS_STRING_OPTION] = "1"
+    return options
 
 
 def start_replication_command(slot: str, start_lsn: int, options: dict[str, str]) -> str:

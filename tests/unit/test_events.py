@@ -309,7 +309,7 @@ def test_delete_is_d_then_tombstone() -> None:
     # the tombstone says where its delete happened, so a consumer can skip both together
     assert h2 is not None and [name for name, _ in h2] == ["cdc.source"]
     source = env["source"]
-    assert orjson.loads(h2[0][1]) == {k: source[k] for k in ("txId", "lsn", "commit_lsn", "ts_us")}
+    assert orjson.loads(h2[0][1]) == {k: source[k] for k in ("txId", "lsn", "commit_lsn", "ts_us", "seq")}
 
 
 def test_delete_under_full_identity_carries_the_old_row() -> None:

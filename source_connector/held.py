@@ -1,0 +1,78 @@
+"""What the topics hold already: the position of the last message in each partition, read from
+Kafka when the connector starts on an existing slot (see replay.py)."""
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+from pg_kafka_cdc.common.lsn import int_to_lsn
+from pg_kafka_cdc.common.settings import Settings
+from schemas.codec import Position, position
+from source_connector.replay import Replay
+
+log = logging.getLogger("source")
+
+READ_TIMEOUT = 10.0
+# A tombstone written before tombstones carried their delete's seq: its delete, the message just
+# before it in the same partition, gives the position.
+LOOK_BACK = 2
+
+
+def _message_at(consumer: Any, topic: str, partition: int, offset: int) -> Any:
+    consumer.assign([TopicPartition(topic, partition, offset)])
+    try:
+        for msg in consumer.consume(1, timeout=READ_TIMEOUT):
+            if msg.error() is None:
+                return msg
+    finally:
+        consumer.unassign()
+    return None
+
+
+def last_position(consumer: Any, topic: str, partition: int) -> Position | None:
+    low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=READ_TIMEOUT)
+    for offset in range(high - 1, max(low, high - LOOK_BACK) - 1, -1):
+        msg = _message_at(consumer, topic, partition, offset)
+        if msg is None:
+            continue
+        found = position(msg.value(), msg.headers())
+        if found is not None:
+            return found
+    return None
+
+
+def held_positions(settings: Settings, partitions: Mapping[str, int]) -> dict[tuple[str, int], Position]:
+    """The last position each partition of `partitions` (topic -> partition count) holds."""
+    consumer = Consumer(
+        settings.kafka_config(
+            **{
+                "group.id": "cdc-source-position-reader",
+                "enable.auto.commit": False,
+                "enable.partition.eof": False,
+                "isolation.level": "read_committed",
+            }
+        )
+    )
+    held: dict[tuple[str, int], Position] = {}
+    try:
+        for topic, count in partitions.items():
+            for p in range(count):
+                position = last_position(consumer, topic, p)
+                if position is not None:
+                    held[(topic, p)] = position
+    finally:
+        consumer.close()
+    return held
+
+
+def replay_of(settings: Settings, partitions: Mapping[str, int], count: Callable[[str], int]) -> Replay:
+    """A Replay of what the topics hold now (`count`: a topic's partition count)."""
+    replay = Replay(held_positions(settings, partitions), count)
+    if replay.high is not None:
+        log.info(
+            "the topics hold changes up to %s: those the slot sends again are not published twice",
+            int_to_lsn(replay.high[0]),
+        )
+    return replay
