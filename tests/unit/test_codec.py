@@ -14,10 +14,21 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 import schemas
-from schemas.codec import BadMessage, decode, decode_key, decode_tombstone, encode, encode_key, encode_tombstone
+from schemas.codec import (
+    BadMessage,
+    _checked,
+    _valid,
+    decode,
+    decode_key,
+    decode_tombstone,
+    encode,
+    encode_key,
+    encode_tombstone,
+)
 from schemas.envelope import (
     CONNECTOR,
     ENVELOPE_VERSION,
+    OPS,
     TOMBSTONE_HEADER,
     Envelope,
     Op,
@@ -282,3 +293,27 @@ def test_any_json_is_an_envelope_or_a_bad_message(changes: dict[str, Any], neste
     env = {**GOOD, "source": {**GOOD["source"], **changes}} if nested else {**GOOD, **changes}
     with contextlib.suppress(BadMessage):
         decode(orjson.dumps(env))
+
+
+@given(
+    st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=3),
+    st.sampled_from(["", "source", "after", "before"]),
+    st.sampled_from(sorted(OPS)),
+)
+def test_the_fast_check_accepts_exactly_what_the_full_check_accepts(
+    changes: dict[str, Any], where: str, op: str
+) -> None:
+    env: dict[str, Any] = {**GOOD, "op": op}
+    if op == "t":
+        env["partitions"] = 3
+    if where and isinstance(env.get(where), dict):
+        env[where] = {**env[where], **changes}
+    else:
+        env.update(changes)
+    try:
+        _checked(env)
+    except BadMessage:
+        accepted = False
+    else:
+        accepted = True
+    assert _valid(env) is accepted, env
