@@ -83,7 +83,11 @@ class Workload:
         if returning:
             query = query + sql.SQL(" RETURNING id")
         self.cur.execute(query, [str(v) if isinstance(v, uuid.UUID) else v for v in values.values()])
-        return self.cur.fetchone()[0] if returning else None  # type: ignore[index]
+        if not returning:
+            return None
+        row = self.cur.fetchone()
+        assert row is not None, "INSERT ... RETURNING returned no row"
+        return int(row[0])
 
     def insert_person(self) -> int:
         person_id = int(self._insert(self.person, self.rows.person(), returning=True))

@@ -1,6 +1,7 @@
 """The writer's tables, created when missing."""
 
 from psycopg2 import sql
+from psycopg2.extensions import cursor as Cursor
 
 PERSON = sql.SQL("""
 CREATE TABLE IF NOT EXISTS {schema}.person (
@@ -34,8 +35,8 @@ CREATE TABLE IF NOT EXISTS {schema}.orders (
 ORDERS_INDEX = sql.SQL("CREATE INDEX IF NOT EXISTS orders_person_id_idx ON {schema}.orders (person_id)")
 
 
-def create_tables(cur: object, schema: str = "public") -> None:
+def create_tables(cur: Cursor, schema: str = "public") -> None:
     """Create person and orders in `schema` if they do not exist."""
     ident = sql.Identifier(schema)
     for statement in (PERSON, ORDERS, ORDERS_INDEX):
-        cur.execute(statement.format(schema=ident))  # type: ignore[attr-defined]
+        cur.execute(statement.format(schema=ident))
