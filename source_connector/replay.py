@@ -22,17 +22,10 @@ TopicPartition = tuple[str, int]
 class Replay:
     """Skips the messages the topics hold already; `done` once the stream is past all of them."""
 
-    def __init__(
-        self,
-        held: Mapping[TopicPartition, Position],
-        partitions: Callable[[str], int],
-        everywhere: Position | None = None,
-    ) -> None:
+    def __init__(self, held: Mapping[TopicPartition, Position], partitions: Callable[[str], int]) -> None:
         self.held = dict(held)
         self.partitions = partitions
-        # Held by every partition (what this process published before its connection was lost).
-        self.everywhere = everywhere
-        self.high = max([*self.held.values(), *([everywhere] if everywhere else [])], default=None)
+        self.high = max(self.held.values(), default=None)
         self.skipped = 0
 
     @property
@@ -50,9 +43,6 @@ class Replay:
         if here > self.high:
             self.high = None  # the stream is past everything the topics hold
             return True
-        if self.everywhere is not None and here <= self.everywhere:
-            self.skipped += 1
-            return False
         if partition is None:
             partition = partition_for(key or b"", self.partitions(topic))
         last = self.held.get((topic, partition))

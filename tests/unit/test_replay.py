@@ -96,11 +96,6 @@ def test_nothing_held_keeps_everything_and_checks_nothing() -> None:
     assert replay.keep(change("c", 1, 1, 1))
 
 
-def test_everything_up_to_a_position_held_everywhere() -> None:
-    replay = Replay({}, lambda topic: PARTITIONS, everywhere=(100, 4, 2))
-    assert not replay.keep(change("u", 100, 4, 9)) and replay.keep(change("u", 100, 5, 9))
-
-
 @given(st.lists(st.integers(0, 50), min_size=1, max_size=60), st.data())
 def test_each_message_is_published_once_whatever_the_cut(keys: list[int], data: st.DataObject) -> None:
     stream = [change("u", 100 + i // 7, i % 7 + 1, key) for i, key in enumerate(keys)]
