@@ -177,9 +177,11 @@ def decode_tombstone(headers: Headers | None) -> TombstoneSource | None:
             "commit_lsn": position.get("commit_lsn"),
             "ts_us": position.get("ts_us"),
         }
-        seq = position.get("seq")
+        seq, stream = position.get("seq"), position.get("stream")
         if type(seq) is int:
             found["seq"] = seq
+        if type(stream) is str:
+            found["stream"] = stream
     return found
 
 

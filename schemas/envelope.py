@@ -13,9 +13,12 @@ A delete's tombstone (same key, null value) carries the delete's position in a `
 the JSON object `{"txId", "lsn", "commit_lsn", "ts_us", "seq"}` of the `d` event's `source`, so a
 consumer that skips changes a snapshot already holds can skip the tombstone with its delete.
 
-Positions: (commit_lsn, seq, rank) strictly increases along a topic's partition, where the rank
-orders the messages one change gives: a delete (0), its tombstone (1), then an insert, update,
-snapshot read or truncate (2). The source never publishes a position twice, also after a crash.
+Positions: (commit_lsn, seq, rank) strictly increases along a topic's partition within one `stream`,
+where the rank orders the messages one change gives: a delete (0), its tombstone (1), then an
+insert, update, snapshot read or truncate (2). The source never publishes a position twice, also
+after a crash. `stream` names the change stream the position belongs to: the source server's system
+identifier, the slot, and the LSN at which the slot was created (`stream_id`); a slot dropped and
+created again, or another server, is another stream, whose positions are not comparable.
 
 schemas/codec.py writes and reads these bytes: the source encodes with it, the sink decodes with it.
 """
@@ -50,6 +53,12 @@ class Source(TypedDict):
     ts_us: int | None  # commit time, microseconds since the epoch
     seq: int  # position of the change in its transaction (snapshot: in the table's snapshot)
     snapshot: bool
+    stream: NotRequired[str]  # see stream_id (absent in topics written before it was added)
+
+
+def stream_id(system_id: str, slot: str, created_lsn: int) -> str:
+    """The change stream of a slot: `<system identifier>:<slot>:<LSN the slot was created at, hex>`."""
+    return f"{system_id}:{slot}:{created_lsn:X}"
 
 
 TOMBSTONE_HEADER = "cdc.source"
@@ -63,6 +72,7 @@ class TombstoneSource(TypedDict):
     commit_lsn: int | None
     ts_us: int | None
     seq: NotRequired[int]  # the delete's seq (absent in topics written before it was added)
+    stream: NotRequired[str]
 
 
 class Envelope(TypedDict):

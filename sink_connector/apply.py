@@ -13,7 +13,7 @@ from psycopg2 import sql
 
 from schemas.partitioner import partition_for
 from schemas.values import json_row, output_text, typed_columns
-from sink_connector.changes import TableBatch
+from sink_connector.net_effect import TableBatch
 from sink_connector.target import TargetTable
 
 

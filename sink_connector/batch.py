@@ -1,7 +1,9 @@
-"""One batch of messages, from consumed to committed: decode, prepare the tables first seen (each in
-a transaction of its own), plan, commit (commit.py); a batch the target rejects is searched for its
-poison (poison.py); a fenced batch is read again from the stored offsets."""
+"""One batch of messages, from consumed to committed: decode (changes.py), prepare the tables first
+seen, each in a transaction of its own (preparation.py), plan (plan.py), commit (commit.py); a batch
+the target rejects is searched for its poison (poison.py); a fenced batch is read again from the
+stored offsets."""
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -10,26 +12,26 @@ from dataclasses import dataclass, field
 import psycopg2
 
 from pg_kafka_cdc.common.errors import SinkError
+from pg_kafka_cdc.common.logs import Every
 from pg_kafka_cdc.common.pg import error_reason
 from pg_kafka_cdc.common.retry import Backoff
 from pg_kafka_cdc.common.signals import StopFlag
 from sink_connector.bookkeeping import TopicPartition
-from sink_connector.changes import Change, TableBatch
+from sink_connector.changes import Change, Rejected, decode_batch
 from sink_connector.commit import BatchCommit, Fenced
 from sink_connector.metrics import SinkStats
+from sink_connector.net_effect import TableBatch
 from sink_connector.plan import (
     BatchPlan,
-    Rejected,
     TopicTables,
     before,
-    decode_batch,
     new_tables,
     plan_batch,
     positions_of,
     positions_of_changes,
 )
 from sink_connector.poison import ErrorPolicy, find_poison
-from sink_connector.ports import Message, Target
+from sink_connector.ports import Message, Preparer, Target
 from sink_connector.session import classify
 
 log = logging.getLogger("sink")
@@ -38,12 +40,15 @@ log = logging.getLogger("sink")
 @dataclass
 class BatchProcessor:
     target: Target
+    preparer: Preparer
     commit: BatchCommit
     policy: ErrorPolicy
     topic_tables: TopicTables
     stats: SinkStats
     reconnect: Callable[[BaseException, float], None]
     backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=15.0))
+    duplicates_log: Every = field(default_factory=lambda: Every(10.0))
+    duplicates_unlogged: int = 0
 
     def run(self, messages: Sequence[Message], stop: StopFlag) -> bool:
         """Apply the batch, retrying it while the target is unreachable or busy. False when the
@@ -92,20 +97,27 @@ class BatchProcessor:
     def prepare(self, changes: list[Change]) -> None:
         """Tables first seen in this batch: created or bulk-copied before the batch's transaction."""
         for table, hint in new_tables(changes, self.topic_tables, self.target.tables).items():
-            self.target.prepare(table, hint)
+            self.preparer.prepare(table, hint)
 
     def plan(
         self, changes: list[Change], rejected: list[Rejected], positions: dict[TopicPartition, int]
     ) -> BatchPlan:
-        return plan_batch(changes, rejected, positions, self.topic_tables, self.target.tables)
+        return plan_batch(changes, rejected, positions, self.topic_tables, self.target.tables, self.target.applied)
 
     def plan_one(self, change: Change) -> list[TableBatch]:
-        return self.plan([change], [], {}).tables
+        return plan_batch([change], [], {}, self.topic_tables, self.target.tables, {}).tables
 
     def apply(self, plan: BatchPlan) -> None:
         started = time.monotonic()
         self.commit.run(plan)
         self.stats.committed(plan, started)
+        self.duplicates_unlogged += plan.duplicates
+        if self.duplicates_unlogged and self.duplicates_log.due(started):
+            log.info(
+                "skipped %d changes the target already had (the topics hold them twice, or they were read again)",
+                self.duplicates_unlogged,
+            )
+            self.duplicates_unlogged = 0
 
     def commit_prefix(self, changes: list[Change]) -> None:
         """--on-error fail: apply and commit what came before the bad message (the sink stops next)."""
@@ -133,9 +145,10 @@ class BatchProcessor:
             ", ".join(f"{t}[{p}]" for t, p in stored),
         )
         expected = self.commit.expected
-        for tp in {(m.topic(), m.partition()) for m in messages}:
-            if tp not in expected:
-                continue
+        mine = [tp for tp in {(m.topic(), m.partition()) for m in messages} if tp in expected]
+        with contextlib.suppress(psycopg2.Error):  # lost connection: the next batch reconnects
+            self.target.claim(mine)  # the source positions the other member applied, too
+        for tp in mine:
             offset = stored.get(tp, expected[tp])
             expected[tp] = offset
             self.commit.messages.seek(tp, offset)

@@ -3,8 +3,10 @@ transaction as the rows they describe:
 
 - offsets:   the next Kafka offset to apply, per group, topic and partition (exactly-once effect,
              and fencing: a batch commits only if the stored offset is the one it started from);
-- snapshots: how each table was first filled (bulk copy, topic replay or not at all) and, for a
-             copy, the snapshot it was taken under (stream hand-over);
+- snapshots: how each table was first filled (bulk copy, topic replay or not at all), from which
+             topic, and, for a copy, the snapshot it was taken under (stream hand-over);
+- positions: per topic partition and source change stream, the last source position applied
+             (applied.py: what a topic holds twice is never applied twice);
 - tables:    per table, the newest source commit applied and when (lag, status);
 - parked:    keys whose changes are held back behind a message sent to the dead-letter topic.
 
@@ -18,10 +20,12 @@ from psycopg2 import sql
 
 from pg_kafka_cdc.common.lsn import int_to_lsn, lsn_to_int
 from pg_kafka_cdc.common.tables import TableName
+from schemas.codec import Position
 from sink_connector.handover import CopySnapshot
 from sink_connector.target import ensure_schema
 
 TopicPartition = tuple[str, int]
+StreamPartition = tuple[str, int, str]  # topic, partition, source change stream (see applied.py)
 
 
 class TableProgress(NamedTuple):
@@ -47,6 +51,7 @@ _TABLES = [
         rows        bigint NOT NULL DEFAULT 0,
         copied_at   timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (schema_name, table_name))""",
+    "ALTER TABLE {schema}.snapshots ADD COLUMN IF NOT EXISTS topic text",
     """CREATE TABLE IF NOT EXISTS {schema}.tables (
         group_id        text NOT NULL,
         schema_name     text NOT NULL,
@@ -56,6 +61,15 @@ _TABLES = [
         applied_at      timestamptz NOT NULL DEFAULT now(),
         changes         bigint NOT NULL DEFAULT 0,
         PRIMARY KEY (group_id, schema_name, table_name))""",
+    """CREATE TABLE IF NOT EXISTS {schema}.positions (
+        topic       text NOT NULL,
+        partition   integer NOT NULL,
+        stream      text NOT NULL,
+        commit_lsn  bigint NOT NULL,
+        seq         bigint NOT NULL,
+        rank        smallint NOT NULL,
+        updated_at  timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (topic, partition, stream))""",
     """CREATE TABLE IF NOT EXISTS {schema}.parked (
         group_id    text NOT NULL,
         topic       text NOT NULL,
@@ -153,6 +167,37 @@ class Bookkeeping:
             ),
         )
 
+    def positions(self, cur: Any, partitions: list[TopicPartition]) -> dict[StreamPartition, Position]:
+        """The last source position applied per stream, of these partitions (whichever group applied it:
+        the target's rows do not depend on the group)."""
+        cur.execute(
+            sql.SQL(
+                "SELECT topic, partition, stream, commit_lsn, seq, rank FROM {} "
+                "WHERE (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[]))"
+            ).format(self._t("positions")),
+            ([t for t, _ in partitions], [p for _, p in partitions]),
+        )
+        return {(t, p, s): (c, q, r) for t, p, s, c, q, r in cur.fetchall()}
+
+    def store_positions(self, cur: Any, positions: dict[StreamPartition, Position]) -> None:
+        items = list(positions.items())
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {} (topic, partition, stream, commit_lsn, seq, rank) "
+                "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::bigint[], %s::bigint[], %s::smallint[]) "
+                "ON CONFLICT (topic, partition, stream) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, "
+                "seq = EXCLUDED.seq, rank = EXCLUDED.rank, updated_at = now()"
+            ).format(self._t("positions")),
+            (
+                [t for (t, _, _), _ in items],
+                [p for (_, p, _), _ in items],
+                [s for (_, _, s), _ in items],
+                [c for _, (c, _, _) in items],
+                [q for _, (_, q, _) in items],
+                [r for _, (_, _, r) in items],
+            ),
+        )
+
     def applied_offsets(self, cur: Any) -> dict[TopicPartition, int | None]:
         """The group's next offsets, every partition it has a row for."""
         cur.execute(
@@ -168,13 +213,14 @@ class Bookkeeping:
         return offsets
 
     def reset(self, cur: Any, topics: list[str]) -> None:
-        """Replay from the start: forget the applied offsets of `topics`."""
+        """Replay from the start: forget the applied offsets and source positions of `topics`."""
         cur.execute(
             sql.SQL(
                 "UPDATE {} SET next_offset = NULL, updated_at = now() WHERE group_id = %s AND topic = ANY(%s)"
             ).format(self._t("offsets")),
             (self.group, topics),
         )
+        cur.execute(sql.SQL("DELETE FROM {} WHERE topic = ANY(%s)").format(self._t("positions")), (topics,))
 
     # --- per-table progress ---------------------------------------------------------------------
 
@@ -229,16 +275,36 @@ class Bookkeeping:
         return mode, CopySnapshot.parse(snapshot, lsn_to_int(lsn))
 
     def record_initialized(
-        self, cur: Any, table: TableName, mode: str, snapshot_text: str | None, lsn: str | None, rows: int
+        self,
+        cur: Any,
+        table: TableName,
+        mode: str,
+        snapshot_text: str | None,
+        lsn: str | None,
+        rows: int,
+        topic: str | None = None,
     ) -> None:
         cur.execute(
             sql.SQL(
-                "INSERT INTO {} (schema_name, table_name, mode, snapshot, lsn, rows) VALUES (%s, %s, %s, %s, %s, %s) "
+                "INSERT INTO {} (schema_name, table_name, mode, snapshot, lsn, rows, topic) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (schema_name, table_name) DO UPDATE SET mode = EXCLUDED.mode, "
-                "snapshot = EXCLUDED.snapshot, lsn = EXCLUDED.lsn, rows = EXCLUDED.rows, copied_at = now()"
+                "snapshot = EXCLUDED.snapshot, lsn = EXCLUDED.lsn, rows = EXCLUDED.rows, "
+                "topic = EXCLUDED.topic, copied_at = now()"
             ).format(self._t("snapshots")),
-            (table.schema, table.name, mode, snapshot_text, lsn, rows),
+            (table.schema, table.name, mode, snapshot_text, lsn, rows, topic),
         )
+
+    def filled_from(self, cur: Any, table: TableName) -> str | None:
+        """The topic whose changes fill the table (None: not recorded, by a version before it was)."""
+        cur.execute(
+            sql.SQL("SELECT topic FROM {} WHERE schema_name = %s AND table_name = %s").format(
+                self._t("snapshots")
+            ),
+            (table.schema, table.name),
+        )
+        row = cur.fetchone()
+        return None if row is None else row[0]
 
     def forget_snapshot(self, cur: Any, table: TableName) -> None:
         cur.execute(

@@ -1,19 +1,18 @@
-"""From Kafka messages to the net effect of a batch, per table. Pure.
+"""From Kafka messages to changes: each message decoded and checked (schemas.codec), in order; the
+messages of a key parked behind a dead letter, and undecodable ones, set aside. Pure."""
 
-A batch keeps the last change per key: a delete after an upsert wins, an upsert after a delete
-re-creates the row, an update that leaves TOASTed columns `unchanged` is merged onto the row before
-it. A TRUNCATE event (sent by the source to every partition) empties the rows of its partition:
-the changes before it in that partition are dropped and the rows whose key hashes to that
-partition are deleted before the rest of the batch is applied.
-"""
+from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pg_kafka_cdc.common.tables import TableName
 from schemas import codec
 from schemas.codec import BadMessage, Headers
+
+if TYPE_CHECKING:
+    from sink_connector.ports import Message
 
 TOMBSTONE = "tombstone"  # a null-valued message: delete of its key
 FULL_ROW_OPS = frozenset({"c", "r"})
@@ -36,6 +35,8 @@ class Change:
     commit_lsn: int | None = None
     ts_us: int | None = None
     partitions: int | None = None  # t only
+    seq: int | None = None
+    stream: str | None = None  # schemas.envelope.stream_id (None: not carried)
 
 
 def decode(
@@ -57,7 +58,22 @@ def decode(
     unchanged = env.get("unchanged") or None
     partitions = env.get("partitions") if op == "t" else None
     position = (source.get("txId"), source.get("lsn"), source.get("commit_lsn"), source.get("ts_us"))
-    return Change(topic, partition, offset, key, op, row, columns, key_columns, unchanged, *position, partitions)
+    seq, stream = source.get("seq"), source.get("stream")
+    return Change(
+        topic,
+        partition,
+        offset,
+        key,
+        op,
+        row,
+        columns,
+        key_columns,
+        unchanged,
+        *position,
+        partitions,
+        seq if type(seq) is int else None,
+        stream if type(stream) is str else None,
+    )
 
 
 def _tombstone(topic: str, partition: int, offset: int, key: bytes | None, headers: Headers | None) -> Change:
@@ -70,85 +86,55 @@ def _tombstone(topic: str, partition: int, offset: int, key: bytes | None, heade
     if position is not None:
         change.xid, change.lsn = position["txId"], position["lsn"]
         change.commit_lsn, change.ts_us = position["commit_lsn"], position["ts_us"]
+        change.seq, change.stream = position.get("seq"), position.get("stream")
     return change
 
 
-@dataclass
-class Upsert:
-    row: dict[str, Any]
-    unchanged: set[str] | None
-    partition: int
+PARKED = "parked: an earlier change of this key is in the dead-letter topic"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A message sent to the dead-letter topic instead of the target, and why."""
+
+    message: Message
+    reason: str
 
 
 @dataclass
-class TableBatch:
-    """The net effect of a batch on one table."""
+class Decoded:
+    """The changes of a batch's messages; with `bad` set, decoding stopped at that message."""
 
-    table: TableName
-    upserts: dict[bytes, Upsert] = field(default_factory=dict)
-    deletes: dict[bytes, tuple[dict[str, Any], int]] = field(default_factory=dict)
-    truncated: dict[int, int] = field(default_factory=dict)  # partition -> partition count
-    # Rows a later change of the same key replaced: never written, but still checked by the target,
-    # so a bad value cannot vanish behind a good one.
-    replaced: list[dict[str, Any]] = field(default_factory=list)
-    columns: dict[str, str] = field(default_factory=dict)
-    key_columns: list[str] = field(default_factory=list)
-    changes: int = 0
-    ops: Counter[str] = field(default_factory=Counter)
-    max_ts_us: int | None = None
-    max_commit_lsn: int | None = None
-
-    def add(self, change: Change) -> None:
-        self.changes += 1
-        self.ops[change.op] += 1
-        if change.columns is not None and change.columns is not self.columns:
-            if change.columns != self.columns:
-                self.columns = {**self.columns, **change.columns}
-            self.key_columns = change.key_columns or self.key_columns
-        if change.ts_us is not None and (self.max_ts_us is None or change.ts_us > self.max_ts_us):
-            self.max_ts_us = change.ts_us
-        if change.commit_lsn is not None and (
-            self.max_commit_lsn is None or change.commit_lsn > self.max_commit_lsn
-        ):
-            self.max_commit_lsn = change.commit_lsn
-        op, key, row = change.op, change.key, change.row or {}
-        if key in self.upserts:
-            self.replaced.append(self.upserts[key].row)
-        elif key in self.deletes:
-            self.replaced.append(self.deletes[key][0])
-        if op in FULL_ROW_OPS or (op == "u" and not change.unchanged):
-            self.upserts[key] = Upsert(row, None, change.partition)
-            self.deletes.pop(key, None)
-        elif op == "u":
-            previous = self.upserts.get(key)
-            missing = set(change.unchanged or ())
-            if previous is not None:
-                merged = {**previous.row, **row}
-                missing |= previous.unchanged or set()
-                missing -= merged.keys()
-                self.upserts[key] = Upsert(merged, missing or None, change.partition)
-            else:
-                self.upserts[key] = Upsert(row, missing - row.keys() or None, change.partition)
-                self.deletes.pop(key, None)
-        elif op in DELETE_OPS:
-            self.upserts.pop(key, None)
-            self.deletes[key] = ({k: row[k] for k in (change.key_columns or row)}, change.partition)
-        else:  # t: the partition's rows go, so do the batch's earlier changes to them
-            p = change.partition
-            self.replaced += [u.row for u in self.upserts.values() if u.partition == p]
-            self.replaced += [d[0] for d in self.deletes.values() if d[1] == p]
-            self.upserts = {k: u for k, u in self.upserts.items() if u.partition != p}
-            self.deletes = {k: d for k, d in self.deletes.items() if d[1] != p}
-            self.truncated[p] = change.partitions or 1
+    changes: list[Change] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    bad: Message | None = None
+    error: str = ""
 
 
-def coalesce(changes: list[Change], tables: dict[str, TableName]) -> dict[TableName, TableBatch]:
-    """Group a batch by table (in the order of the messages within each partition)."""
-    batches: dict[TableName, TableBatch] = {}
-    for change in changes:
-        table = tables[change.topic]
-        batch = batches.get(table)
-        if batch is None:
-            batch = batches[table] = TableBatch(table)
-        batch.add(change)
-    return batches
+def decode_batch(
+    messages: Iterable[Message],
+    table_of: Callable[[str], TableName],
+    parked: set[tuple[str, bytes]],
+    dead_letters: bool,
+) -> Decoded:
+    """Decode the messages in order. A message of a parked key is rejected; an undecodable one is
+    rejected (and its key parked) with `dead_letters`, else it ends the batch as `bad`."""
+    decoded = Decoded()
+    for m in messages:
+        topic, key = m.topic(), m.key()
+        if parked and key is not None and (topic, key) in parked:
+            decoded.rejected.append(Rejected(m, PARKED))
+            continue
+        try:
+            table_of(topic)
+            value = m.value()
+            headers = None if value is not None else m.headers()
+            decoded.changes.append(decode(topic, m.partition(), m.offset(), key, value, headers))
+        except BadMessage as exc:
+            if not dead_letters:
+                decoded.bad, decoded.error = m, str(exc)
+                return decoded
+            decoded.rejected.append(Rejected(m, f"undecodable: {exc}"))
+            if key is not None:
+                parked.add((topic, key))
+    return decoded

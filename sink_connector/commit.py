@@ -4,7 +4,7 @@
 2. fence: lock the partitions' offsets rows; they must hold what this member started from;
 3. apply: each table's net effect;
 4. park: the keys of the dead letters, so their later changes follow them;
-5. store: the partitions' next offsets and the tables' progress;
+5. store: the partitions' next offsets, the source positions applied, the tables' progress;
 6. commit the target transaction (rows, offsets and progress together: exactly once in effect);
 7. commit the offsets to Kafka (for the tools that show a group's lag; the target holds the truth).
 """
@@ -13,9 +13,11 @@ import logging
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
+from confluent_kafka import TopicPartition as KafkaPartition
+
 from sink_connector.bookkeeping import TopicPartition
 from sink_connector.plan import BatchPlan, Progress, merge_progress
-from sink_connector.ports import DeadLetterSink, MessageLog, Target
+from sink_connector.ports import DeadLetterSink, GroupOffsets, MessageLog, Target
 
 log = logging.getLogger("sink")
 
@@ -32,6 +34,7 @@ class Fenced(Exception):
 class BatchCommit:
     target: Target
     messages: MessageLog
+    group: GroupOffsets
     dead_letters: DeadLetterSink | None
     # The next offset this member expects per assigned partition (None: nothing applied yet).
     expected: MutableMapping[TopicPartition, int | None]
@@ -46,6 +49,8 @@ class BatchCommit:
         self.park(plan)
         progress = merge_progress(self.unsaved_progress, plan.progress)
         self.target.store_offsets(plan.positions)
+        if plan.applied:
+            self.target.store_positions(plan.applied)
         saved = bool(progress) and self.target.save_progress(progress)
         self.target.commit()
         self.unsaved_progress = [] if saved else progress
@@ -72,6 +77,7 @@ class BatchCommit:
 
     def commit_to_kafka(self, plan: BatchPlan) -> None:
         try:
-            self.messages.commit(plan.positions)
+            offsets = [KafkaPartition(t, p, o) for (t, p), o in plan.positions.items()]
+            self.group.commit(offsets=offsets, asynchronous=True)
         except Exception as exc:  # the target holds the truth; Kafka's copy is for tools
             log.debug("Kafka offset commit failed: %s", exc)

@@ -129,11 +129,6 @@ class KafkaLog:
     def seek(self, tp: TP, offset: int | None) -> None:
         self.consumer.seek(TopicPartition(tp[0], tp[1], OFFSET_BEGINNING if offset is None else offset))
 
-    def commit(self, positions: Mapping[TP, int]) -> None:
-        self.consumer.commit(
-            offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=True
-        )
-
     def lag(self) -> dict[TP, int]:
         """Messages not applied yet, per assigned partition; and whether Kafka is back."""
         lag = {}

@@ -28,6 +28,7 @@ class SinkStats:
 
     applied: Counter[tuple[str, str]] = field(default_factory=Counter)
     skipped: int = 0
+    duplicates: int = 0  # changes the target already had (applied.py)
     batches: int = 0
     fenced: int = 0
     errors: Counter[str] = field(default_factory=Counter)
@@ -44,6 +45,7 @@ class SinkStats:
         self.target_down_since = None
         self.batches += 1
         self.skipped += plan.skipped
+        self.duplicates += plan.duplicates
         self.apply_seconds.observe(time.monotonic() - started)
         self.batch_sizes.observe(len(plan.changes))
         # one observation per change, computed once per source transaction (they share a commit time)
@@ -83,6 +85,11 @@ def collect(sink: "Sink") -> Iterator[Any]:
     for name, doc, value in (
         ("cdc_sink_batches_total", "Batches committed to the target.", stats.batches),
         ("cdc_sink_skipped_total", "Events skipped because the bulk copy already held them.", stats.skipped),
+        (
+            "cdc_sink_duplicates_skipped_total",
+            "Changes skipped because the target already had them (a topic holding a change twice, or read again).",
+            stats.duplicates,
+        ),
         (
             "cdc_sink_dlq_messages_total",
             "Messages sent to a dead-letter topic.",

@@ -1,42 +1,25 @@
 """A batch of messages as data: what to apply per table, what to dead-letter, which offsets to store.
 Pure: no connection, no consumer.
 
-decode_batch turns the messages into changes (and the messages parked behind a dead letter);
-plan_batch drops the changes the bulk copy already holds (the hand-over), coalesces the rest per
-table (changes.coalesce) and names the positions the batch moves its partitions to.
+plan_batch drops the changes the target already has (applied.py) and those the bulk copy holds (the
+hand-over), coalesces the rest per table (net_effect.coalesce) and names the offsets and source
+positions the batch moves its partitions to.
 """
 
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pg_kafka_cdc.common.tables import TableName
-from schemas.codec import BadMessage
+from schemas.codec import BadMessage, Position
 from schemas.topics import table_for
-from sink_connector.bookkeeping import TopicPartition
-from sink_connector.changes import Change, TableBatch, coalesce, decode
+from sink_connector.applied import Positions, new_changes
+from sink_connector.bookkeeping import StreamPartition, TopicPartition
+from sink_connector.changes import Change, Rejected
+from sink_connector.net_effect import TableBatch, coalesce
 from sink_connector.ports import Message
 from sink_connector.preparation import TableState
 
 Progress = tuple[TableName, int | None, int | None, int]  # table, newest commit µs, newest commit LSN, changes
-PARKED = "parked: an earlier change of this key is in the dead-letter topic"
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A message sent to the dead-letter topic instead of the target, and why."""
-
-    message: Message
-    reason: str
-
-
-@dataclass
-class Decoded:
-    """The changes of a batch's messages; with `bad` set, decoding stopped at that message."""
-
-    changes: list[Change] = field(default_factory=list)
-    rejected: list[Rejected] = field(default_factory=list)
-    bad: Message | None = None
-    error: str = ""
 
 
 @dataclass
@@ -48,39 +31,12 @@ class BatchPlan:
     positions: dict[TopicPartition, int]
     changes: list[Change]  # applied (after the hand-over filter), in message order
     skipped: int  # changes the bulk copy already held
+    applied: dict[StreamPartition, Position] = field(default_factory=dict)  # the source positions to store
+    duplicates: int = 0  # changes the target already had (applied.py)
 
     @property
     def progress(self) -> list[Progress]:
         return [(b.table, b.max_ts_us, b.max_commit_lsn, b.changes) for b in self.tables]
-
-
-def decode_batch(
-    messages: Iterable[Message],
-    table_of: Callable[[str], TableName],
-    parked: set[tuple[str, bytes]],
-    dead_letters: bool,
-) -> Decoded:
-    """Decode the messages in order. A message of a parked key is rejected; an undecodable one is
-    rejected (and its key parked) with `dead_letters`, else it ends the batch as `bad`."""
-    decoded = Decoded()
-    for m in messages:
-        topic, key = m.topic(), m.key()
-        if parked and key is not None and (topic, key) in parked:
-            decoded.rejected.append(Rejected(m, PARKED))
-            continue
-        try:
-            table_of(topic)
-            value = m.value()
-            headers = None if value is not None else m.headers()
-            decoded.changes.append(decode(topic, m.partition(), m.offset(), key, value, headers))
-        except BadMessage as exc:
-            if not dead_letters:
-                decoded.bad, decoded.error = m, str(exc)
-                return decoded
-            decoded.rejected.append(Rejected(m, f"undecodable: {exc}"))
-            if key is not None:
-                parked.add((topic, key))
-    return decoded
 
 
 def positions_of(messages: Iterable[Message]) -> dict[TopicPartition, int]:
@@ -123,11 +79,14 @@ def plan_batch(
     positions: dict[TopicPartition, int],
     topic_tables: Mapping[str, TableName],
     tables: Mapping[TableName, TableState],
+    applied: Positions,
 ) -> BatchPlan:
-    """The batch as one plan: hand-over filter, then the net effect per table."""
-    kept = [c for c in changes if not in_copy(c, tables.get(topic_tables[c.topic]))]
+    """The batch as one plan: the changes the target already has left out, then the hand-over
+    filter, then the net effect per table."""
+    new, duplicates, moved = new_changes(changes, applied)
+    kept = [c for c in new if not in_copy(c, tables.get(topic_tables[c.topic]))]
     batches = coalesce(kept, dict(topic_tables))
-    return BatchPlan(list(batches.values()), rejected, positions, kept, len(changes) - len(kept))
+    return BatchPlan(list(batches.values()), rejected, positions, kept, len(new) - len(kept), moved, duplicates)
 
 
 def new_tables(

@@ -4,8 +4,8 @@ before it (fail), or send it to the dead-letter topic and park its key (dlq)."""
 from collections.abc import Callable, Iterable
 
 from pg_kafka_cdc.common.errors import SinkError
-from sink_connector.changes import Change, TableBatch
-from sink_connector.plan import Rejected
+from sink_connector.changes import Change, Rejected
+from sink_connector.net_effect import TableBatch
 from sink_connector.ports import Message, Target
 
 

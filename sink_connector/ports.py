@@ -1,12 +1,16 @@
 """What the sink's batch loop needs of Kafka, of the target database and of the dead-letter topic.
-consumer.KafkaLog, session.TargetSession and dlq.DeadLetters are the real ones."""
+consumer.KafkaLog, session.TargetSession, preparation.TablePreparer and dlq.DeadLetters are the
+real ones."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
+from confluent_kafka import TopicPartition as KafkaPartition
+
 from pg_kafka_cdc.common.tables import TableName
-from sink_connector.bookkeeping import TopicPartition
-from sink_connector.changes import TableBatch
+from schemas.codec import Position
+from sink_connector.bookkeeping import StreamPartition, TopicPartition
+from sink_connector.net_effect import TableBatch
 from sink_connector.preparation import TableState
 
 Headers = list[tuple[str, bytes | None]]
@@ -35,17 +39,26 @@ class MessageLog(Protocol):
     def seek(self, tp: TopicPartition, offset: int | None) -> None:
         """Read `tp` again from `offset` (None: from its start)."""
 
-    def commit(self, positions: Mapping[TopicPartition, int]) -> None:
-        """Record the next offsets in Kafka too (for the tools that show a group's lag)."""
+
+class GroupOffsets(Protocol):
+    """Where the group's offsets are committed in Kafka (confluent_kafka.Consumer.commit)."""
+
+    def commit(self, *, offsets: list[KafkaPartition], asynchronous: bool) -> object: ...
+
+
+class Preparer(Protocol):
+    def prepare(self, table: TableName, hint: TableBatch | None) -> object:
+        """Create or bulk-copy a table first seen, in a transaction of its own."""
 
 
 class Target(Protocol):
     """The target database as one batch transaction at a time sees it."""
 
     tables: dict[TableName, TableState]
+    applied: dict[StreamPartition, Position]  # committed; store_positions adds to it on commit
 
-    def prepare(self, table: TableName, hint: TableBatch) -> None:
-        """Create or bulk-copy a table first seen, in a transaction of its own."""
+    def claim(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """The stored offsets of these partitions; loads their source positions applied into `applied`."""
 
     def begin(self) -> None: ...
 
@@ -59,6 +72,8 @@ class Target(Protocol):
     def park(self, topic: str, key: bytes, offset: int, reason: str) -> None: ...
 
     def store_offsets(self, positions: dict[TopicPartition, int]) -> None: ...
+
+    def store_positions(self, positions: dict[StreamPartition, Position]) -> None: ...
 
     def save_progress(self, progress: list[tuple[TableName, int | None, int | None, int]]) -> bool:
         """False when another member holds the progress rows (the figures wait for a later batch)."""

@@ -6,7 +6,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from psycopg2 import sql
 
@@ -17,10 +17,11 @@ from pg_kafka_cdc.common.progress import RowProgress
 from pg_kafka_cdc.common.settings import Settings
 from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
+from schemas.topics import topic_for
 from sink_connector.bookkeeping import Bookkeeping
 from sink_connector.bulk_copy import copy_table
-from sink_connector.changes import TableBatch
 from sink_connector.handover import CopySnapshot
+from sink_connector.net_effect import TableBatch
 from sink_connector.target import TargetTable, create_from_event, create_from_source, load
 
 log = logging.getLogger("sink.prepare")
@@ -33,6 +34,10 @@ class TableState:
     snapshot: CopySnapshot | None  # the copy's snapshot, for the hand-over
 
 
+class Connected(Protocol):
+    conn: Any
+
+
 @dataclass
 class TablePreparer:
     settings: Settings
@@ -41,15 +46,18 @@ class TablePreparer:
     rebuild: tuple[TableName, ...]
     slot: str
     stop: StopFlag
+    session: Connected  # the target connection (session.TargetSession), current after reconnects
     tables: dict[TableName, TableState] = field(default_factory=dict)
     copied_rows: Counter[str] = field(default_factory=Counter)
 
-    def prepare(self, conn: Any, table: TableName, batch: TableBatch | None) -> TableState | None:
-        """The target table ready to take changes: bulk-copied, created or loaded. None when it
-        does not exist and the batch says nothing about its columns (only deletes)."""
+    def prepare(self, table: TableName, batch: TableBatch | None) -> TableState | None:
+        """The target table ready to take changes, in a transaction of its own: bulk-copied, created
+        or loaded. None when it does not exist and the batch says nothing about its columns (only
+        deletes)."""
         state = self.tables.get(table)
         if state is not None:
             return state
+        conn = self.session.conn
         with conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"cdc-sink {table}",))
             record = self.book.initialized(cur, table)
@@ -65,8 +73,9 @@ class TablePreparer:
                             conn.rollback()
                             return None
                         target = create_from_event(conn, table, batch.columns, batch.key_columns)
-                    self.book.record_initialized(cur, table, mode, None, None, 0)
+                    self.book.record_initialized(cur, table, mode, None, None, 0, self.topic(table))
             else:
+                self._check_filled_from(cur, table)
                 mode, snapshot = record
                 if target is None:
                     if batch is None or not batch.columns:
@@ -77,6 +86,21 @@ class TablePreparer:
         state = TableState(target, mode, snapshot)
         self.tables[table] = state
         return state
+
+    def topic(self, table: TableName) -> str:
+        return topic_for(self.settings.topic_prefix, table)
+
+    def _check_filled_from(self, cur: Any, table: TableName) -> None:
+        """A table another stream filled is not merged with this one's changes: its rows would
+        include changes this stream never saw (rows deleted on the source since, kept for good)."""
+        filled, mine = self.book.filled_from(cur, table), self.topic(table)
+        if filled is not None and filled != mine:
+            raise SinkError(
+                f"target table {table} was filled from topic {filled}, not from {mine}, which this sink "
+                f"consumes: to fill it from {mine}, run `cdc-sink rebuild --tables {table}` with this sink's "
+                "settings (it empties the table and replays the topic), or point the sink at the pipeline "
+                "that filled it"
+            )
 
     def _wait_for_slot(self, source: Any) -> None:
         """The copy must start after the source's slot exists, or changes in between would be lost."""
@@ -126,7 +150,9 @@ class TablePreparer:
             started = time.monotonic()
             with RowProgress("copy") as progress:
                 result = copy_table(self.settings.source_dsn, cur, definition, progress)
-            self.book.record_initialized(cur, table, "copy", result.snapshot, result.lsn, result.rows)
+            self.book.record_initialized(
+                cur, table, "copy", result.snapshot, result.lsn, result.rows, self.topic(table)
+            )
             self.copied_rows[str(table)] += result.rows
             elapsed = time.monotonic() - started
             log.info(

@@ -12,10 +12,11 @@ from psycopg2 import sql
 from pg_kafka_cdc.common.errors import CdcError
 from pg_kafka_cdc.common.pg import connect_target, error_reason, is_connection_loss, sqlstate
 from pg_kafka_cdc.common.tables import TableName
+from schemas.codec import Position
 from sink_connector.apply import apply_table
-from sink_connector.bookkeeping import Bookkeeping, TopicPartition
-from sink_connector.changes import TableBatch
-from sink_connector.preparation import TablePreparer, TableState
+from sink_connector.bookkeeping import Bookkeeping, StreamPartition, TopicPartition
+from sink_connector.net_effect import TableBatch
+from sink_connector.preparation import TableState
 from sink_connector.target import reconcile
 
 log = logging.getLogger("sink")
@@ -46,11 +47,12 @@ def classify(exc: BaseException) -> str:
 
 
 class TargetSession:
-    def __init__(self, dsn: str, book: Bookkeeping, preparer: TablePreparer) -> None:
+    def __init__(self, dsn: str, book: Bookkeeping, tables: dict[TableName, TableState]) -> None:
         self.dsn = dsn
         self.book = book
-        self.preparer = preparer
-        self.tables: dict[TableName, TableState] = preparer.tables
+        self.tables = tables  # the prepared ones (preparation.TablePreparer adds them)
+        self.applied: dict[StreamPartition, Position] = {}  # of the claimed partitions, as committed
+        self.storing: dict[StreamPartition, Position] = {}  # this transaction's, until it commits
         self.conn: Any = None
         self.cur: Any = None
 
@@ -93,13 +95,18 @@ class TargetSession:
         return self.book.parked(self.conn)
 
     def claim(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
-        return self.book.claim(self.conn, partitions)
+        """The stored offsets of partitions this member takes (and their source positions applied)."""
+        offsets = self.book.claim(self.conn, partitions)
+        with self.conn.cursor() as cur:
+            positions = self.book.positions(cur, partitions)
+        self.conn.commit()
+        claimed = set(partitions)
+        self.applied = {k: v for k, v in self.applied.items() if (k[0], k[1]) not in claimed}
+        self.applied.update(positions)
+        return offsets
 
     def all_offsets(self) -> dict[TopicPartition, int | None]:
         return self.book.all_offsets(self.conn)
-
-    def prepare(self, table: TableName, hint: TableBatch | None) -> None:
-        self.preparer.prepare(self.conn, table, hint)
 
     # --- one batch transaction ----------------------------------------------------------------
 
@@ -138,6 +145,10 @@ class TargetSession:
     def store_offsets(self, positions: dict[TopicPartition, int]) -> None:
         self.book.store(self.cur, positions)
 
+    def store_positions(self, positions: dict[StreamPartition, Position]) -> None:
+        self.book.store_positions(self.cur, positions)
+        self.storing = positions
+
     def save_progress(self, progress: list[tuple[TableName, int | None, int | None, int]]) -> bool:
         """The per-table progress rows are shared by the group's members: never wait for one that
         another member's open transaction holds (a frozen member would stall this one too); keep
@@ -154,8 +165,11 @@ class TargetSession:
     def commit(self) -> None:
         self._end()
         self.conn.commit()
+        self.applied.update(self.storing)
+        self.storing = {}
 
     def rollback(self) -> None:
+        self.storing = {}
         self._end()
         if not self.conn.closed:
             self.conn.rollback()

@@ -3,8 +3,9 @@
 Each batch is one target transaction that also moves the stored offsets of its partitions, after
 checking they are still the ones this process started the batch from (a process that lost its
 partitions while frozen cannot write behind its successor's back). Offsets are committed to Kafka
-afterwards, for the tools that show a group's lag. A batch goes through batch.py (decode, prepare,
-plan: plan.py) and is committed by commit.py.
+afterwards, for the tools that show a group's lag. A batch goes through batch.py, which decodes it
+(changes.py), prepares the tables first seen (preparation.py), plans it (plan.py) and commits it
+(commit.py).
 """
 
 import logging
@@ -26,7 +27,7 @@ from sink_connector.dlq import DeadLetters
 from sink_connector.metrics import SinkStats, collect
 from sink_connector.plan import TopicTables
 from sink_connector.poison import ErrorPolicy
-from sink_connector.preparation import TablePreparer
+from sink_connector.preparation import TablePreparer, TableState
 from sink_connector.session import TargetSession
 
 log = logging.getLogger("sink")
@@ -56,8 +57,11 @@ class Sink:
         self.stop = stop
         self.stats = SinkStats()
         book = Bookkeeping(options.state_schema, options.group)
-        self.preparer = TablePreparer(settings, book, options.snapshot, options.rebuild, options.slot, stop)
-        self.target = TargetSession(settings.target_dsn, book, self.preparer)
+        tables: dict[TableName, TableState] = {}
+        self.target = TargetSession(settings.target_dsn, book, tables)
+        self.preparer = TablePreparer(
+            settings, book, options.snapshot, options.rebuild, options.slot, stop, self.target, tables
+        )
         self.topic_tables = TopicTables(settings.topic_prefix)
         self.kafka = KafkaLog(settings, options.group, options.instance_id, self.target.claim, self.stats)
         self.dead_letters: DeadLetters | None = None
@@ -95,9 +99,11 @@ class Sink:
         if self.options.once:
             ends = end_offsets(self.settings, self.options.group, topics)
             once = EndOffsets(ends, self.kafka.expected, self.target.all_offsets)
-        commit = BatchCommit(self.target, self.kafka, self.dead_letters, self.kafka.expected)
-        processor = BatchProcessor(self.target, commit, policy, self.topic_tables, self.stats, self._reconnect)
         self._subscribe()
+        commit = BatchCommit(self.target, self.kafka, self.kafka.consumer, self.dead_letters, self.kafka.expected)
+        processor = BatchProcessor(
+            self.target, self.preparer, commit, policy, self.topic_tables, self.stats, self._reconnect
+        )
         try:
             self.loop(processor, once)
         finally:
@@ -121,7 +127,7 @@ class Sink:
         if self.options.snapshot == "copy":
             for table in wanted:
                 if table not in self.options.rebuild:
-                    self.target.prepare(table, None)
+                    self.preparer.prepare(table, None)
 
     def _subscribe(self) -> None:
         if self.settings.tables:

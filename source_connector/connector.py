@@ -17,13 +17,14 @@ from pg_kafka_cdc.common.pg import connect_source
 from pg_kafka_cdc.common.service import serving
 from pg_kafka_cdc.common.settings import KAFKA_CLIENT_LOG, Settings
 from pg_kafka_cdc.common.signals import StopFlag
+from schemas.envelope import stream_id
 from schemas.topics import state_topic
 from source_connector.catalog import Catalog
 from source_connector.change_topics import MAX_MESSAGE_BYTES, ChangeTopics
 from source_connector.confirm import Confirmer
 from source_connector.events import EventBuilder
 from source_connector.heartbeat import Heartbeat, emit_heartbeat
-from source_connector.held import replay_of
+from source_connector.held import replay_of, topics_holding
 from source_connector.losses import NanLosses
 from source_connector.metrics import collect
 from source_connector.publisher import Publisher
@@ -193,6 +194,8 @@ class SourceConnector:
         decision = decide(name, get_slot(source.session.conn, name), state, server.database, server.system_id)
         if isinstance(decision, Refuse):
             raise SourceError(decision.reason)
+        if isinstance(decision, Resume | Adopt):
+            builder.stream = stream_id(server.system_id, name, decision.state.snapshot_lsn)
         if isinstance(decision, Resume):
             log.info("resuming slot %s from %s", name, int_to_lsn(decision.at), extra={"slot": name})
             return decision.state
@@ -235,6 +238,7 @@ class SourceConnector:
             consistent,
             consistent,
         )
+        builder.stream = stream_id(server.system_id, name, consistent)
         log.info("created slot %s at %s", name, int_to_lsn(consistent), extra={"slot": name})
         if initial:
             write_state(self.producer, topic, state)
@@ -253,10 +257,17 @@ class SourceConnector:
         consistent: int,
         restart: bool,
     ) -> None:
+        holding = topics_holding(self.settings, [i.topic for i in source.infos])
+        if holding and not restart:
+            log.warning(
+                "the topics of %d tables hold changes of an earlier slot: the snapshot starts each with a "
+                "truncate event, so that a consumer replaying them drops what came before",
+                len(holding),
+            )
         conn = connect_source(self.settings.source_dsn, application_name="cdc-source snapshot", autocommit=False)
         try:
             rows = publish_snapshot(
-                conn, name, consistent, source.infos, builder, publisher, self.snapshot_rows, restart
+                conn, name, consistent, source.infos, builder, publisher, self.snapshot_rows, holding
             )
         finally:
             conn.close()

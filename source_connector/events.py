@@ -72,6 +72,7 @@ class EventBuilder:
         self.refetch = refetch
         self.events: Counter[tuple[str, str]] = Counter()  # by table and op, for the metrics
         self.bytes: Counter[str] = Counter()
+        self.stream = ""  # schemas.envelope.stream_id of the slot, once the connector knows it
 
     # --- envelope -------------------------------------------------------------------------
 
@@ -104,6 +105,7 @@ class EventBuilder:
             "ts_us": tx.ts_us,
             "seq": tx.seq,
             "snapshot": snapshot,
+            "stream": self.stream,
         }
         ts_ms = int(time.time() * 1000)
         value = encode(before, after, op, ts_ms, source, columns, info.key_json, unchanged, refetched, partitions)
@@ -203,6 +205,7 @@ class EventBuilder:
             "commit_lsn": tx.commit_lsn,
             "ts_us": tx.ts_us,
             "seq": tx.seq,
+            "stream": self.stream,
         }
         return [
             (info.topic, key, value, None, None),

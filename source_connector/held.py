@@ -2,10 +2,11 @@
 Kafka when the connector starts on an existing slot (see replay.py)."""
 
 import logging
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from pg_kafka_cdc.common.lsn import int_to_lsn
 from pg_kafka_cdc.common.settings import Settings
@@ -31,8 +32,21 @@ def _message_at(consumer: Any, topic: str, partition: int, offset: int) -> Any:
     return None
 
 
+def watermarks(consumer: Any, topic: str, partition: int) -> tuple[int, int]:
+    """A partition's low and high offsets, waiting while it has no leader yet (a topic just created)."""
+    deadline = time.monotonic() + READ_TIMEOUT
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=READ_TIMEOUT)
+            return int(low), int(high)
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def last_position(consumer: Any, topic: str, partition: int) -> Position | None:
-    low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=READ_TIMEOUT)
+    low, high = watermarks(consumer, topic, partition)
     for offset in range(high - 1, max(low, high - LOOK_BACK) - 1, -1):
         msg = _message_at(consumer, topic, partition, offset)
         if msg is None:
@@ -43,9 +57,8 @@ def last_position(consumer: Any, topic: str, partition: int) -> Position | None:
     return None
 
 
-def held_positions(settings: Settings, partitions: Mapping[str, int]) -> dict[tuple[str, int], Position]:
-    """The last position each partition of `partitions` (topic -> partition count) holds."""
-    consumer = Consumer(
+def _reader(settings: Settings) -> Any:
+    return Consumer(
         settings.kafka_config(
             **{
                 "group.id": "cdc-source-position-reader",
@@ -55,6 +68,11 @@ def held_positions(settings: Settings, partitions: Mapping[str, int]) -> dict[tu
             }
         )
     )
+
+
+def held_positions(settings: Settings, partitions: Mapping[str, int]) -> dict[tuple[str, int], Position]:
+    """The last position each partition of `partitions` (topic -> partition count) holds."""
+    consumer = _reader(settings)
     held: dict[tuple[str, int], Position] = {}
     try:
         for topic, count in partitions.items():
@@ -65,6 +83,23 @@ def held_positions(settings: Settings, partitions: Mapping[str, int]) -> dict[tu
     finally:
         consumer.close()
     return held
+
+
+def topics_holding(settings: Settings, topics: Iterable[str]) -> set[str]:
+    """The topics of `topics` that hold at least one message."""
+    consumer = _reader(settings)
+    found: set[str] = set()
+    try:
+        metadata = consumer.list_topics(timeout=READ_TIMEOUT).topics
+        for topic in topics:
+            for p in metadata[topic].partitions if topic in metadata else ():
+                low, high = watermarks(consumer, topic, p)
+                if high > low:
+                    found.add(topic)
+                    break
+    finally:
+        consumer.close()
+    return found
 
 
 def replay_of(settings: Settings, partitions: Mapping[str, int], count: Callable[[str], int]) -> Replay:

@@ -5,6 +5,7 @@ its table's complete history."""
 import logging
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +38,12 @@ def publish_snapshot(
     builder: EventBuilder,
     publisher: Publisher,
     counts: Counter[str] | None = None,
-    restart: bool = False,
+    holding: Collection[str] = (),
 ) -> int:
     """Read every table under the exported snapshot and publish it; returns the row count once
-    Kafka acknowledged every row."""
+    Kafka acknowledged every row. A table whose topic holds messages already (`holding`: an earlier
+    attempt that died half-way, or an earlier slot's stream) gets a `t` first, so that a consumer
+    replaying the topic drops what came before this snapshot (a row deleted since would come back)."""
     conn.set_session(isolation_level="REPEATABLE READ", readonly=True, autocommit=False)
     tracker = FlushTracker(consistent_lsn)
     tx = tracker.begin(None, consistent_lsn)
@@ -51,7 +54,7 @@ def publish_snapshot(
         with RowProgress("snapshot") as progress:
             for info in tables:
                 started = time.monotonic()
-                if restart:
+                if info.topic in holding:
                     snapshot.truncate(info)
                 rows = snapshot.table(
                     conn, info, progress, progress.start(str(info.name), estimated_rows(cur, info.name))
@@ -86,8 +89,7 @@ class Snapshot:
         self.ctx = TxContext(None, self.lsn, int(time.time() * 1_000_000))
 
     def truncate(self, info: TableInfo) -> None:
-        """An earlier attempt died half-way and its `r` events are in the topic: a `t` first, so a
-        consumer replaying the topic drops them (a row deleted since would come back)."""
+        """A `t` on every partition of the table's topic, at the snapshot's position."""
         doc = {"schema": info.name.schema, "table": info.name.name, "lsn": int_to_lsn(self.lsn)}
         for message in self.builder.truncate(doc, self.ctx):
             self.publisher.publish(self.tx, message)

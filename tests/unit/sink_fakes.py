@@ -2,17 +2,18 @@
 topic (the Protocols of sink_connector/ports.py), for unit tests of the loop."""
 
 import copy
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import psycopg2
+from confluent_kafka import TopicPartition as KafkaPartition
 
 from pg_kafka_cdc.common.tables import TableName
-from sink_connector.bookkeeping import TopicPartition
-from sink_connector.changes import TableBatch
+from schemas.codec import Position
+from sink_connector.bookkeeping import StreamPartition, TopicPartition
 from sink_connector.handover import CopySnapshot
+from sink_connector.net_effect import TableBatch
 from sink_connector.ports import Headers, Message
 from sink_connector.preparation import TableState
 from sink_connector.target import TargetTable
@@ -68,12 +69,32 @@ class Partitions:
         self.next[tp] = offset + 1
         return FakeMessage(tp[0], partition, offset, key, value)
 
-    def upsert(self, table: str, i: int, n: str, partition: int = 0, op: str = "c", xid: int = 900) -> FakeMessage:
+    def upsert(
+        self,
+        table: str,
+        i: int,
+        n: str,
+        partition: int = 0,
+        op: str = "c",
+        xid: int = 900,
+        seq: int | None = None,
+        stream: str = "S1",
+        commit_lsn: int = 9100,
+    ) -> FakeMessage:
+        """An upsert; with `seq`, at the source position (commit_lsn, seq) of `stream`."""
+        source: dict[str, Any] = {
+            "txId": xid,
+            "lsn": 9000,
+            "commit_lsn": commit_lsn,
+            "ts_us": 1_700_000_000_000_000 + i,
+        }
+        if seq is not None:
+            source.update(seq=seq, stream=stream)
         env = {
             "op": op,
             "before": None,
             "after": {"id": i, "n": n},
-            "source": {"txId": xid, "lsn": 9000, "commit_lsn": 9100, "ts_us": 1_700_000_000_000_000 + i},
+            "source": source,
             "columns": COLUMNS,
             "key": ["id"],
         }
@@ -100,9 +121,9 @@ class FakeLog:
     def seek(self, tp: TopicPartition, offset: int | None) -> None:
         self.seeks.append((tp, offset))
 
-    def commit(self, positions: Mapping[TopicPartition, int]) -> None:
+    def commit(self, *, offsets: list[KafkaPartition], asynchronous: bool) -> None:
         self.events.append("kafka commit")
-        self.committed.update(positions)
+        self.committed.update({(o.topic, o.partition): o.offset for o in offsets})
 
 
 @dataclass
@@ -127,6 +148,7 @@ class Database:
     offsets: dict[TopicPartition, int | None] = field(default_factory=dict)
     parked: dict[tuple[str, bytes], str] = field(default_factory=dict)
     progress: dict[TableName, int] = field(default_factory=dict)
+    positions: dict[StreamPartition, Position] = field(default_factory=dict)
 
 
 class FakeTarget:
@@ -136,6 +158,7 @@ class FakeTarget:
     def __init__(self, events: list[str]) -> None:
         self.events = events
         self.tables: dict[TableName, TableState] = {}
+        self.applied: dict[StreamPartition, Position] = {}
         self.snapshots: dict[TableName, CopySnapshot] = {}  # tables to "bulk-copy" when prepared
         self.db = Database()
         self.tx: Database | None = None
@@ -146,6 +169,7 @@ class FakeTarget:
     def claim(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int | None]:
         for tp in partitions:
             self.db.offsets.setdefault(tp, None)
+        self.applied.update({k: v for k, v in self.db.positions.items() if (k[0], k[1]) in partitions})
         return {tp: self.db.offsets[tp] for tp in partitions}
 
     def prepare(self, table: TableName, hint: TableBatch | None) -> None:
@@ -202,6 +226,10 @@ class FakeTarget:
         self.events.append("store offsets")
         self._open().offsets.update(positions)
 
+    def store_positions(self, positions: dict[StreamPartition, Position]) -> None:
+        self.events.append("store positions")
+        self._open().positions.update(positions)
+
     def save_progress(self, progress: list[tuple[TableName, int | None, int | None, int]]) -> bool:
         self.events.append("store progress")
         if self.progress_locked:
@@ -218,6 +246,7 @@ class FakeTarget:
             raise psycopg2.OperationalError("server closed the connection unexpectedly")
         self.events.append("commit")
         self.db, self.tx = self._open(), None
+        self.applied.update(self.db.positions)
 
     def rollback(self) -> None:
         if self.tx is not None:

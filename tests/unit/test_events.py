@@ -12,7 +12,7 @@ from jsonschema import Draft202012Validator
 import schemas
 from pg_kafka_cdc.common.lsn import lsn_to_int
 from pg_kafka_cdc.common.tables import TableName
-from schemas.envelope import CONNECTOR, ENVELOPE_VERSION
+from schemas.envelope import CONNECTOR, ENVELOPE_VERSION, stream_id
 from schemas.topics import topic_for
 from source_connector.events import EventBuilder, Message, TxContext, begin_context, snapshot_values
 from source_connector.table_info import TableInfo, key_problem, wal2json_type
@@ -73,17 +73,11 @@ class Nans:
 
 def builder(*infos: TableInfo, partitions: int = 3, nans: Nans | None = None) -> tuple[EventBuilder, FakeTables]:
     tables = FakeTables(*(infos or (table(),)))
-    return (
-        EventBuilder(
-            PREFIX,
-            "shop",
-            "cdc_slot",
-            tables,
-            lambda topic: partitions,
-            on_nan=nans if nans is not None else Nans(),
-        ),
-        tables,
+    b = EventBuilder(
+        PREFIX, "shop", "cdc_slot", tables, lambda topic: partitions, on_nan=nans if nans is not None else Nans()
     )
+    b.stream = stream_id("7431", "cdc_slot", 0x1927000)
+    return b, tables
 
 
 def tx() -> TxContext:
@@ -202,6 +196,7 @@ def test_source_fields() -> None:
         "ts_us": timestamp_to_us(TIMESTAMP),
         "seq": 1,
         "snapshot": False,
+        "stream": "7431:cdc_slot:1927000",
     }
     assert second["source"]["seq"] == 2
     assert second["source"]["lsn"] == lsn_to_int("0/1927100")
@@ -309,7 +304,9 @@ def test_delete_is_d_then_tombstone() -> None:
     # the tombstone says where its delete happened, so a consumer can skip both together
     assert h2 is not None and [name for name, _ in h2] == ["cdc.source"]
     source = env["source"]
-    assert orjson.loads(h2[0][1]) == {k: source[k] for k in ("txId", "lsn", "commit_lsn", "ts_us", "seq")}
+    assert orjson.loads(h2[0][1]) == {
+        k: source[k] for k in ("txId", "lsn", "commit_lsn", "ts_us", "seq", "stream")
+    }
 
 
 def test_delete_under_full_identity_carries_the_old_row() -> None:

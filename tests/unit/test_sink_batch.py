@@ -9,11 +9,12 @@ from pg_kafka_cdc.common.settings import Settings
 from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
 from sink_connector.batch import BatchProcessor
+from sink_connector.changes import PARKED, decode_batch
 from sink_connector.commit import BatchCommit
 from sink_connector.consumer import EndOffsets
 from sink_connector.handover import CopySnapshot
 from sink_connector.metrics import SinkStats
-from sink_connector.plan import PARKED, TopicTables, decode_batch, plan_batch, positions_of
+from sink_connector.plan import TopicTables, plan_batch, positions_of
 from sink_connector.poison import ErrorPolicy
 from sink_connector.sink import Sink, SinkOptions
 from tests.unit.sink_fakes import (
@@ -45,10 +46,11 @@ class Loop:
         self.stream = Partitions()
         self.expected: dict[tuple[str, int], int | None] = {}
         commit = BatchCommit(
-            self.target, self.log, self.dead_letters if on_error == "dlq" else None, self.expected
+            self.target, self.log, self.log, self.dead_letters if on_error == "dlq" else None, self.expected
         )
         self.commit = commit
         self.processor = BatchProcessor(
+            self.target,
             self.target,
             commit,
             ErrorPolicy(on_error, parked if parked is not None else set()),
@@ -287,7 +289,7 @@ def test_the_plan_names_the_positions_past_every_message() -> None:
     messages = [s.upsert("person", 1, "a"), s.delete("person", 1), s.upsert("person", 2, "b", partition=1)]
     topics = TopicTables(PREFIX)
     decoded = decode_batch(messages, topics.table_of, set(), dead_letters=False)
-    plan = plan_batch(decoded.changes, decoded.rejected, positions_of(messages), topics, {})
+    plan = plan_batch(decoded.changes, decoded.rejected, positions_of(messages), topics, {}, {})
     assert plan.positions == {PERSON_0: 2, PERSON_1: 1}
     [person] = plan.tables
     assert person.upserts.keys() == {b'{"id":2}'}
@@ -314,3 +316,70 @@ def test_the_loop_applies_what_it_consumes_until_caught_up_with_once() -> None:
     assert loop.target.db.offsets == {PERSON_0: 3}
     assert loop.stats.batches == 3
     assert sink.stats.lag == {PERSON_0: 3}  # as seen before the first batch was applied
+
+
+# --- what the target already has ------------------------------------------------------------------
+
+
+def test_a_change_the_target_already_has_is_skipped_and_counted() -> None:
+    loop = Loop()
+    loop.assign(PERSON_0)
+    s = loop.stream
+    assert loop.processor.run([s.upsert("person", 1, "a", seq=1), s.upsert("person", 2, "b", seq=2)], StopFlag())
+    assert "store positions" in loop.events
+    assert loop.target.db.positions == {(*PERSON_0, "S1"): (9100, 2, 2)}
+    loop.target.db.rows[PERSON][1]["n"] = "changed on the target meanwhile"
+    # the same two changes again (a topic holding them twice), then a new one
+    again = [
+        s.upsert("person", 1, "a", seq=1),
+        s.upsert("person", 2, "b", seq=2),
+        s.upsert("person", 3, "c", seq=3),
+    ]
+    assert loop.processor.run(again, StopFlag())
+    assert loop.rows(PERSON) == {1: "changed on the target meanwhile", 2: "b", 3: "c"}
+    assert loop.stats.duplicates == 2
+    assert loop.target.db.offsets[PERSON_0] == 5  # the offsets move past the skipped ones too
+
+
+def test_the_positions_applied_outlive_the_process() -> None:
+    first = Loop()
+    first.assign(PERSON_0)
+    s = first.stream
+    assert first.processor.run([s.upsert("person", 1, "a", seq=1)], StopFlag())
+    second = Loop()
+    second.target.db = first.target.db  # the same target database, another sink process (or group)
+    second.assign(PERSON_0)
+    second.expected[PERSON_0] = first.target.db.offsets[PERSON_0]
+    assert second.processor.run([s.upsert("person", 1, "a", seq=1), s.upsert("person", 1, "b", seq=2)], StopFlag())
+    assert second.rows(PERSON) == {1: "b"}
+    assert second.stats.duplicates == 1
+
+
+def test_changes_of_another_stream_and_without_positions_are_applied() -> None:
+    loop = Loop()
+    loop.assign(PERSON_0)
+    s = loop.stream
+    assert loop.processor.run([s.upsert("person", 1, "a", seq=5, commit_lsn=9500)], StopFlag())
+    later = [
+        s.upsert("person", 2, "b", seq=1, commit_lsn=100, stream="S2"),  # a new slot: its own positions
+        s.upsert("person", 3, "c"),  # another producer: no position
+        s.upsert("person", 1, "a", seq=5, commit_lsn=9500),  # S1's again
+    ]
+    assert loop.processor.run(later, StopFlag())
+    assert loop.rows(PERSON) == {1: "a", 2: "b", 3: "c"}
+    assert loop.stats.duplicates == 1
+    assert loop.target.db.positions == {(*PERSON_0, "S1"): (9500, 5, 2), (*PERSON_0, "S2"): (100, 1, 2)}
+
+
+def test_a_position_repeated_within_a_batch_is_applied_once() -> None:
+    loop = Loop()
+    loop.assign(PERSON_0)
+    s = loop.stream
+    batch = [
+        s.upsert("person", 1, "a", seq=1),
+        s.upsert("person", 1, "old", seq=1),
+        s.upsert("person", 2, "b", seq=2),
+    ]
+    assert loop.processor.run(batch, StopFlag())
+    assert loop.rows(PERSON) == {1: "a", 2: "b"}
+    assert loop.stats.duplicates == 1

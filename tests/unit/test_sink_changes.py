@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from pg_kafka_cdc.common.tables import TableName
 from schemas.codec import BadMessage
-from sink_connector.changes import TOMBSTONE, Change, TableBatch, coalesce, decode
+from sink_connector.changes import TOMBSTONE, Change, decode
+from sink_connector.net_effect import TableBatch, coalesce
 
 TOPIC = "cdc.public.probe"
 TABLE = TableName("public", "probe")
