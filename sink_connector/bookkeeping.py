@@ -61,15 +61,11 @@ _TABLES = [
         applied_at      timestamptz NOT NULL DEFAULT now(),
         changes         bigint NOT NULL DEFAULT 0,
         PRIMARY KEY (group_id, schema_name, table_name))""",
+    # the last position applied (commit_lsn, seq, rank) of each stream per partition, for any group
     """CREATE TABLE IF NOT EXISTS {schema}.positions (
-        topic       text NOT NULL,
-        partition   integer NOT NULL,
-        stream      text NOT NULL,
-        commit_lsn  bigint NOT NULL,
-        seq         bigint NOT NULL,
-        rank        smallint NOT NULL,
-        updated_at  timestamptz NOT NULL DEFAULT now(),
-        PRIMARY KEY (topic, partition, stream))""",
+        topic text NOT NULL, partition integer NOT NULL, stream text NOT NULL,
+        commit_lsn bigint NOT NULL, seq bigint NOT NULL, rank smallint NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (topic, partition, stream))""",
     """CREATE TABLE IF NOT EXISTS {schema}.parked (
         group_id    text NOT NULL,
         topic       text NOT NULL,
