@@ -39,6 +39,12 @@ class Poisoned:
     before: list[dict[str, str | None]]  # the source's rows when the poison was produced
 
 
+def without_position(envelope: dict[str, Any]) -> None:
+    """Another producer's message: a copy keeping the real change's source position would be one the
+    target already has, and skipped as such (applied.py)."""
+    del envelope["source"]["seq"], envelope["source"]["stream"]
+
+
 def poison_topic(dbs: Databases, stack: Stack, prefix: str, kind: str) -> Poisoned:
     """With cdc-source running and a first sink run done: changes A, the poison, changes B (none of
     them to the poison's key)."""
@@ -58,6 +64,7 @@ def poison_topic(dbs: Databases, stack: Stack, prefix: str, kind: str) -> Poison
         [real] = [m for m in read_all(stack.bootstrap_servers, topic) if m.key() == b'{"id":15}']
         envelope = orjson.loads(real.value())
         envelope.update(op="u", before=None, after={"id": 3, "n": "abc", "t": "poison"})
+        without_position(envelope)
         value = orjson.dumps(envelope)
     assert produce(stack.bootstrap_servers, topic, POISON_KEY, value) == (0, 18)
     execute(
@@ -174,6 +181,7 @@ def test_poison_followed_by_a_change_of_its_key_in_one_batch(
     [real] = [m for m in read_all(stack.bootstrap_servers, topic) if m.key() == POISON_KEY]
     envelope = orjson.loads(real.value())
     envelope.update(op="u", before=None, after={"id": 3, "n": "abc", "t": "poison"})
+    without_position(envelope)
     assert produce(stack.bootstrap_servers, topic, POISON_KEY, orjson.dumps(envelope)) == (0, 10)
     execute(dbs.source_dsn, "UPDATE public.p SET n = 300 WHERE id = 3")
     wait_high_watermark(stack.bootstrap_servers, topic, 12)
