@@ -26,8 +26,9 @@ class CopySnapshot(Snapshot):
 
     def contains(self, op: str, xid: int | None, lsn: int | None, commit_lsn: int | None) -> bool:
         """True when the copy already holds this event's effect (skip it)."""
-        if op == "r" or (op == "t" and xid is None):  # snapshot reads, and the truncate of a snapshot restart
-            return lsn is None or lsn < self.lsn
+        if op == "r" or (op == "t" and xid is None):  # snapshot reads, and the truncate before a snapshot
+            # at the copy's own position too: nothing was written between the slot's snapshot and the copy
+            return lsn is None or lsn <= self.lsn
         if commit_lsn is not None and commit_lsn >= self.lsn:
             return False
         if xid is None:
