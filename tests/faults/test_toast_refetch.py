@@ -17,6 +17,7 @@ from tests.conftest import Databases, Stack
 from tests.faults.harness import (
     Pipeline,
     ScenarioReport,
+    check_writes,
     compare_rows,
     describe_events,
     key_events,
@@ -96,7 +97,8 @@ def test_key_change_of_a_toasted_row_decoded_before_it_is_visible(
     stop_cleanly(sink, source)
     differences = compare_rows(dbs, ["public.orders"])
     report.rows_lost = len(differences)
-    report.rows_doubled = 0
+    failures = check_writes(pipeline, report)
     assert not differences, "\n".join(
         [d.describe() for d in differences] + describe_events(key_events(pipeline, "public.orders", {new})[new])
     )
+    assert not failures, "\n\n".join(failures)
