@@ -39,7 +39,7 @@ class Confirmer:
     def step(self, cur: ReplicationCursor, last_start: int | None, idle: bool) -> None:
         """While streaming: `last_start` is the newest message read (None: none yet), `idle` that the
         last read found nothing, so the server's WAL end is safe once nothing is in flight."""
-        target = self.tracker.advance()
+        target = self.tracker.flushed_lsn
         if idle:
             target = self.tracker.caught_up_to(cur.wal_end)
         if last_start is not None:
@@ -53,7 +53,7 @@ class Confirmer:
 
     def final(self, cur: ReplicationCursor, flush_timeout: float = 30) -> None:
         """At a stop, once everything read was acknowledged: confirm as far as that goes."""
-        target = self.tracker.advance()
+        target = self.tracker.flushed_lsn
         if self.tracker.idle():
             target = self.tracker.caught_up_to(cur.wal_end)
         self._observe(cur, self.received_lsn)
@@ -66,7 +66,7 @@ class Confirmer:
     def restart(self) -> None:
         """After a lost connection (everything sent acknowledged): a new cursor starts from the
         confirmed position; the cut transaction is forgotten."""
-        self.tracker = FlushTracker(self.tracker.advance())
+        self.tracker = FlushTracker(self.tracker.flushed_lsn)
         self.gate = FeedbackGate(0, self.gate.acked)
 
     def _observe(self, cur: ReplicationCursor, last_start: int) -> None:

@@ -2,8 +2,9 @@
 has not all acknowledged.
 
 Transactions are tracked in commit order. Each counts the messages it produced that are not yet
-acknowledged; the flush position is the end LSN of the newest transaction that, with every
-transaction before it, is committed and fully acknowledged. Pure: the caller feeds it events.
+acknowledged; the flush position (`flushed_lsn`, kept current as events arrive) is the end LSN of
+the newest transaction that, with every transaction before it, is committed and fully
+acknowledged. Pure: the caller feeds it events.
 """
 
 from collections import deque
@@ -27,6 +28,8 @@ class Transaction:
         self.outstanding -= 1
         if err is not None:
             self.tracker.failures.append((err, msg))
+        elif self.outstanding == 0 and self.committed:
+            self.tracker.advance()
 
 
 class FlushTracker:
@@ -48,16 +51,22 @@ class FlushTracker:
         tx.committed = True
         if self.open is tx:
             self.open = None
+        if tx.outstanding == 0:
+            self.advance()
 
     def point(self, lsn: int) -> Transaction:
         """A position with nothing to send (a logical message): flushable once all before it are."""
         tx = Transaction(self, None, lsn)
         tx.committed = True
         self.pending.append(tx)
+        self.advance()
         return tx
 
     def advance(self) -> int:
-        """Drop the fully acknowledged prefix; returns the new flush position."""
+        """Drop the fully acknowledged prefix; returns the new flush position (which a delivery
+        failure holds where it is)."""
+        if self.failures:
+            return self.flushed_lsn
         pending = self.pending
         while pending and pending[0].committed and pending[0].outstanding == 0:
             tx = pending.popleft()
