@@ -1,27 +1,46 @@
-"""The tables the source replicates, read from its catalog (columns, types, key, replica identity)."""
+"""The tables the source replicates, read from its catalog (columns, types, key, replica identity),
+and the table each change wal2json reports is published as (a leaf partition: its root)."""
 
 import logging
 from typing import Any
 
-from pg_kafka_cdc.common.catalog import read_table, table_exists, tables_in_schema
+from pg_kafka_cdc.common.catalog import (
+    Relation,
+    ancestors,
+    partitions,
+    read_table,
+    relation,
+    table_exists,
+    tables_in_schema,
+)
 from pg_kafka_cdc.common.errors import ConfigError, SourceError
 from pg_kafka_cdc.common.tables import TableName
 from schemas.topics import topic_for
+from source_connector.scope import DEFAULT_SCHEMA, Scope, overlap_problem, persistence_problem
 from source_connector.table_info import TableInfo, key_problem
 
 log = logging.getLogger("source.catalog")
+
+Ident = tuple[str, str]
 
 
 class Catalog:
     def __init__(self, conn: Any, prefix: str) -> None:
         self.conn = conn
         self.prefix = prefix
-        self.cache: dict[tuple[str, str], TableInfo | None] = {}
+        self.scope = Scope()
+        self.partitioned = False  # a partitioned table is in scope (see scope.wal2json_filter)
+        self.cache: dict[Ident, TableInfo | None] = {}  # by replicated table
+        # The name wal2json reports -> the table its changes are published as (None: not replicated).
+        self.routes: dict[Ident, TableName | None] = {}
+        self.unrouted: set[Ident] = set()  # the names routed to None
+        self.gone: set[TableName] = set()  # tables dropped before their changes were read, reported once
 
     def tables(self, requested: tuple[TableName, ...]) -> list[TableName]:
-        """The tables to replicate: those requested (each must exist), or every table of `public`."""
+        """The tables to replicate: those requested (each must exist and reach the WAL), or every
+        table of `public` that does (a partition is part of its root, not a table of its own)."""
         if not requested:
-            return tables_in_schema(self.conn, "public")
+            return self._every_table()
         missing = [str(t) for t in requested if not table_exists(self.conn, t)]
         if missing:
             raise ConfigError(
@@ -29,7 +48,63 @@ class Catalog:
                 f"{'do' if len(missing) > 1 else 'does'} not exist on the source (check --tables / TABLES; "
                 'names are case-sensitive when quoted, e.g. public."Order")'
             )
+        named = frozenset(requested)
+        for table in requested:
+            rel = self._relation(table)
+            parts = partitions(self.conn, rel)
+            problem = self._unstreamable(rel, parts) or overlap_problem(table, ancestors(self.conn, rel), named)
+            if problem:
+                raise SourceError(problem)
+            self._check_partition_keys(rel, parts)
+            self.partitioned = self.partitioned or rel.partitioned
+        self.scope = Scope(named)
         return list(requested)
+
+    def _every_table(self) -> list[TableName]:
+        """The default scope; a table whose changes never reach the WAL is left out with a warning."""
+        kept, left_out = [], []
+        for table in tables_in_schema(self.conn, DEFAULT_SCHEMA):
+            rel = self._relation(table)
+            parts = partitions(self.conn, rel)
+            problem = self._unstreamable(rel, parts)
+            if problem:
+                log.warning("%s; it is left out of the replicated tables", problem, extra={"table": str(table)})
+                left_out.append(table)
+                continue
+            self._check_partition_keys(rel, parts)
+            self.partitioned = self.partitioned or rel.partitioned
+            kept.append(table)
+        self.scope = Scope(None, frozenset(left_out))
+        return kept
+
+    def _relation(self, table: TableName) -> Relation:
+        rel = relation(self.conn, table)
+        if rel is None:
+            raise ConfigError(f"table {table} does not exist on the source")
+        return rel
+
+    @staticmethod
+    def _unstreamable(rel: Relation, parts: list[Relation]) -> str | None:
+        """Why the changes of the table, or of one of its partitions, never reach the WAL."""
+        problems = [persistence_problem(rel)] + [persistence_problem(p, rel.name) for p in parts]
+        return next((p for p in problems if p), None)
+
+    def _check_partition_keys(self, rel: Relation, parts: list[Relation]) -> None:
+        """Each leaf has its own replica identity, which decides what its updates and deletes carry
+        (the table's own key first: without one, the error names the table, not a leaf)."""
+        if not parts or self._key_problem(rel.name):
+            return
+        for part in parts:
+            if not part.partitioned:
+                problem = self._key_problem(part.name)
+                if problem:
+                    raise SourceError(problem)
+
+    def _key_problem(self, table: TableName) -> str | None:
+        definition = read_table(self.conn, table)
+        if definition is None:
+            return None
+        return key_problem(table, definition.key, definition.has_pk, definition.replica_identity)
 
     def read(self, table: TableName) -> TableInfo:
         """The table's definition; a SourceError when it cannot be replicated exactly."""
@@ -51,13 +126,51 @@ class Catalog:
         )
 
     def lookup(self, schema: str, name: str, refresh: bool) -> TableInfo | None:
-        """For the stream: cached definitions; a table that cannot be replicated is reported once
-        and its changes skipped (at start-up such a table is refused instead)."""
+        """For the stream: the definition of the table the named one's changes are published as
+        (cached); a table that cannot be replicated is reported once and its changes skipped (at
+        start-up such a table is refused instead), one out of scope is skipped silently."""
         ident = (schema, name)
-        if refresh or ident not in self.cache:
+        if refresh or ident not in self.routes:
+            self.routes[ident] = self._route(TableName(schema, name))
+        target = self.routes[ident]
+        if target is None:
+            self.unrouted.add(ident)
+            return None
+        key = (target.schema, target.name)
+        if refresh or key not in self.cache:
             try:
-                self.cache[ident] = self.read(TableName(schema, name))
+                self.cache[key] = self.read(target)
             except SourceError as exc:
-                log.error("%s; its changes are NOT replicated", exc, extra={"table": str(TableName(schema, name))})
-                self.cache[ident] = None
-        return self.cache[ident]
+                log.error("%s; its changes are NOT replicated", exc, extra={"table": str(target)})
+                self.cache[key] = None
+        return self.cache[key]
+
+    def _route(self, table: TableName) -> TableName | None:
+        """The table `table`'s changes are published as, from the catalog as it is now."""
+        rel = relation(self.conn, table)
+        if rel is None:
+            if table not in self.gone:
+                self.gone.add(table)
+                log.warning("table %s is gone from the catalog: its changes are skipped", table)
+            return None
+        target = self.scope.replicated_as(ancestors(self.conn, rel))
+        if target is None or target == table:
+            return target
+        problem = self._key_problem(table)
+        if problem:
+            log.error("%s; its changes are NOT replicated", problem, extra={"table": str(table)})
+            return None
+        return target
+
+    def known(self, info: TableInfo) -> None:
+        """A table read at start-up: its own changes are published as itself."""
+        ident = (info.name.schema, info.name.name)
+        self.cache[ident] = info
+        self.routes[ident] = info.name
+
+    def forget_unrouted(self) -> None:
+        """Forget the tables found out of scope: one may have been attached as a partition since
+        (ATTACH PARTITION commits a transaction without row changes, the stream's cue to call this)."""
+        for ident in self.unrouted:
+            self.routes.pop(ident, None)
+        self.unrouted.clear()

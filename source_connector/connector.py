@@ -17,6 +17,7 @@ from pg_kafka_cdc.common.pg import connect_source
 from pg_kafka_cdc.common.service import serving
 from pg_kafka_cdc.common.settings import KAFKA_CLIENT_LOG, Settings
 from pg_kafka_cdc.common.signals import StopFlag
+from pg_kafka_cdc.common.tables import TableName
 from schemas.envelope import stream_id
 from schemas.topics import state_topic
 from source_connector.catalog import Catalog
@@ -29,13 +30,15 @@ from source_connector.losses import NanLosses
 from source_connector.metrics import collect
 from source_connector.publisher import Publisher
 from source_connector.readback import ReadBack
+from source_connector.scope import wal2json_filter
 from source_connector.session import SourceSession
 from source_connector.slot import ServerInfo, check_plugin_allowed, create_slot, drop_slot, get_slot, server_info
+from source_connector.slot_wait import reporting_waits
 from source_connector.slot_watch import SlotWatch
 from source_connector.snapshot import publish_snapshot
 from source_connector.start import Adopt, Create, Refuse, Restart, Resume, decide
 from source_connector.state import STATE_TOPIC_CONFIG, SourceState, clear_state, read_state, state_key, write_state
-from source_connector.stream import Stream, add_tables_option
+from source_connector.stream import Stream
 from source_connector.table_info import TableInfo
 
 log = logging.getLogger("source")
@@ -97,6 +100,17 @@ def check_readable(conn: Any, infos: list[TableInfo]) -> None:
                     f"the source role may not read table {info.name}: GRANT SELECT ON {info.name} TO <role> "
                     "(see docs/roles.sql)"
                 )
+
+
+def partition_truncated(info: TableInfo, partition: TableName) -> None:
+    log.warning(
+        "TRUNCATE of %s alone is not replicated (%s is replicated as a whole): the target keeps its rows; "
+        "DELETE FROM %s instead would replicate their removal",
+        partition,
+        info.name,
+        partition,
+        extra={"table": str(info.name)},
+    )
 
 
 @dataclass
@@ -163,7 +177,7 @@ class SourceConnector:
         session.on_reconnect = lambda conn: setattr(catalog, "conn", conn)
         infos = [catalog.read(t) for t in catalog.tables(self.settings.tables)]  # refuses what cannot be
         for info in infos:
-            catalog.cache[(info.name.schema, info.name.name)] = info
+            catalog.known(info)
         check_readable(session.conn, infos)
         return Source(server, session, catalog, infos)
 
@@ -183,6 +197,7 @@ class SourceConnector:
             topics.partitions,
             self.nan,
             self.readback,
+            partition_truncated,
         )
 
     def _start(
@@ -226,7 +241,9 @@ class SourceConnector:
     ) -> SourceState:
         name, server = self.options.slot, source.server
         repl = connect_source(self.settings.source_dsn, application_name="cdc-source", replication=True)
-        consistent, snapshot_name = create_slot(repl.cursor(), name)
+        ours = [repl.get_backend_pid(), source.session.conn.get_backend_pid()]
+        with reporting_waits(self.settings.source_dsn, name, ours):
+            consistent, snapshot_name = create_slot(repl.cursor(), name)
         topics.ensure(source.infos)
         initial = self.options.snapshot == "initial"
         state = SourceState(
@@ -283,7 +300,8 @@ class SourceConnector:
     ) -> None:
         interval = self.options.heartbeat_interval
         heartbeat = Heartbeat(interval, lambda: source.session.run(emit_heartbeat)) if interval > 0 else None
-        add_tables = add_tables_option([i.name for i in source.infos]) if self.settings.tables else ["public.*"]
+        catalog = source.catalog
+        add_tables = wal2json_filter(catalog.scope, [i.name for i in source.infos], catalog.partitioned)
         self.watch = SlotWatch(source.session, self.options.slot)
         self.stream = Stream(
             self.settings,
@@ -295,6 +313,7 @@ class SourceConnector:
             self.stop,
             heartbeat,
             lambda: replay_of(self.settings, topics.counts, topics.partitions),
+            catalog.forget_unrouted,
         )
         self.stream.periodic = self.watch.check
         self.stream.run()

@@ -7,7 +7,9 @@ One message per row change, keyed by the primary key:
 - an update that omits unchanged TOASTed columns -> completed from the old row under REPLICA
   IDENTITY FULL, otherwise the event lists them in `unchanged` (never sent as null);
 - truncate -> one `t` event on every partition of the table's topic, so it is ordered with the
-  other changes of every key.
+  other changes of every key;
+- a change wal2json reports under a partition's name is published as the table the lookup returns
+  (the root); a TRUNCATE of a partition only as part of its root's (see truncate()).
 """
 
 import time
@@ -18,6 +20,7 @@ from typing import Any
 import orjson
 
 from pg_kafka_cdc.common.lsn import lsn_to_int
+from pg_kafka_cdc.common.tables import TableName
 from schemas.codec import Columns, encode, encode_key, encode_tombstone
 from schemas.envelope import CONNECTOR, ENVELOPE_VERSION, TOMBSTONE_HEADER, Op, Source, TombstoneSource
 from schemas.values import json_row
@@ -30,6 +33,8 @@ Headers = list[tuple[str, bytes]]
 Message = tuple[str, bytes | None, bytes | None, int | None, Headers | None]
 
 TableLookup = Callable[[str, str, bool], TableInfo | None]  # (schema, table, refresh) -> info
+# (the table the partition is replicated as, the partition) of a TRUNCATE that is not published
+SkippedTruncate = Callable[[TableInfo, TableName], None]
 # (table, key values, columns) -> those columns' current values in the table, or None (row gone)
 Refetch = Callable[[TableInfo, dict[str, Any], list[str], int | None], dict[str, Any] | None]
 
@@ -62,6 +67,7 @@ class EventBuilder:
         partitions: Callable[[str], int],
         on_nan: Callable[[TableInfo, str], None] = lambda info, column: None,
         refetch: Refetch | None = None,
+        on_partition_truncate: SkippedTruncate = lambda info, partition: None,
     ) -> None:
         self.prefix = prefix
         self.database = database
@@ -70,6 +76,8 @@ class EventBuilder:
         self.partitions = partitions
         self.on_nan = on_nan
         self.refetch = refetch
+        self.on_partition_truncate = on_partition_truncate
+        self.truncated: tuple[int | None, int, str] | None = None  # (commit LSN, LSN, topic) of the last `t`
         self.events: Counter[tuple[str, str]] = Counter()  # by table and op, for the metrics
         self.bytes: Counter[str] = Counter()
         self.stream = ""  # schemas.envelope.stream_id of the slot, once the connector knows it
@@ -245,13 +253,24 @@ class EventBuilder:
     # --- truncate ---------------------------------------------------------------------------
 
     def truncate(self, doc: dict[str, Any], tx: TxContext) -> list[Message]:
-        """A `t` event on every partition of the table's topic."""
+        """A `t` event on every partition of the table's topic.
+
+        A TRUNCATE of a partitioned table is reported for the table first, then for each partition,
+        all at one LSN: the partitions' are covered by the table's. A partition truncated on its own
+        is not published, as with publish_via_partition_root: a `t` would empty the whole target
+        table, and the rows to delete are not known; the callback reports it."""
         info = self.tables(doc["schema"], doc["table"], False)
         if info is None:
             return []
+        lsn = lsn_to_int(doc["lsn"])
+        if doc["table"] != info.name.name or doc["schema"] != info.name.schema:
+            if self.truncated != (tx.commit_lsn, lsn, info.topic):
+                self.on_partition_truncate(info, TableName(doc["schema"], doc["table"]))
+            return []
         tx.seq += 1
+        self.truncated = (tx.commit_lsn, lsn, info.topic)
         count = self.partitions(info.topic)
-        value = self._value(info, "t", None, None, tx, lsn_to_int(doc["lsn"]), info.columns_json, partitions=count)
+        value = self._value(info, "t", None, None, tx, lsn, info.columns_json, partitions=count)
         return [(info.topic, None, value, p, None) for p in range(count)]
 
     # --- snapshot ---------------------------------------------------------------------------

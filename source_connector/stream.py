@@ -35,7 +35,6 @@ from source_connector.wal2json import (
     NUMBERS_AS_STRING_OPTION,
     WAL2JSON_OPTIONS,
     Decoder,
-    escape_table_pattern,
 )
 
 log = logging.getLogger("source.stream")
@@ -58,6 +57,8 @@ class Stream:
     heartbeat: Heartbeat | None = None
     # What the topics hold already, read again before each start of streaming (see replay.py).
     held: Callable[[], Replay] | None = None
+    # Called at the commit of a transaction without row changes (DDL, such as ATTACH PARTITION).
+    empty_commit: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         self.producer = self.publisher.producer
@@ -173,6 +174,7 @@ class Stream:
         tx: Transaction | None = None
         ctx: TxContext | None = None
         replay, count = self.replay, 0
+        changed = False
         while not stop:
             msg = read()
             if msg is None:
@@ -186,6 +188,7 @@ class Stream:
             if kind in CHANGE_KINDS:
                 if tx is None or ctx is None:
                     raise outside_transaction(payload)
+                changed = True
                 doc = decode(payload)
                 for message in row(doc, ctx) if kind != b"T" else self.builder.truncate(doc, ctx):
                     if replay is None or replay.keep(message):
@@ -200,10 +203,8 @@ class Stream:
             elif kind == b"C":
                 if tx is None or ctx is None:
                     raise outside_transaction(payload)
-                confirmer.tracker.commit(tx)
-                tx = None
-                self.transactions += 1
-                self.last_commit_us = ctx.ts_us
+                self._committed(tx, ctx, changed)
+                tx, changed = None, False
             elif kind == b"M":
                 confirmer.tracker.point(msg.data_start)
                 self.heartbeats_seen += 1
@@ -213,6 +214,13 @@ class Stream:
                 count = 0
                 self._housekeeping(cur, idle=False)
         self.messages += count
+
+    def _committed(self, tx: Transaction, ctx: TxContext, changed: bool) -> None:
+        self.confirmer.tracker.commit(tx)
+        if not changed and self.empty_commit is not None:
+            self.empty_commit()  # a DDL such as ATTACH PARTITION may have changed what is in scope
+        self.transactions += 1
+        self.last_commit_us = ctx.ts_us
 
     def _read_held(self) -> None:
         """Before streaming from the confirmed position: what the topics hold of what comes after it
@@ -310,8 +318,3 @@ def start_replication_command(slot: str, start_lsn: int, options: dict[str, str]
     ident = '"' + slot.replace('"', '""') + '"'
     opts = ", ".join('"' + k.replace('"', '""') + '" ' + _literal(v) for k, v in options.items())
     return f"START_REPLICATION SLOT {ident} LOGICAL {int_to_lsn(start_lsn)} ({opts})"
-
-
-def add_tables_option(tables: list[Any]) -> list[str]:
-    """wal2json's add-tables entries for the given TableNames (escaped)."""
-    return [f"{escape_table_pattern(t.schema)}.{escape_table_pattern(t.name)}" for t in tables]

@@ -46,6 +46,46 @@ LIMIT 1
 """
 
 
+# A relation's kind and persistence, for the source's choice of what to replicate.
+_RELATION = """
+SELECT c.oid, c.relkind, c.relpersistence, c.relispartition
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND n.nspname = %s AND c.relname = %s
+"""
+
+# The relation itself, then its parent, and so on up to the root of its partition tree.
+_ANCESTORS = """
+SELECT n.nspname, c.relname
+FROM pg_partition_ancestors(%s::oid::regclass) WITH ORDINALITY AS a(relid, ord)
+JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+ORDER BY a.ord
+"""
+
+# Every partition below a partitioned table, at every level.
+_PARTITIONS = """
+SELECT c.oid, n.nspname, c.relname, c.relkind, c.relpersistence, c.relispartition
+FROM pg_partition_tree(%s::oid::regclass) t
+JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE t.level > 0
+ORDER BY t.level, n.nspname, c.relname
+"""
+
+
+@dataclass(frozen=True)
+class Relation:
+    """What kind of table a name is: plain or partitioned, logged or not, a partition or not."""
+
+    name: TableName
+    oid: int
+    kind: str  # pg_class.relkind: r table, p partitioned table
+    persistence: str  # pg_class.relpersistence: p permanent, u unlogged, t temporary
+    is_partition: bool
+
+    @property
+    def partitioned(self) -> bool:
+        return self.kind == "p"
+
+
 @dataclass(frozen=True)
 class Column:
     name: str
@@ -85,6 +125,32 @@ def table_exists(conn: Any, table: TableName) -> bool:
     with conn.cursor() as cur:
         cur.execute(_TABLE, (table.schema, table.name))
         return cur.fetchone() is not None
+
+
+def relation(conn: Any, table: TableName) -> Relation | None:
+    """The table's kind and persistence, or None when it does not exist."""
+    with conn.cursor() as cur:
+        cur.execute(_RELATION, (table.schema, table.name))
+        row = cur.fetchone()
+    return None if row is None else Relation(table, row[0], row[1], row[2], bool(row[3]))
+
+
+def ancestors(conn: Any, rel: Relation) -> list[TableName]:
+    """The relation, then the tables it is a partition of, up to the root (just itself when it is no partition)."""
+    if not rel.is_partition:
+        return [rel.name]
+    with conn.cursor() as cur:
+        cur.execute(_ANCESTORS, (rel.oid,))
+        return [TableName(s, t) for s, t in cur.fetchall()] or [rel.name]
+
+
+def partitions(conn: Any, rel: Relation) -> list[Relation]:
+    """Every partition below a partitioned table, level by level (none for a plain table)."""
+    if not rel.partitioned:
+        return []
+    with conn.cursor() as cur:
+        cur.execute(_PARTITIONS, (rel.oid,))
+        return [Relation(TableName(s, t), oid, k, p, bool(i)) for oid, s, t, k, p, i in cur.fetchall()]
 
 
 def estimated_rows(cur: Any, table: TableName) -> int | None:

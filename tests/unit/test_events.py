@@ -659,3 +659,52 @@ def test_key_problem_pk_with_identity_on_another_index() -> None:
 )
 def test_key_problem_none_when_replicable(key: tuple[str, ...], has_pk: bool, identity: str) -> None:
     assert key_problem(T, key, has_pk, identity) is None
+
+
+# --- partitioned tables ---------------------------------------------------------------------------
+
+
+class RootOf(FakeTables):
+    """A partitioned table public.probe: its leaves' changes are looked up as the root's."""
+
+    def __call__(self, schema: str, name: str, refresh: bool) -> TableInfo | None:
+        return super().__call__(schema, "probe" if name.startswith("probe_") else name, refresh)
+
+
+def test_a_row_moving_between_partitions_is_a_delete_then_a_create_on_the_root() -> None:
+    b, _ = builder()
+    b.tables = RootOf(table())
+    ctx = tx()
+    # UPDATE probe SET id = ... moving the row: wal2json reports a D from one leaf, then an I into another.
+    deleted = row(b, change("D", identity=[("id", "bigint", bare(5))], table="probe_1", lsn="0/1927100"), ctx)
+    created = row(b, change("I", columns=cols(5, "2.00"), table="probe_2", lsn="0/1927180"), ctx)
+    messages = deleted + created
+    assert [(topic, key, value is None) for topic, key, value, _, _ in messages] == [
+        ("cdc.public.probe", b'{"id":5}', False),
+        ("cdc.public.probe", b'{"id":5}', True),
+        ("cdc.public.probe", b'{"id":5}', False),
+    ]
+    delete, create = envelope(messages[0][2]), envelope(messages[2][2])
+    assert (delete["op"], create["op"]) == ("d", "c")
+    assert (delete["source"]["table"], create["source"]["table"]) == ("probe", "probe")
+    assert delete["source"]["seq"] < create["source"]["seq"], "the delete comes first"
+    assert create["after"] == {"id": 5, "n": "2.00", "big": BIG}
+
+
+def test_a_truncate_of_the_root_covers_its_partitions_and_one_of_a_partition_alone_is_reported() -> None:
+    b, _ = builder(partitions=2)
+    b.tables = RootOf(table())
+    skipped: list[tuple[str, str]] = []
+    b.on_partition_truncate = lambda info, partition: skipped.append((str(info.name), str(partition)))
+    ctx = tx()
+    # TRUNCATE probe: reported for the root, then for each partition, at one LSN
+    messages = [
+        m
+        for name in ("probe", "probe_1", "probe_2")
+        for m in b.truncate(DECODER.decode(truncate(table=name)), ctx)
+    ]
+    assert [(t, p) for t, _, _, p, _ in messages] == [("cdc.public.probe", 0), ("cdc.public.probe", 1)]
+    assert skipped == [] and ctx.seq == 1
+    # TRUNCATE probe_2 alone: a `t` would empty the whole target table
+    assert b.truncate(DECODER.decode(truncate(table="probe_2", lsn="0/1927C00")), ctx) == []
+    assert skipped == [("public.probe", "public.probe_2")]

@@ -203,3 +203,18 @@ def test_a_stop_in_the_middle_of_a_transaction_confirms_only_the_transactions_be
     cursor = FakeCursor([*first, *second], stop.set)
     run(stream_of(producer, stop), cursor)
     assert cursor.flushed()[-1] == 0x2100
+
+
+def test_a_transaction_without_row_changes_is_reported() -> None:
+    """ATTACH PARTITION commits without row changes: the catalog forgets the tables it found out of scope."""
+    stop, producer = StopFlag(), FakeProducer()
+    empty = [
+        Message(begin(xid=740, lsn="0/2090", nextlsn="0/2100"), 0x2000),
+        Message(commit(xid=740, lsn="0/2090", nextlsn="0/2100"), 0x2090),
+    ]
+    cursor = FakeCursor([*transaction(739, 0x1000, [1]), *empty], stop.set)
+    stream = stream_of(producer, stop)
+    seen: list[int] = []
+    stream.empty_commit = lambda: seen.append(stream.transactions)
+    run(stream, cursor)
+    assert seen == [1], "once, for the second transaction only"
