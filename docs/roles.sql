@@ -57,6 +57,12 @@ GRANT CONNECT ON DATABASE :"DBNAME" TO :"target_role";
 -- The sink's own schema (--state-schema), made here and owned by the role.
 CREATE SCHEMA IF NOT EXISTS :"state_schema" AUTHORIZATION :"target_role";
 
+-- Apply as a replica, as PostgreSQL's logical replication does (session_replication_role =
+-- replica): the target tables' foreign keys and ordinary triggers do not fire for rows the source
+-- already checked, and an order may be applied before its person (each table has its own topic).
+-- Without it cdc-sink still runs, with a warning, as an ordinary session. PostgreSQL 15 or later.
+GRANT SET ON PARAMETER session_replication_role TO :"target_role";
+
 -- The schemas of the replicated tables: made here when missing; the role may create tables in them.
 SELECT format('CREATE SCHEMA IF NOT EXISTS %I', trim(s.name))
 FROM unnest(string_to_array(:'schemas', ',')) AS s(name)

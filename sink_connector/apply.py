@@ -132,7 +132,7 @@ def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, 
 def apply_table(cur: Any, target: TargetTable, batch: TableBatch) -> None:
     """The batch's truncates, then deletes, then upserts (each key has one net change)."""
     for shape, rows in _groups(batch.replaced).items():
-        columns = tuple(c for c in shape if c in target.columns)
+        columns = target.written(shape)
         if columns:
             cur.execute(check_statement(target, columns), (_json(rows),))
     if batch.truncated:
@@ -141,5 +141,5 @@ def apply_table(cur: Any, target: TargetTable, batch: TableBatch) -> None:
         cur.execute(delete_statement(target), (_json([row for row, _ in batch.deletes.values()]),))
     if batch.upserts:
         for shape, rows in _groups([u.row for u in batch.upserts.values()]).items():
-            columns = tuple(c for c in shape if c in target.columns)
+            columns = target.written(shape)
             cur.execute(upsert_statement(target, columns), (_json(rows),))

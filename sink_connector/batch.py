@@ -13,7 +13,6 @@ import psycopg2
 
 from pg_kafka_cdc.common.errors import SinkError
 from pg_kafka_cdc.common.logs import Every
-from pg_kafka_cdc.common.pg import error_reason
 from pg_kafka_cdc.common.retry import Backoff
 from pg_kafka_cdc.common.signals import StopFlag
 from sink_connector.bookkeeping import TopicPartition
@@ -35,6 +34,8 @@ from sink_connector.ports import Message, Preparer, Target
 from sink_connector.session import classify
 
 log = logging.getLogger("sink")
+
+UNSYNCED = -2  # an expected offset no stored offset equals
 
 
 @dataclass
@@ -65,7 +66,7 @@ class BatchProcessor:
                 self.target.rollback()
                 kind = classify(exc)
                 if kind == "data":
-                    raise SinkError(f"applying a batch failed: {error_reason(exc)}") from None
+                    raise SinkError(f"applying a batch failed: {self.policy.reason(exc)}") from None
                 delay = self.backoff.next_delay(time.monotonic()) or 1.0
                 if kind == "connection":
                     self.reconnect(exc, delay)
@@ -91,7 +92,7 @@ class BatchProcessor:
                 if classify(exc) != "data":
                     raise
                 self.target.rollback()
-                changes, set_aside = self.without_poison(changes, messages)
+                changes, set_aside = self.without_poison(changes, messages, exc)
                 rejected = [*rejected, *set_aside]
 
     def prepare(self, changes: list[Change]) -> None:
@@ -126,11 +127,14 @@ class BatchProcessor:
             self.apply(self.plan(changes, [], positions_of_changes(changes)))
 
     def without_poison(
-        self, changes: list[Change], messages: Sequence[Message]
+        self, changes: list[Change], messages: Sequence[Message], failure: BaseException
     ) -> tuple[list[Change], list[Rejected]]:
         """Find the change the target rejects: stop after the changes before it (fail), or set it
-        and the later changes of its key aside as dead letters (dlq)."""
-        index, reason = find_poison(self.target, changes, self.plan_one)
+        and the later changes of its key aside as dead letters (dlq). `failure`: the batch's error."""
+        found = find_poison(self.target, changes, self.plan_one)
+        if found is None:
+            raise self.policy.unapplicable(failure) from None
+        index, reason = found
         poison = changes[index]
         if not self.policy.dead_letters:
             self.commit_prefix(changes[:index])
@@ -150,5 +154,7 @@ class BatchProcessor:
             self.target.claim(mine)  # the source positions the other member applied, too
         for tp in mine:
             offset = stored.get(tp, expected[tp])
-            expected[tp] = offset
-            self.commit.messages.seek(tp, offset)
+            # A refused seek (the partition was just taken away, or Kafka stopped this consumer, which
+            # the next consume reports) leaves the partition expected nowhere: its next batch is
+            # fenced and sought again, never applied from where the consumer happens to be.
+            expected[tp] = offset if self.commit.messages.seek(tp, offset) else UNSYNCED

@@ -37,6 +37,18 @@ def binary_safe(definition: TableDef) -> bool:
     return not any(c.kind == "c" or c.element_oid >= 16384 for c in definition.columns)
 
 
+def copy_statements(
+    definition: TableDef, binary: bool, generated: frozenset[str]
+) -> tuple[sql.Composed, sql.Composed]:
+    """COPY out of the source and into the target, of the columns the target does not generate."""
+    table = sql.Identifier(definition.name.schema, definition.name.name)
+    fmt = sql.SQL("binary" if binary else "text")
+    columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in definition.columns if c.name not in generated)
+    copy_out = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT {})").format(columns, table, fmt)
+    copy_in = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT {})").format(table, columns, fmt)
+    return copy_out, copy_in
+
+
 class _CountingWriter:
     """psycopg2 writes one COPY row per call: count them for the progress bar."""
 
@@ -53,8 +65,15 @@ class _CountingWriter:
         return self.raw.write(data)
 
 
-def copy_table(source_dsn: str, target_cur: Any, definition: TableDef, progress: RowProgress) -> CopyResult:
-    """Copy the source table into the (empty) target table, inside the caller's target transaction."""
+def copy_table(
+    source_dsn: str,
+    target_cur: Any,
+    definition: TableDef,
+    progress: RowProgress,
+    generated: frozenset[str] = frozenset(),
+) -> CopyResult:
+    """Copy the source table into the (empty) target table, inside the caller's target transaction.
+    `generated`: the target's generated columns, left out (the target computes them)."""
     table = definition.name
     source = connect_source(source_dsn, application_name="cdc-sink copy")
     try:
@@ -65,14 +84,7 @@ def copy_table(source_dsn: str, target_cur: Any, definition: TableDef, progress:
         snapshot_text, lsn_text = src.fetchone()
         task = progress.start(str(table), estimated_rows(src, table))
         binary = binary_safe(definition)
-        fmt = sql.SQL("binary" if binary else "text")
-        columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in definition.columns)
-        copy_out = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT {})").format(
-            columns, sql.Identifier(table.schema, table.name), fmt
-        )
-        copy_in = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT {})").format(
-            sql.Identifier(table.schema, table.name), columns, fmt
-        )
+        copy_out, copy_in = copy_statements(definition, binary, generated)
         read_fd, write_fd = os.pipe()
         failure: list[BaseException] = []
 

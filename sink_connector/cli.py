@@ -12,6 +12,7 @@ from pg_kafka_cdc.common.settings import Settings, common_options
 from pg_kafka_cdc.common.signals import StopFlag
 from sink_connector.bookkeeping import Bookkeeping
 from sink_connector.rebuild import reset_tables
+from sink_connector.replica_role import apply_as_replica
 from sink_connector.sink import Sink, SinkOptions
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -132,6 +133,7 @@ def reset(settings: Settings, options: SinkOptions) -> None:
         autocommit=False,
     )
     try:
+        apply_as_replica(conn)  # the tables' own ON TRUNCATE triggers stay quiet, as in the batches
         book = Bookkeeping(options.state_schema, options.group)
         book.install(conn)
         reset_tables(conn, book, settings.topic_prefix, settings.tables)

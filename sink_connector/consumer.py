@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from pg_kafka_cdc.common.errors import SinkError
 from pg_kafka_cdc.common.settings import Settings
@@ -126,8 +126,13 @@ class KafkaLog:
             return
         log.warning("Kafka: %s", err.str())
 
-    def seek(self, tp: TP, offset: int | None) -> None:
-        self.consumer.seek(TopicPartition(tp[0], tp[1], OFFSET_BEGINNING if offset is None else offset))
+    def seek(self, tp: TP, offset: int | None) -> bool:
+        try:
+            self.consumer.seek(TopicPartition(tp[0], tp[1], OFFSET_BEGINNING if offset is None else offset))
+        except KafkaException as exc:  # the partition is gone, or Kafka stopped this consumer
+            log.debug("seek of %s[%d] refused: %s", tp[0], tp[1], exc)
+            return False
+        return True
 
     def lag(self) -> dict[TP, int]:
         """Messages not applied yet, per assigned partition; and whether Kafka is back."""

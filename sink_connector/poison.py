@@ -4,16 +4,34 @@ before it (fail), or send it to the dead-letter topic and park its key (dlq)."""
 from collections.abc import Callable, Iterable
 
 from pg_kafka_cdc.common.errors import SinkError
+from pg_kafka_cdc.common.pg import error_reason
 from sink_connector.changes import Change, Rejected
 from sink_connector.net_effect import TableBatch
 from sink_connector.ports import Message, Target
 
+Explain = Callable[[BaseException], str | None]
+
+
+def _unexplained(exc: BaseException) -> str | None:
+    return None
+
 
 class ErrorPolicy:
-    def __init__(self, on_error: str, parked: set[tuple[str, bytes]]) -> None:
+    def __init__(self, on_error: str, parked: set[tuple[str, bytes]], explain: Explain = _unexplained) -> None:
         self.dead_letters = on_error == "dlq"
         # Keys whose changes are held back behind a dead letter (shared with the decoding).
         self.parked = parked
+        # The target constraint or trigger behind an error, with its fix (session.TargetSession.explain).
+        self.explain = explain
+
+    def reason(self, exc: BaseException) -> str:
+        """Why the target refused a write: its constraint or trigger and the fix, else the server's words."""
+        return self.explain(exc) or error_reason(exc)
+
+    def unapplicable(self, exc: BaseException) -> SinkError:
+        """A batch the target refuses although no single change of it is refused (the rows of one
+        statement checked against each other, or a deferred constraint at commit)."""
+        return SinkError(f"a batch failed but no single change of it does: {self.reason(exc)}; giving up on it")
 
     def undecodable(self, message: Message, error: str) -> SinkError:
         return SinkError(
@@ -53,9 +71,9 @@ class ErrorPolicy:
 
 def find_poison(
     target: Target, changes: list[Change], plan_one: Callable[[Change], list[TableBatch]]
-) -> tuple[int, str]:
+) -> tuple[int, str] | None:
     """Apply the changes one at a time (in a transaction that is rolled back) to find the first
-    one the target rejects, and why."""
+    one the target rejects, and why; None when each of them alone is accepted."""
     target.begin()
     try:
         for index, change in enumerate(changes):
@@ -65,4 +83,4 @@ def find_poison(
                     return index, reason
     finally:
         target.rollback()
-    raise SinkError("a batch failed but no single change of it does; giving up on it")
+    return None

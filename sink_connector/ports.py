@@ -36,8 +36,8 @@ class MessageLog(Protocol):
 
     def consume(self, count: int, wait: float) -> Sequence[Message]: ...
 
-    def seek(self, tp: TopicPartition, offset: int | None) -> None:
-        """Read `tp` again from `offset` (None: from its start)."""
+    def seek(self, tp: TopicPartition, offset: int | None) -> bool:
+        """Read `tp` again from `offset` (None: from its start); False when the consumer refused."""
 
 
 class GroupOffsets(Protocol):

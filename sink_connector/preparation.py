@@ -8,9 +8,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import psycopg2
 from psycopg2 import sql
 
-from pg_kafka_cdc.common.catalog import read_table
+from pg_kafka_cdc.common.catalog import TableDef, read_table
 from pg_kafka_cdc.common.errors import CdcError, SinkError
 from pg_kafka_cdc.common.pg import connect_source
 from pg_kafka_cdc.common.progress import RowProgress
@@ -19,7 +20,7 @@ from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
 from schemas.topics import topic_for
 from sink_connector.bookkeeping import Bookkeeping
-from sink_connector.bulk_copy import copy_table
+from sink_connector.bulk_copy import CopyResult, copy_table
 from sink_connector.handover import CopySnapshot
 from sink_connector.net_effect import TableBatch
 from sink_connector.target import TargetTable, create_from_event, create_from_source, load
@@ -36,6 +37,12 @@ class TableState:
 
 class Connected(Protocol):
     conn: Any
+
+    def explain(self, exc: BaseException, table: TableName | None = None) -> str | None:
+        """The target's constraint or trigger that refused a write, with its fix; None for other errors."""
+
+    def writing(self) -> None:
+        """Called before the first write: warns once when the session cannot apply as a replica."""
 
 
 @dataclass
@@ -148,8 +155,7 @@ class TablePreparer:
                         "let the bulk snapshot fill it, or start with --snapshot topic (or never)"
                     )
             started = time.monotonic()
-            with RowProgress("copy") as progress:
-                result = copy_table(self.settings.source_dsn, cur, definition, progress)
+            result = self._fill(cur, target, definition)
             self.book.record_initialized(
                 cur, table, "copy", result.snapshot, result.lsn, result.rows, self.topic(table)
             )
@@ -169,3 +175,16 @@ class TablePreparer:
             return target, recorded[1]
         finally:
             source.close()
+
+    def _fill(self, cur: Any, target: TargetTable, definition: TableDef) -> CopyResult:
+        """The bulk copy; a row the target's constraints or triggers refuse stops the sink with the
+        constraint, the table and the fix."""
+        self.session.writing()
+        try:
+            with RowProgress("copy") as progress:
+                return copy_table(self.settings.source_dsn, cur, definition, progress, target.generated)
+        except psycopg2.Error as exc:
+            explained = self.session.explain(exc, definition.name)
+            if explained is None:
+                raise
+            raise SinkError(f"the bulk copy of {definition.name} into the target failed: {explained}") from None

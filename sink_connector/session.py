@@ -17,6 +17,8 @@ from sink_connector.apply import apply_table
 from sink_connector.bookkeeping import Bookkeeping, StreamPartition, TopicPartition
 from sink_connector.net_effect import TableBatch
 from sink_connector.preparation import TableState
+from sink_connector.refusals import explain_error
+from sink_connector.replica_role import apply_as_replica, current_role, fallback_warning
 from sink_connector.target import reconcile
 
 log = logging.getLogger("sink")
@@ -55,6 +57,9 @@ class TargetSession:
         self.storing: dict[StreamPartition, Position] = {}  # this transaction's, until it commits
         self.conn: Any = None
         self.cur: Any = None
+        self.replica = False  # the session applies with session_replication_role = replica
+        self.role = ""  # the target role, as SQL (for the fixes errors name)
+        self.warned = False
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -68,6 +73,24 @@ class TargetSession:
             # offsets. (PostgreSQL's own subscriptions commit the same way by default.)
             options="-c synchronous_commit=off",
         )
+        try:
+            self._as_replica()
+        except psycopg2.Error as exc:
+            if not is_connection_loss(exc):
+                raise
+            # lost at once: the next batch fails on it and reconnects, setting the role again
+
+    def _as_replica(self) -> None:
+        """Once per connection, never per batch: the setting lasts as long as the session."""
+        self.replica = apply_as_replica(self.conn)
+        self.role = current_role(self.conn)
+
+    def writing(self) -> None:
+        """Before the first write (a bulk copy or a batch): the one warning of a sink that applies as
+        an ordinary session. (Not at connect: a start-up that fails before writing says only why.)"""
+        if not self.replica and not self.warned:
+            log.warning("%s", fallback_warning(self.role))
+            self.warned = True
 
     def reconnect(self, exc: BaseException, delay: float, wait: Callable[[float], object]) -> None:
         log.warning("target connection lost (%s); reconnecting in %.1f s", error_reason(exc), delay)
@@ -85,6 +108,11 @@ class TargetSession:
     @property
     def closed(self) -> bool:
         return bool(self.conn.closed)
+
+    def explain(self, exc: BaseException, table: TableName | None = None) -> str | None:
+        """The constraint or trigger of the target that refused a write, with its fix; None for
+        other errors."""
+        return explain_error(exc, self.replica, self.role, table)
 
     # --- outside batches ----------------------------------------------------------------------
 
@@ -111,6 +139,7 @@ class TargetSession:
     # --- one batch transaction ----------------------------------------------------------------
 
     def begin(self) -> None:
+        self.writing()
         self.cur = self.conn.cursor()
         # A member frozen (SIGSTOP, a paused VM) inside this transaction holds its partitions'
         # offsets rows, which the member taking the partitions over needs: the server ends the
@@ -135,7 +164,7 @@ class TargetSession:
         except psycopg2.Error as exc:
             if classify(exc) != "data":
                 raise
-            return error_reason(exc)
+            return self.explain(exc, batch.table) or error_reason(exc)
         self.cur.execute(_PROBE_DONE)
         return None
 

@@ -90,7 +90,7 @@ class Sink:
         self.target.install()
         admin = admin_client(self.settings)
         wait_for_kafka(self.settings, self.options.kafka_timeout, self.stop)
-        policy = ErrorPolicy(self.options.on_error, self.target.parked())
+        policy = ErrorPolicy(self.options.on_error, self.target.parked(), self.target.explain)
         if policy.dead_letters:
             self.dead_letters = DeadLetters(self.settings, admin)
         topics = self._topics_in_scope(admin)

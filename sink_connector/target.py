@@ -34,12 +34,25 @@ def checked_type(type_name: str, table: TableName, column: str) -> sql.Composabl
     return sql.SQL(type_name)
 
 
+# Generated columns (stored; virtual ones too, on servers that have them): PostgreSQL refuses
+# values for them, it computes them itself.
+_GENERATED = """
+SELECT attname FROM pg_attribute
+WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped AND attgenerated <> ''
+"""
+
+
 @dataclass
 class TargetTable:
     name: TableName
     columns: dict[str, str]  # name -> type as the target's format_type prints it
     key: tuple[str, ...]
     statements: dict[Any, sql.Composed] = field(default_factory=dict)
+    generated: frozenset[str] = frozenset()  # columns the target computes: never written
+
+    def written(self, shape: tuple[str, ...]) -> tuple[str, ...]:
+        """The columns of a row the sink writes: the target's own, but none it generates."""
+        return tuple(c for c in shape if c in self.columns and c not in self.generated)
 
     @property
     def ident(self) -> sql.Identifier:
@@ -58,7 +71,18 @@ def load(conn: Any, table: TableName) -> TargetTable | None:
             f"target table {table} exists without a primary key, so changes cannot be applied by key: "
             f"add one (ALTER TABLE {table} ADD PRIMARY KEY (...)) matching the source's key"
         )
-    return TargetTable(table, {c.name: c.type for c in definition.columns}, definition.key)
+    return TargetTable(
+        table,
+        {c.name: c.type for c in definition.columns},
+        definition.key,
+        generated=generated_columns(conn, definition.oid),
+    )
+
+
+def generated_columns(conn: Any, oid: int) -> frozenset[str]:
+    with conn.cursor() as cur:
+        cur.execute(_GENERATED, (oid,))
+        return frozenset(r[0] for r in cur.fetchall())
 
 
 def ensure_schema(cur: Any, schema: str) -> None:

@@ -183,6 +183,13 @@ TARGET_DDL = [
         "FOR EACH ROW EXECUTE FUNCTION faults_audit.guard()"
         for t in AUDITED
     ),
+    # The sink applies as a replica (session_replication_role), under which ordinary triggers do not
+    # fire: these count its writes on purpose.
+    *(
+        f"ALTER TABLE public.{t} ENABLE ALWAYS TRIGGER {trigger}"
+        for t in AUDITED
+        for trigger in ("faults_audit", "faults_guard")
+    ),
 ]
 
 

@@ -279,6 +279,7 @@ def test_pipeline_end_to_end_with_the_roles(stack: Stack, roles: Roles, topic_pr
         "public.person": roles.target,
         "cdc_sink.offsets": roles.target,
         "cdc_sink.parked": roles.target,
+        "cdc_sink.positions": roles.target,
         "cdc_sink.snapshots": roles.target,
         "cdc_sink.tables": roles.target,
     }

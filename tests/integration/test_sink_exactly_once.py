@@ -28,7 +28,8 @@ from tests.sink_runs import topic_of
 
 TABLE = "public.items"
 SOURCE_TABLE = "CREATE TABLE public.items (id integer PRIMARY KEY, v text NOT NULL, n integer NOT NULL)"
-# Every row write on the target, per key: inserts, updates and deletes.
+# Every row write on the target, per key: inserts, updates and deletes. ENABLE ALWAYS: the sink
+# applies as a replica (session_replication_role), where ordinary triggers do not fire.
 WRITE_COUNTER = (
     "CREATE SCHEMA audit",
     'CREATE TABLE audit.writes (op "char" NOT NULL, key integer NOT NULL)',
@@ -43,6 +44,7 @@ WRITE_COUNTER = (
     END $$""",
     "CREATE TRIGGER count_write AFTER INSERT OR UPDATE OR DELETE ON public.items "
     "FOR EACH ROW EXECUTE FUNCTION audit.count_write()",
+    "ALTER TABLE public.items ENABLE ALWAYS TRIGGER count_write",
 )
 
 

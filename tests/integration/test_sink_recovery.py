@@ -30,6 +30,8 @@ from tests.pipeline import (
 from tests.sink_runs import applied_offsets, names_of, topic_of
 
 # An AFTER INSERT trigger per row counting the inserts of every key, in a schema nothing replicates.
+# ENABLE ALWAYS: the sink applies as a replica (session_replication_role), where ordinary triggers
+# do not fire.
 INSERT_COUNTER = (
     "CREATE SCHEMA audit",
     "CREATE TABLE audit.inserts (tbl text NOT NULL, key text NOT NULL, n integer NOT NULL, PRIMARY KEY (tbl, key))",
@@ -41,6 +43,8 @@ INSERT_COUNTER = (
     END $$""",
     "CREATE TRIGGER count_insert AFTER INSERT ON public.person FOR EACH ROW EXECUTE FUNCTION audit.count_insert()",
     "CREATE TRIGGER count_insert AFTER INSERT ON public.orders FOR EACH ROW EXECUTE FUNCTION audit.count_insert()",
+    "ALTER TABLE public.person ENABLE ALWAYS TRIGGER count_insert",
+    "ALTER TABLE public.orders ENABLE ALWAYS TRIGGER count_insert",
 )
 
 

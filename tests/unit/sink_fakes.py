@@ -114,12 +114,14 @@ class FakeLog:
     events: list[str]
     seeks: list[tuple[TopicPartition, int | None]] = field(default_factory=list)
     committed: dict[TopicPartition, int] = field(default_factory=dict)
+    refuse_seeks: bool = False  # a consumer Kafka stopped, or that lost the partition meanwhile
 
     def consume(self, count: int, wait: float) -> list[FakeMessage]:
         return []
 
-    def seek(self, tp: TopicPartition, offset: int | None) -> None:
+    def seek(self, tp: TopicPartition, offset: int | None) -> bool:
         self.seeks.append((tp, offset))
+        return not self.refuse_seeks
 
     def commit(self, *, offsets: list[KafkaPartition], asynchronous: bool) -> None:
         self.events.append("kafka commit")

@@ -133,6 +133,22 @@ def test_a_fenced_batch_writes_nothing_and_reads_again_from_the_stored_offsets()
     assert loop.expected == {PERSON_0: 5, PERSON_1: None}
 
 
+def test_a_refused_seek_fences_the_partition_until_a_seek_succeeds() -> None:
+    loop = Loop()
+    loop.assign(PERSON_0)
+    loop.target.db.offsets[PERSON_0] = 5  # another member applied up to 5 meanwhile
+    loop.log.refuse_seeks = True
+    s = loop.stream
+    assert loop.processor.run([s.upsert("person", 1, "a")], StopFlag())
+    assert loop.expected[PERSON_0] not in (None, 5)  # nowhere: not where the consumer happens to be
+    # the consumer goes on from where it is (past the stored offset): that batch is not applied
+    assert loop.processor.run([s.upsert("person", 2, "b")], StopFlag())
+    assert loop.rows(PERSON) == {} and loop.stats.fenced == 2
+    loop.log.refuse_seeks = False
+    assert loop.processor.run([s.upsert("person", 3, "c")], StopFlag())
+    assert loop.expected[PERSON_0] == 5 and loop.log.seeks[-1] == (PERSON_0, 5)
+
+
 def test_a_batch_of_partitions_this_member_lost_is_fenced() -> None:
     loop = Loop()
     loop.target.claim([PERSON_0])
