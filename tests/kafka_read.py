@@ -3,9 +3,11 @@
 import time
 import uuid
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from schemas.codec import Headers
 
 
 class Record(NamedTuple):
@@ -16,6 +18,7 @@ class Record(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: Headers | None = None  # as the producer wrote them: a tombstone's position is in one
 
 
 def read_topics(
@@ -62,7 +65,8 @@ def read_topics(
                         continue
                     raise AssertionError(f"consumer error while reading {msg.topic()}: {err}")
                 topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
-                records.append(Record(topic, partition, offset, msg.key(), msg.value()))
+                headers = cast(Headers | None, msg.headers())  # a list of pairs when read, never a dict
+                records.append(Record(topic, partition, offset, msg.key(), msg.value(), headers))
                 if remaining.get((topic, partition), 0) <= offset + 1:
                     remaining.pop((topic, partition), None)
             if batch:

@@ -1,5 +1,5 @@
 """The change topics as positions: every message of a topic read with its headers (a tombstone's
-position is in its `cdc.source` header, which tests.kafka_read does not keep), repeated positions
+position is in its `cdc.source` header), repeated positions
 within a partition counted, and end offsets polled cheaply while a transaction is being published.
 
 A position is schemas.codec.position(value, headers): (commit LSN, seq, rank). The source never
@@ -7,16 +7,16 @@ publishes one twice in a partition, also after a crash (README, "Nothing publish
 repeat is a message published again; messages without a position (another producer's, an old
 tombstone) say nothing and are left out."""
 
-import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
-from schemas.codec import Headers, Position, position
+from schemas.codec import Position, position
+from tests.kafka_read import read_topics
 
 
 class Positioned(NamedTuple):
@@ -43,61 +43,12 @@ def _op(value: bytes | None) -> str:
 def read_positioned(
     bootstrap_servers: str, topics: Iterable[str], quiet: float = 0.5, timeout: float = 600.0
 ) -> list[Positioned]:
-    """Every message of `topics` (those that exist) from the beginning: everything below the high
-    watermarks seen at the start, then what arrives until nothing has come for `quiet` seconds.
-    In (topic, partition, offset) order."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap_servers,
-            "group.id": f"test-positions-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-            "auto.offset.reset": "earliest",
-        }
-    )
-    found: list[Positioned] = []
-    try:
-        metadata = consumer.list_topics(timeout=10)
-        assigned = [
-            TopicPartition(topic, p, OFFSET_BEGINNING)
-            for topic in dict.fromkeys(topics)
-            if topic in metadata.topics
-            for p in sorted(metadata.topics[topic].partitions)
-        ]
-        if not assigned:
-            return []
-        remaining = {}
-        for tp in assigned:
-            low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
-            if high > low:
-                remaining[(tp.topic, tp.partition)] = high
-        consumer.assign(assigned)
-        deadline = time.monotonic() + timeout
-        last_arrival = time.monotonic()
-        while time.monotonic() < deadline:
-            batch = consumer.consume(1000, timeout=0.2)
-            for msg in batch:
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        continue
-                    raise AssertionError(f"consumer error while reading {msg.topic()}: {err}")
-                topic, partition, offset = msg.topic() or "", msg.partition() or 0, msg.offset() or 0
-                value = msg.value()
-                # a list of (name, bytes) pairs, as the producer wrote them (never a dict when read)
-                headers = cast(Headers | None, msg.headers())
-                found.append(Positioned(topic, partition, offset, msg.key(), _op(value), position(value, headers)))
-                if remaining.get((topic, partition), 0) <= offset + 1:
-                    remaining.pop((topic, partition), None)
-            if batch:
-                last_arrival = time.monotonic()
-            elif not remaining and time.monotonic() - last_arrival >= quiet:
-                break
-        else:
-            raise AssertionError(f"reading {sorted({t.topic for t in assigned})} did not finish in {timeout:g} s")
-    finally:
-        consumer.close()
-    return sorted(found, key=lambda r: (r.topic, r.partition, r.offset))
+    """Every message of `topics` (tests.kafka_read.read_topics) with its op and position, in
+    (topic, partition, offset) order."""
+    return [
+        Positioned(r.topic, r.partition, r.offset, r.key, _op(r.value), position(r.value, r.headers))
+        for r in read_topics(bootstrap_servers, topics, quiet=quiet, timeout=timeout)
+    ]
 
 
 @dataclass
