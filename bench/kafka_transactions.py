@@ -22,6 +22,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
 from pg_kafka_cdc.common.kafka import ensure_topics
+from source_connector.connector import PRODUCER_TUNING
 
 PAYLOAD = b"x" * 600  # about a change event of the writer's tables
 PARTITIONS = 3
@@ -41,12 +42,7 @@ class Result:
 def producer_config(bootstrap: str, transactional: bool) -> dict[str, Any]:
     config: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
-        "enable.idempotence": True,
-        "acks": "all",
-        "compression.type": "lz4",
-        "linger.ms": 5,
-        "batch.num.messages": 10_000,
-        "batch.size": 1_048_576,
+        **PRODUCER_TUNING,
         "queue.buffering.max.messages": 500_000,
         "partitioner": "murmur2_random",
         "log_level": 3,

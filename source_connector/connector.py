@@ -57,6 +57,17 @@ class SourceOptions:
     metrics_port: int = 0
 
 
+# How cdc-source produces (bench/kafka_transactions.py measures the same settings).
+PRODUCER_TUNING: dict[str, Any] = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "compression.type": "lz4",
+    "linger.ms": 5,
+    "batch.num.messages": 10_000,
+    "batch.size": 1_048_576,
+}
+
+
 def producer_config(settings: Settings, options: SourceOptions, errors: Counter[str]) -> dict[str, Any]:
     last_logged: dict[str, float] = {}
 
@@ -70,12 +81,7 @@ def producer_config(settings: Settings, options: SourceOptions, errors: Counter[
     return settings.kafka_config(
         **{
             "client.id": "cdc-source",
-            "enable.idempotence": True,
-            "acks": "all",
-            "compression.type": "lz4",
-            "linger.ms": 5,
-            "batch.num.messages": 10_000,
-            "batch.size": 1_048_576,
+            **PRODUCER_TUNING,
             "queue.buffering.max.messages": options.max_in_flight,
             "queue.buffering.max.kbytes": 65_536,
             "message.timeout.ms": 0,  # never give up on a message: Kafka down means wait, not lose
