@@ -65,8 +65,13 @@ _started: list["CliProcess"] = []
 def _output_dir() -> Path:
     global _output_root  # noqa: PLW0603 - one folder per test session, removed at exit
     if _output_root is None:
-        _output_root = Path(tempfile.mkdtemp(prefix="cdc-tests-"))
-        atexit.register(shutil.rmtree, _output_root, True)
+        keep = os.environ.get("CDC_TESTS_KEEP_OUTPUT")  # a folder: the processes' logs stay there
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            _output_root = Path(tempfile.mkdtemp(prefix="cdc-tests-", dir=keep))
+        else:
+            _output_root = Path(tempfile.mkdtemp(prefix="cdc-tests-"))
+            atexit.register(shutil.rmtree, _output_root, True)
     return Path(tempfile.mkdtemp(dir=_output_root))
 
 
@@ -79,6 +84,7 @@ class CliProcess(subprocess.Popen[str]):
         self.command = " ".join(args)
         self.stdout_path = folder / "stdout"
         self.stderr_path = folder / "stderr"
+        (folder / "command").write_text(self.command + "\n")
         with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
             super().__init__(_command(args), env=_environment(env), stdout=out, stderr=err, text=True, cwd=REPO)
 

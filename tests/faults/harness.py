@@ -172,7 +172,9 @@ TARGET_DDL = [
             INSERT INTO faults_audit.deleted AS d VALUES (TG_TABLE_NAME, OLD.id::text, OLD.cdc_version)
                 ON CONFLICT (tbl, key) DO UPDATE SET version = greatest(d.version, EXCLUDED.version);
         END IF;
-        SELECT version INTO gone FROM faults_audit.deleted WHERE tbl = TG_TABLE_NAME AND key = NEW.id::text;
+        -- TG_TABLE_NAME is a name (collation "C"): compared as is, the primary key could not be used
+        SELECT version INTO gone FROM faults_audit.deleted
+            WHERE tbl = (TG_TABLE_NAME::text COLLATE "default") AND key = NEW.id::text;
         IF FOUND THEN
             INSERT INTO faults_audit.back VALUES (TG_TABLE_NAME, NEW.id::text, 'i', gone, NEW.cdc_version);
         END IF;
