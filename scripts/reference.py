@@ -34,6 +34,7 @@ SHARED = {
     "bootstrap_servers",
     "topic_prefix",
     "tables",
+    "exclude_tables",
     "kafka_config",
     "log_format",
     "log_level",

@@ -25,8 +25,10 @@ def _cast(target: TargetTable, column: str, alias: str = "x") -> sql.Composable:
     return sql.SQL("{}::{}").format(sql.Identifier(alias, column), target.type_sql(column))
 
 
-def upsert_statement(target: TargetTable, columns: tuple[str, ...]) -> sql.Composed:
-    cached = target.statements.get(("upsert", columns))
+def upsert_statement(target: TargetTable, columns: tuple[str, ...], only_changed: bool = False) -> sql.Composed:
+    """INSERT ... ON CONFLICT DO UPDATE of rows with these columns; `only_changed`: a row equal (as
+    text) to the one the target has is left alone, not written again."""
+    cached = target.statements.get(("upsert", columns, only_changed))
     if cached is not None:
         return cached
     updates = [c for c in columns if c not in target.key]
@@ -37,8 +39,14 @@ def upsert_statement(target: TargetTable, columns: tuple[str, ...]) -> sql.Compo
         if updates
         else sql.SQL("DO NOTHING")
     )
+    if updates and only_changed:
+        conflict = sql.SQL("{} WHERE ({}) IS DISTINCT FROM ({})").format(
+            conflict,
+            sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("t", c)) for c in updates),
+            sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("excluded", c)) for c in updates),
+        )
     statement = sql.SQL(
-        "INSERT INTO {table} ({columns}) SELECT {values} FROM json_to_recordset(%s::json) AS x({record}) "
+        "INSERT INTO {table} AS t ({columns}) SELECT {values} FROM json_to_recordset(%s::json) AS x({record}) "
         "ON CONFLICT ({key}) {conflict}"
     ).format(
         table=target.ident,
@@ -48,7 +56,7 @@ def upsert_statement(target: TargetTable, columns: tuple[str, ...]) -> sql.Compo
         key=sql.SQL(", ").join(map(sql.Identifier, target.key)),
         conflict=conflict,
     )
-    target.statements[("upsert", columns)] = statement
+    target.statements[("upsert", columns, only_changed)] = statement
     return statement
 
 
@@ -140,6 +148,8 @@ def apply_table(cur: Any, target: TargetTable, batch: TableBatch) -> None:
     if batch.deletes:
         cur.execute(delete_statement(target), (_json([row for row, _ in batch.deletes.values()]),))
     if batch.upserts:
-        for shape, rows in _groups([u.row for u in batch.upserts.values()]).items():
-            columns = target.written(shape)
-            cur.execute(upsert_statement(target, columns), (_json(rows),))
+        for snapshot in (False, True):
+            upserts = [u.row for u in batch.upserts.values() if u.snapshot is snapshot]
+            for shape, rows in _groups(upserts).items():
+                columns = target.written(shape)
+                cur.execute(upsert_statement(target, columns, snapshot), (_json(rows),))

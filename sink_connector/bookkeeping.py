@@ -92,6 +92,19 @@ def initialized_tables(cur: Any, schema: str) -> list[TableName]:
     return [TableName(s, t) for s, t in cur.fetchall()]
 
 
+def groups_of(cur: Any, schema: str, topics: list[str]) -> list[str]:
+    """The consumer groups that have applied (or claimed) a partition of `topics`, in name order."""
+    if not installed(cur, schema):
+        return []
+    cur.execute(
+        sql.SQL("SELECT DISTINCT group_id FROM {} WHERE topic = ANY(%s) ORDER BY 1").format(
+            sql.Identifier(schema, "offsets")
+        ),
+        (topics,),
+    )
+    return [g for (g,) in cur.fetchall()]
+
+
 class Bookkeeping:
     def __init__(self, schema: str, group: str) -> None:
         self.schema = schema
@@ -326,4 +339,11 @@ class Bookkeeping:
                 "ON CONFLICT DO NOTHING"
             ).format(self._t("parked")),
             (self.group, topic, key, offset, reason),
+        )
+
+    def forget_parked(self, cur: Any, topics: list[str]) -> None:
+        """Replay from the start: the group's keys parked on `topics` are parked again if still bad."""
+        cur.execute(
+            sql.SQL("DELETE FROM {} WHERE group_id = %s AND topic = ANY(%s)").format(self._t("parked")),
+            (self.group, topics),
         )

@@ -1,19 +1,34 @@
 """cdc-sink: applies the change topics to the target database, exactly once in effect."""
 
+import dataclasses
+import logging
 from typing import Any
 
 import click
 
 from pg_kafka_cdc.common.cli import DefaultGroup, program
-from pg_kafka_cdc.common.errors import ConfigError
+from pg_kafka_cdc.common.errors import ConfigError, SinkError
+from pg_kafka_cdc.common.kafka import admin_client, wait_for_kafka
 from pg_kafka_cdc.common.options import KAFKA_TIMEOUT, METRICS_PORT, option, with_options
 from pg_kafka_cdc.common.pg import connect_target
 from pg_kafka_cdc.common.settings import Settings, common_options
 from pg_kafka_cdc.common.signals import StopFlag
-from sink_connector.bookkeeping import Bookkeeping
-from sink_connector.rebuild import reset_tables
+from pg_kafka_cdc.common.tables import require_exact
+from sink_connector.bookkeeping import Bookkeeping, TopicPartition
+from sink_connector.consumer import end_offsets
+from sink_connector.rebuild import (
+    MEMBER_GRACE,
+    RebuildLocks,
+    check_topics,
+    refuse_while_sinks_run,
+    reset_tables,
+    sink_groups,
+    unfinished,
+)
 from sink_connector.replica_role import apply_as_replica
 from sink_connector.sink import Sink, SinkOptions
+
+log = logging.getLogger("sink.rebuild")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -116,14 +131,57 @@ def run(**kwargs: Any) -> None:
 def rebuild(**kwargs: Any) -> None:
     """Empty the --tables on the target and replay their topics from the start.
 
-    Together with the source's initial snapshot events this rebuilds them from Kafka alone.
+    Together with the source's initial snapshot events this rebuilds them from Kafka alone. Refused
+    while sinks apply the tables; exits 0 with --once only when the replay reached the end offsets
+    seen at start.
     """
     with program("cdc-sink", kwargs) as settings:
+        require_exact(settings.selection, "cdc-sink rebuild")
         if not settings.tables:
             raise ConfigError("rebuild needs --tables (or TABLES): the tables to empty and replay")
         options = build_options(kwargs, "topic", settings.tables)
+        stop = StopFlag().install()
+        replay(settings, options, stop)
+        if not options.once and not stop:
+            Sink(settings, dataclasses.replace(options, rebuild=()), stop).run()
+
+
+def replay(settings: Settings, options: SinkOptions, stop: StopFlag) -> None:
+    """Reset the tables and apply their topics up to the end offsets seen at start, holding the
+    rebuild locks, once no other sink applies them."""
+    metadata = wait_for_kafka(settings, options.kafka_timeout, stop)
+    topics = check_topics(metadata.topics, settings.topic_prefix, settings.tables)
+    admin = admin_client(settings)
+    locks = RebuildLocks(settings.target_dsn, settings.tables)
+    try:
+        others = sink_groups(locks.connect(), options.state_schema, options.group, topics)
+        refuse_while_sinks_run(admin, options.group, others, settings.tables, topics, MEMBER_GRACE)
+        locks.take()
+        others = sink_groups(locks.conn, options.state_schema, options.group, topics)
+        refuse_while_sinks_run(admin, options.group, others, settings.tables, topics, 0.0)  # with the locks held
+        ends = end_offsets(settings, options.group, topics)
         reset(settings, options)
-        Sink(settings, options, StopFlag().install()).run()
+        Sink(settings, dataclasses.replace(options, once=True), stop).run()
+        check_complete(Bookkeeping(options.state_schema, options.group), locks, ends)
+    finally:
+        locks.release()
+
+
+def check_complete(book: Bookkeeping, locks: RebuildLocks, ends: dict[TopicPartition, int]) -> None:
+    """The replay reached every end offset seen at start, with the locks held throughout."""
+    names = ", ".join(map(str, locks.tables))
+    if not locks.held():
+        raise SinkError(
+            f"the rebuild of {names} lost its target session (and its locks), so another sink may have "
+            "applied them meanwhile: run the rebuild again"
+        )
+    pending = unfinished(ends, book.all_offsets(locks.conn))
+    if pending:
+        raise SinkError(
+            f"the rebuild of {names} stopped before the end of their topics ({'; '.join(pending)}): the "
+            "tables are incomplete; run the rebuild again"
+        )
+    log.info("rebuilt %s: applied their topics up to the end offsets seen at start", names)
 
 
 def reset(settings: Settings, options: SinkOptions) -> None:

@@ -20,6 +20,9 @@ class Upsert:
     row: dict[str, Any]
     unchanged: set[str] | None
     partition: int
+    # a snapshot read (`r`): written only where the target's row differs, as a snapshot taken while
+    # streaming re-reads rows the target has already
+    snapshot: bool = False
 
 
 @dataclass
@@ -59,7 +62,7 @@ class TableBatch:
         elif key in self.deletes:
             self.replaced.append(self.deletes[key][0])
         if op in FULL_ROW_OPS or (op == "u" and not change.unchanged):
-            self.upserts[key] = Upsert(row, None, change.partition)
+            self.upserts[key] = Upsert(row, None, change.partition, op == "r")
             self.deletes.pop(key, None)
         elif op == "u":
             previous = self.upserts.get(key)

@@ -1,5 +1,6 @@
 """The tables the source replicates, read from its catalog (columns, types, key, replica identity),
-and the table each change wal2json reports is published as (a leaf partition: its root)."""
+and the table each change wal2json reports is published as (a leaf partition: its root; a table
+created later that a pattern of --tables, or the default scope, reaches: itself)."""
 
 import logging
 from typing import Any
@@ -11,17 +12,33 @@ from pg_kafka_cdc.common.catalog import (
     read_table,
     relation,
     table_exists,
-    tables_in_schema,
 )
 from pg_kafka_cdc.common.errors import ConfigError, SourceError
-from pg_kafka_cdc.common.tables import TableName
+from pg_kafka_cdc.common.tables import TableName, TableSelection
 from schemas.topics import topic_for
-from source_connector.scope import DEFAULT_SCHEMA, Scope, overlap_problem, persistence_problem
+from source_connector.scope import Scope, overlap_problem, persistence_problem
 from source_connector.table_info import TableInfo, key_problem
 
 log = logging.getLogger("source.catalog")
 
 Ident = tuple[str, str]
+
+# Every table that is no partition, outside PostgreSQL's catalogs: what patterns and the default
+# scope choose from (TablePattern.matches leaves the other reserved schemas out).
+_EVERY_TABLE = """
+SELECT n.nspname, c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+ORDER BY n.nspname, c.relname
+"""
+
+
+def every_table(conn: Any) -> list[TableName]:
+    """The tables patterns may reach, in schema and name order."""
+    with conn.cursor() as cur:
+        cur.execute(_EVERY_TABLE)
+        return [TableName(s, t) for s, t in cur.fetchall()]
 
 
 class Catalog:
@@ -36,11 +53,11 @@ class Catalog:
         self.unrouted: set[Ident] = set()  # the names routed to None
         self.gone: set[TableName] = set()  # tables dropped before their changes were read, reported once
 
-    def tables(self, requested: tuple[TableName, ...]) -> list[TableName]:
-        """The tables to replicate: those requested (each must exist and reach the WAL), or every
-        table of `public` that does (a partition is part of its root, not a table of its own)."""
-        if not requested:
-            return self._every_table()
+    def tables(self, selection: TableSelection) -> list[TableName]:
+        """The tables to replicate: those named in --tables (each must exist and reach the WAL), then
+        those a pattern of it (or the default scope: every schema but the reserved ones) reaches, but
+        the excluded; a partition is part of its root, not a table of its own, unless named."""
+        requested = selection.names
         missing = [str(t) for t in requested if not table_exists(self.conn, t)]
         if missing:
             raise ConfigError(
@@ -48,23 +65,28 @@ class Catalog:
                 f"{'do' if len(missing) > 1 else 'does'} not exist on the source (check --tables / TABLES; "
                 'names are case-sensitive when quoted, e.g. public."Order")'
             )
-        named = frozenset(requested)
         for table in requested:
             rel = self._relation(table)
             parts = partitions(self.conn, rel)
-            problem = self._unstreamable(rel, parts) or overlap_problem(table, ancestors(self.conn, rel), named)
+            problem = self._unstreamable(rel, parts) or overlap_problem(
+                table, ancestors(self.conn, rel), selection
+            )
             if problem:
                 raise SourceError(problem)
             self._check_partition_keys(rel, parts)
             self.partitioned = self.partitioned or rel.partitioned
-        self.scope = Scope(named)
-        return list(requested)
+        matched = self._matching(selection, frozenset(requested))
+        return [*requested, *matched]
 
-    def _every_table(self) -> list[TableName]:
-        """The default scope; a table whose changes never reach the WAL is left out with a warning."""
+    def _matching(self, selection: TableSelection, named: frozenset[TableName]) -> list[TableName]:
+        """The tables the patterns (or the default scope) reach; one whose changes never reach the
+        WAL is left out with a warning."""
         kept, left_out = [], []
-        for table in tables_in_schema(self.conn, DEFAULT_SCHEMA):
-            rel = self._relation(table)
+        patterns = selection.patterns
+        for table in every_table(self.conn) if patterns else []:
+            rel = None if table in named or not selection.by_pattern(table) else relation(self.conn, table)
+            if rel is None:  # named, not reached, or dropped meanwhile
+                continue
             parts = partitions(self.conn, rel)
             problem = self._unstreamable(rel, parts)
             if problem:
@@ -74,7 +96,7 @@ class Catalog:
             self._check_partition_keys(rel, parts)
             self.partitioned = self.partitioned or rel.partitioned
             kept.append(table)
-        self.scope = Scope(None, frozenset(left_out))
+        self.scope = Scope(selection, frozenset(left_out))
         return kept
 
     def _relation(self, table: TableName) -> Relation:
@@ -137,6 +159,12 @@ class Catalog:
             self.unrouted.add(ident)
             return None
         key = (target.schema, target.name)
+        if key not in self.cache:
+            log.info(
+                "table %s is new and in scope: its changes are replicated from now on",
+                target,
+                extra={"table": str(target)},
+            )
         if refresh or key not in self.cache:
             try:
                 self.cache[key] = self.read(target)

@@ -6,10 +6,12 @@ import click
 
 from pg_kafka_cdc.common.cli import DefaultGroup, program
 from pg_kafka_cdc.common.errors import ConfigError
+from pg_kafka_cdc.common.lsn import int_to_lsn
 from pg_kafka_cdc.common.options import KAFKA_TIMEOUT, METRICS_PORT, option, with_options
 from pg_kafka_cdc.common.settings import common_options
 from pg_kafka_cdc.common.signals import StopFlag
 from source_connector.connector import SourceConnector, SourceOptions, drop
+from source_connector.incremental import ask_for_snapshot
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -111,3 +113,23 @@ def drop_slot(**kwargs: Any) -> None:
         options = SourceOptions(slot=kwargs["slot"], kafka_timeout=kwargs["kafka_timeout"])
         dropped = drop(settings, options, StopFlag())
         click.echo(f"slot {options.slot} {'dropped' if dropped else 'did not exist'}; connector state cleared")
+
+
+@main.command("snapshot", context_settings=CONTEXT)
+@common_options
+@with_options([SLOT])
+def snapshot(**kwargs: Any) -> None:
+    """Read the --tables again while streaming goes on, into their topics (an incremental snapshot).
+
+    The request is written to the source's WAL, so the cdc-source streaming from --slot acts on it
+    when it reads that far, also when it is started later. Rows that the target has already are not
+    written again by cdc-sink.
+    """
+    with program("cdc-source", kwargs) as settings:
+        if not settings.tables:
+            raise ConfigError("snapshot needs --tables (or TABLES): the tables to read again")
+        lsn = ask_for_snapshot(settings.source_dsn, kwargs["slot"], settings.tables)
+        click.echo(
+            f"asked the cdc-source of slot {kwargs['slot']} to snapshot {', '.join(map(str, settings.tables))} "
+            f"(request at {int_to_lsn(lsn)}); its log says when each table is done"
+        )

@@ -90,6 +90,17 @@ class Confirmer:
             cur.send_feedback(write_lsn=self.received_lsn, force=True)
             self.last_feedback = now
 
+    def record(self, **changes: Any) -> None:
+        """Change other fields of the state record (the incremental snapshots' progress) and queue it;
+        records queued later (the confirmed positions) carry the change too."""
+        self.state = replace(self.state, **changes)
+        while True:
+            try:
+                self.producer.produce(self.state_topic, self.state.encode(), self.state.key())
+                return
+            except BufferError:
+                self.producer.poll(0.1)
+
     def _write_state(self, confirmed: int, bound: int) -> bool:
         """Queue a state record; False when the producer's queue is full (Kafka is not keeping up)."""
         self.state = replace(self.state, confirmed_lsn=confirmed, bound_lsn=bound)

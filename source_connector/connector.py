@@ -26,9 +26,11 @@ from source_connector.confirm import Confirmer
 from source_connector.events import EventBuilder
 from source_connector.heartbeat import Heartbeat, emit_heartbeat
 from source_connector.held import replay_of, topics_holding
+from source_connector.incremental import Incremental, Request
 from source_connector.losses import NanLosses
 from source_connector.metrics import collect
-from source_connector.publisher import Publisher
+from source_connector.oversized import PRODUCER_SIZE_SETTINGS
+from source_connector.publisher import Publisher, SizeLimits
 from source_connector.readback import ReadBack
 from source_connector.scope import wal2json_filter
 from source_connector.session import SourceSession
@@ -89,6 +91,7 @@ def producer_config(settings: Settings, options: SourceOptions, errors: Counter[
             "partitioner": "murmur2_random",
             "error_cb": on_error,
             "logger": KAFKA_CLIENT_LOG,
+            **{k: v for k, v in settings.kafka.items() if k in PRODUCER_SIZE_SETTINGS},
         }
     )
 
@@ -142,12 +145,17 @@ class SourceConnector:
         self.watch: SlotWatch | None = None
         self.stream: Stream | None = None
         self.producer: Any = None
+        self.publisher: Publisher | None = None
+        self.incremental: Incremental | None = None
+        self.snapshotted: set[TableName] = set()  # tables whose topics hold their snapshot (or all changes)
 
     def run(self) -> None:
         with serving(self.options.metrics_port, lambda: collect(self), self.health):
             self._run()
 
     def health(self) -> tuple[bool, str]:
+        if self.publisher is not None and (problem := self.publisher.problem()) is not None:
+            return False, problem
         if self.stream is None:
             return True, "starting"
         return self.stream.health()
@@ -158,22 +166,95 @@ class SourceConnector:
         wait_for_kafka(self.settings, self.options.kafka_timeout, self.stop)
         topic = state_topic(self.settings.topic_prefix)
         ensure_topics(admin, [topic], 1, self.options.replication_factor, STATE_TOPIC_CONFIG, quiet=True)
-        self.producer = Producer(producer_config(self.settings, self.options, self.kafka_errors))
-        publisher = Publisher(self.producer, self.stop)
+        config = producer_config(self.settings, self.options, self.kafka_errors)
+        self.producer = Producer(config)
+        publisher = self.publisher = Publisher(self.producer, self.stop, SizeLimits(admin, config))
         topics = ChangeTopics(
             admin, self.options.partitions, self.options.replication_factor, self.options.topic_config
         )
         builder = self.builder = self._builder(source, topics)
         state = self._start(source, builder, publisher, topics, topic)
         topics.ensure(source.infos)
+        state, requests = self._added_tables(source, state)
         log.info(
             "replicating %d tables of %s: %s",
             len(source.infos),
             source.server.database,
             ", ".join(str(i.name) for i in source.infos) or "(none yet)",
         )
-        self._stream(source, builder, publisher, Confirmer(self.producer, state, topic), topics)
+        confirmer = Confirmer(self.producer, state, topic)
+        if self.options.snapshot == "initial":
+            self.incremental = self._incremental(source, builder, publisher, confirmer, requests)
+        self._stream(source, builder, publisher, confirmer, topics)
         self.producer.flush(30)
+
+    def _added_tables(self, source: Source, state: SourceState) -> tuple[SourceState, list[Request]]:
+        """Tables in scope whose topics do not hold their rows yet (added to --tables, or created
+        under a pattern while the connector was stopped): snapshotted while streaming. A state record
+        of an older version lists none: every table in scope then counts as snapshotted."""
+        names = [i.name for i in source.infos]
+        if state.tables is None:
+            state = replace(state, tables=[[t.schema, t.name] for t in names])
+        self.snapshotted = {TableName(*t) for t in state.tables or ()}
+        requests = [Request.decode(r) for r in state.incremental]
+        if self.options.snapshot != "initial":
+            self.snapshotted |= set(names)
+            return replace(state, tables=[[t.schema, t.name] for t in sorted(self.snapshotted)]), []
+        queued = {r.table for r in requests}
+        added = [i for i in source.infos if i.name not in self.snapshotted and i.name not in queued]
+        holding = topics_holding(self.settings, [i.topic for i in added]) if added else set()
+        for info in added:
+            log.info(
+                "%s is new in the scope: its rows are read while streaming goes on (a snapshot in chunks)%s",
+                info.name,
+                "; its topic holds older messages, so it starts with a truncate event"
+                if info.topic in holding
+                else "",
+                extra={"table": str(info.name)},
+            )
+            requests.append(Request(info.name, None, info.topic in holding))
+        return replace(state, incremental=[r.encode() for r in requests]), requests
+
+    def _incremental(
+        self,
+        source: Source,
+        builder: EventBuilder,
+        publisher: Publisher,
+        confirmer: Confirmer,
+        requests: list[Request],
+    ) -> Incremental:
+        def lookup(table: TableName) -> TableInfo | None:
+            info = source.session.run(lambda conn: source.catalog.lookup(table.schema, table.name, False))
+            return info if info is not None and info.name == table else None
+
+        def progress(pending: list[Request], done: list[TableName]) -> None:
+            self.snapshotted.update(done)
+            confirmer.record(
+                tables=[[t.schema, t.name] for t in sorted(self.snapshotted)],
+                incremental=[r.encode() for r in pending],
+            )
+
+        incremental = Incremental(
+            self.options.slot,
+            source.session,
+            builder,
+            publisher,
+            lambda: confirmer.tracker,
+            lookup,
+            progress,
+        )
+        for request in requests:
+            incremental.request(request)
+        confirmer.record()  # the scope as it is now, before anything is streamed
+        return incremental
+
+    def _seen(self, info: TableInfo) -> None:
+        """A table first met in the stream was created while streaming: the stream holds all its rows."""
+        if info.name not in self.snapshotted and self.incremental is not None:
+            if any(r.table == info.name for r in self.incremental.queue):
+                return
+            self.snapshotted.add(info.name)
+            self.incremental.progress(list(self.incremental.queue), [])
 
     def _open_source(self) -> Source:
         session = SourceSession(self.settings.source_dsn)
@@ -181,7 +262,7 @@ class SourceConnector:
         check_plugin_allowed(session.conn)
         catalog = Catalog(session.conn, self.settings.topic_prefix)
         session.on_reconnect = lambda conn: setattr(catalog, "conn", conn)
-        infos = [catalog.read(t) for t in catalog.tables(self.settings.tables)]  # refuses what cannot be
+        infos = [catalog.read(t) for t in catalog.tables(self.settings.selection)]  # refuses what cannot be
         for info in infos:
             catalog.known(info)
         check_readable(session.conn, infos)
@@ -192,6 +273,8 @@ class SourceConnector:
             info = source.session.run(lambda conn: source.catalog.lookup(schema, name, refresh))
             if info is not None:
                 topics.ensure_one(info)
+                if info.name not in self.snapshotted:
+                    self._seen(info)
             return info
 
         self.readback = ReadBack(source.session, self.stop)
@@ -320,6 +403,7 @@ class SourceConnector:
             heartbeat,
             lambda: replay_of(self.settings, topics.counts, topics.partitions),
             catalog.forget_unrouted,
+            self.incremental,
         )
         self.stream.periodic = self.watch.check
         self.stream.run()

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 
 def collect(connector: "SourceConnector") -> Iterator[Any]:
     yield from _counts(connector)
+    yield from _oversized(connector)
+    yield from _incremental(connector)
     yield from _slot(connector)
     stream = connector.stream
     if stream is not None:
@@ -59,6 +61,45 @@ def _counts(connector: "SourceConnector") -> Iterator[Any]:
         "Errors by kind (Kafka client errors by their code).",
         ["kind"],
         samples(connector.kafka_errors),
+    )
+
+
+def _oversized(connector: "SourceConnector") -> Iterator[Any]:
+    publisher = connector.publisher
+    if publisher is None:
+        return
+    yield counter(
+        "cdc_source_oversized_messages_total",
+        "Messages Kafka refused as too large (each counted once, not per retry), by table.",
+        ["table"],
+        samples(publisher.oversized),
+    )
+    yield gauge(
+        "cdc_source_oversized_blocked",
+        "1 while a message refused as too large holds the stream back (retried until a limit is raised).",
+        0.0 if publisher.refused is None else 1.0,
+    )
+
+
+def _incremental(connector: "SourceConnector") -> Iterator[Any]:
+    incremental = connector.incremental
+    if incremental is None:
+        return
+    yield counter(
+        "cdc_source_incremental_snapshot_rows_total",
+        "Rows published by snapshots taken while streaming (tables added later, cdc-source snapshot), by table.",
+        ["table"],
+        samples(incremental.rows),
+    )
+    yield single_counter(
+        "cdc_source_incremental_snapshot_dropped_total",
+        "Rows left out of a snapshot chunk because a change of theirs came between its watermarks.",
+        incremental.dropped,
+    )
+    yield gauge(
+        "cdc_source_incremental_snapshots_pending",
+        "Tables whose snapshot while streaming is not finished.",
+        float(len({r.table for r in incremental.queue} | {p.started.table for p in incremental.published})),
     )
 
 

@@ -3,7 +3,7 @@ initial snapshot finished, and how far PostgreSQL may have been told it is confi
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -25,6 +25,10 @@ class SourceState:
     confirmed_lsn: int  # the newest position sent to PostgreSQL as flushed
     bound_lsn: int  # no position past this one was ever sent (see feedback.py)
     updated_ms: int = 0
+    # [schema, name] of the tables whose topics hold their snapshot; None in records of older versions
+    tables: list[list[str]] | None = None
+    # snapshots taken while streaming, not finished: incremental.Request.encode() of each
+    incremental: list[list[Any]] = field(default_factory=list)
 
     def key(self) -> bytes:
         return state_key(self.system_id, self.database, self.slot)

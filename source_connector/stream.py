@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import psycopg2
 from confluent_kafka import KafkaException
 
@@ -27,6 +28,7 @@ from source_connector.confirm import Confirmer
 from source_connector.events import EventBuilder, TxContext, begin_context
 from source_connector.flush import Transaction
 from source_connector.heartbeat import HEARTBEAT_PREFIX, Heartbeat
+from source_connector.incremental import SNAPSHOT_PREFIX, Incremental
 from source_connector.ports import ReplicationCursor, ReplicationMessage
 from source_connector.publisher import Publisher, raise_delivery_failure
 from source_connector.reconnect import Reconnect
@@ -59,6 +61,8 @@ class Stream:
     held: Callable[[], Replay] | None = None
     # Called at the commit of a transaction without row changes (DDL, such as ATTACH PARTITION).
     empty_commit: Callable[[], None] | None = None
+    # Snapshots taken while streaming (tables added to the scope, `cdc-source snapshot`).
+    incremental: Incremental | None = None
 
     def __post_init__(self) -> None:
         self.producer = self.publisher.producer
@@ -175,6 +179,7 @@ class Stream:
         ctx: TxContext | None = None
         replay, count = self.replay, 0
         changed = False
+        incremental = self.incremental
         while not stop:
             msg = read()
             if msg is None:
@@ -190,7 +195,10 @@ class Stream:
                     raise outside_transaction(payload)
                 changed = True
                 doc = decode(payload)
-                for message in row(doc, ctx) if kind != b"T" else self.builder.truncate(doc, ctx):
+                messages = row(doc, ctx) if kind != b"T" else self.builder.truncate(doc, ctx)
+                if incremental is not None and incremental.window is not None:
+                    incremental.window.saw(messages)
+                for message in messages:
                     if replay is None or replay.keep(message):
                         publish(tx, message)
                 if replay is not None and replay.done:
@@ -206,8 +214,12 @@ class Stream:
                 self._committed(tx, ctx, changed)
                 tx, changed = None, False
             elif kind == b"M":
-                confirmer.tracker.point(msg.data_start)
-                self.heartbeats_seen += 1
+                doc = orjson.loads(payload)
+                if doc.get("prefix") == SNAPSHOT_PREFIX and incremental is not None:
+                    incremental.message(doc, msg.data_start)
+                else:
+                    confirmer.tracker.point(msg.data_start)
+                    self.heartbeats_seen += 1
             count += 1
             if count >= HOUSEKEEPING_EVERY:
                 self.messages += count
@@ -251,6 +263,8 @@ class Stream:
         now = time.monotonic()
         if self.heartbeat is not None:
             self.heartbeat.tick(now)
+        if self.incremental is not None:
+            self.incremental.step()
         if self.periodic is not None and now >= self.next_periodic:
             self.next_periodic = now + PERIODIC_INTERVAL
             self.periodic()
@@ -285,11 +299,15 @@ class Stream:
         self._wait_acknowledged()
         self.confirmer.restart()
         self.last = None
+        if self.incremental is not None:
+            self.incremental.reset()
 
     def _shutdown(self, cur: ReplicationCursor) -> None:
         """SIGTERM: everything read is acknowledged by Kafka, then confirmed to PostgreSQL."""
         log.info("stopping: waiting for Kafka to acknowledge %d messages", self.confirmer.tracker.in_flight())
         self._wait_acknowledged()
+        if self.incremental is not None:
+            self.incremental.acknowledged()  # the snapshots' progress goes out with the last state record
         self.confirmer.final(cur)
         log.info("confirmed %s to the slot; stopped", int_to_lsn(self.confirmed_lsn), extra={"slot": self.slot})
 
@@ -307,7 +325,7 @@ def _literal(value: str) -> str:
 def wal2json_options(add_tables: list[str], numbers_as_strings: bool) -> dict[str, str]:
     options = dict(WAL2JSON_OPTIONS)
     options["add-tables"] = ",".join(add_tables)
-    options["add-msg-prefixes"] = HEARTBEAT_PREFIX
+    options["add-msg-prefixes"] = f"{HEARTBEAT_PREFIX},{SNAPSHOT_PREFIX}"
     if numbers_as_strings:
         options[NUMBERS_AS_STRING_OPTION] = "1"
     return options

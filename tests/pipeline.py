@@ -56,7 +56,7 @@ def _subcommand(extra: Sequence[str], names: Sequence[str]) -> tuple[list[str], 
 
 def source_args(dbs: Databases, prefix: str, slot: str, *extra: str) -> list[str]:
     """cdc-source's arguments; `extra` may start with a subcommand (`drop-slot`)."""
-    command, rest = _subcommand(extra, ("run", "drop-slot"))
+    command, rest = _subcommand(extra, ("run", "drop-slot", "snapshot"))
     return [
         "cdc-source",
         *command,

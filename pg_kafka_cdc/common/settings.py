@@ -13,7 +13,7 @@ import click
 from pg_kafka_cdc.common.dsn import mask, parse
 from pg_kafka_cdc.common.errors import ConfigError
 from pg_kafka_cdc.common.options import option, with_options
-from pg_kafka_cdc.common.tables import TableName, parse_tables
+from pg_kafka_cdc.common.tables import TableName, TableSelection, parse_selection
 
 DEFAULT_SOURCE_DSN = "postgresql://postgres:postgres@127.0.0.1:5432/testdb"
 DEFAULT_TARGET_DSN = "postgresql://postgres:postgres@127.0.0.1:5433/testdb"
@@ -58,8 +58,11 @@ class Settings:
     target_dsn: str = field(repr=False)
     bootstrap_servers: str
     topic_prefix: str
+    # The tables --tables names, when it names only exact tables; empty for the default scope and
+    # when --tables holds a pattern (`selection` has the whole of --tables and --exclude-tables).
     tables: tuple[TableName, ...]
     kafka: Mapping[str, str] = field(repr=False, default_factory=dict)
+    selection: TableSelection = field(default_factory=TableSelection)
 
     def kafka_config(self, **extra: Any) -> dict[str, Any]:
         """librdkafka configuration: bootstrap servers, pass-through security settings, then `extra`.
@@ -73,7 +76,7 @@ class Settings:
             "target_dsn": mask(self.target_dsn),
             "bootstrap_servers": self.bootstrap_servers,
             "topic_prefix": self.topic_prefix,
-            "tables": ",".join(map(str, self.tables)) or "(all)",
+            "tables": str(self.selection),
             **{k: ("***" if k in SECRET_KAFKA_KEYS else v) for k, v in self.kafka.items()},
         }
 
@@ -114,6 +117,7 @@ def build_settings(
     tables: str | None,
     kafka_config: str | None,
     environ: Mapping[str, str] | None = None,
+    exclude_tables: str | None = None,
 ) -> Settings:
     """Validate the shared flags into a Settings object (a ConfigError names the bad setting)."""
     parse(source_dsn, "--source-dsn / SOURCE_DSN")
@@ -127,7 +131,9 @@ def build_settings(
     if kafka_config:
         kafka.update(read_properties(kafka_config))
     kafka.pop("bootstrap.servers", None)
-    return Settings(source_dsn, target_dsn, bootstrap_servers.strip(), prefix, parse_tables(tables), kafka)
+    selection = parse_selection(tables, exclude_tables)
+    exact = selection.names if selection.exact else ()
+    return Settings(source_dsn, target_dsn, bootstrap_servers.strip(), prefix, exact, kafka, selection)
 
 
 COMMON_OPTIONS = [
@@ -159,7 +165,19 @@ COMMON_OPTIONS = [
         "Topics are <prefix>.<schema>.<table>.",
         show_default=True,
     ),
-    option("--tables", "TABLES", None, "Comma-separated schema.table list (quote names like SQL). Default: all."),
+    option(
+        "--tables",
+        "TABLES",
+        None,
+        "Comma-separated schema.table list (quote names like SQL); * matches any characters of a part "
+        "(sales.*, public.order_*). Default: every table of every non-system schema.",
+    ),
+    option(
+        "--exclude-tables",
+        "EXCLUDE_TABLES",
+        None,
+        "Tables left out of --tables (or of the default), written as --tables.",
+    ),
     option(
         "--kafka-config",
         "KAFKA_CONFIG",
@@ -198,4 +216,5 @@ def settings_from(kwargs: dict[str, Any]) -> Settings:
         kwargs.pop("topic_prefix"),
         kwargs.pop("tables"),
         kwargs.pop("kafka_config"),
+        exclude_tables=kwargs.pop("exclude_tables", None),
     )

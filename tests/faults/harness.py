@@ -437,7 +437,16 @@ class Pipeline:
     def start_source(self, *extra: str) -> CliProcess:
         dbs = dataclasses.replace(self.direct, source_dsn=self.source_dsn)
         process = start_cli(
-            source_args(dbs, self.prefix, self.slot, "--bootstrap-servers", self.source_bootstrap, *extra)
+            source_args(
+                dbs,
+                self.prefix,
+                self.slot,
+                "--bootstrap-servers",
+                self.source_bootstrap,
+                "--exclude-tables",
+                "faults_audit.*",
+                *extra,
+            )
         )
         self.sources.append(process)
         return process

@@ -11,7 +11,7 @@ import pytest
 
 from pg_kafka_cdc.common.catalog import Column, Relation, TableDef
 from pg_kafka_cdc.common.errors import SourceError
-from pg_kafka_cdc.common.tables import TableName
+from pg_kafka_cdc.common.tables import TableName, TableSelection, parse_selection
 from source_connector import catalog as catalog_module
 from source_connector.catalog import Catalog
 from source_connector.scope import ALL_TABLES, Scope, overlap_problem, persistence_problem, wal2json_filter
@@ -22,6 +22,15 @@ def t(name: str, schema: str = "public") -> TableName:
     return TableName(schema, name)
 
 
+def named(*tables: TableName) -> Scope:
+    """The scope of --tables naming `tables`."""
+    return Scope(selection_of(*tables))
+
+
+def selection_of(*tables: TableName) -> TableSelection:
+    return parse_selection(",".join(map(str, tables)), None)
+
+
 # --- scope ----------------------------------------------------------------------------------------
 
 
@@ -29,24 +38,26 @@ def test_a_leaf_is_replicated_as_its_root_in_the_default_scope() -> None:
     scope = Scope()
     assert scope.replicated_as([t("m_1"), t("m")]) == t("m")
     assert scope.replicated_as([t("plain")]) == t("plain")
-    assert scope.replicated_as([t("x", "other")]) is None
-    assert scope.replicated_as([t("m_1"), t("m", "other")]) is None, "the root is not in public"
-    assert Scope(None, frozenset({t("m")})).replicated_as([t("m_1"), t("m")]) is None, "left out at start-up"
+    assert scope.replicated_as([t("x", "other")]) == t("x", "other"), "every schema"
+    assert scope.replicated_as([t("m_1"), t("m", "other")]) == t("m", "other"), "the root, in its own schema"
+    assert scope.replicated_as([t("x", "pg_catalog")]) is None
+    assert scope.replicated_as([t("offsets", "cdc_sink")]) is None, "the sink's bookkeeping"
+    assert Scope(TableSelection(), frozenset({t("m")})).replicated_as([t("m_1"), t("m")]) is None, "left out"
 
 
 def test_a_leaf_goes_to_the_highest_table_named() -> None:
     chain = [t("m_1_a"), t("m_1"), t("m")]
-    assert Scope(frozenset({t("m")})).replicated_as(chain) == t("m")
-    assert Scope(frozenset({t("m_1")})).replicated_as(chain) == t("m_1"), "a sub-partitioned partition named alone"
-    assert Scope(frozenset({t("m_1_a")})).replicated_as(chain) == t("m_1_a"), "a leaf named alone is a table"
-    assert Scope(frozenset({t("other")})).replicated_as(chain) is None
+    assert named(t("m")).replicated_as(chain) == t("m")
+    assert named(t("m_1")).replicated_as(chain) == t("m_1"), "a sub-partitioned partition named alone"
+    assert named(t("m_1_a")).replicated_as(chain) == t("m_1_a"), "a leaf named alone is a table"
+    assert named(t("other")).replicated_as(chain) is None
 
 
 def test_the_wal2json_filter() -> None:
-    named = Scope(frozenset({t("a b"), t("c")}))
-    assert wal2json_filter(named, [t("a b"), t("c")], partitioned=False) == ["public.a\\ b", "public.c"]
-    assert wal2json_filter(Scope(), [t("c")], partitioned=False) == ["public.*"]
-    assert wal2json_filter(named, [t("c")], partitioned=True) == [ALL_TABLES] == ["*.*"]
+    two = named(t("a b"), t("c"))
+    assert wal2json_filter(two, [t("a b"), t("c")], partitioned=False) == ["public.a\\ b", "public.c"]
+    assert wal2json_filter(Scope(), [t("c")], partitioned=False) == ["*.*"], "every schema"
+    assert wal2json_filter(two, [t("c")], partitioned=True) == [ALL_TABLES] == ["*.*"]
     assert wal2json_filter(Scope(), [], partitioned=True) == ["*.*"]
 
 
@@ -71,13 +82,13 @@ def test_unlogged_and_temporary_tables_are_named_with_the_fix() -> None:
 
 
 def test_a_leaf_named_with_its_root_is_refused() -> None:
-    named = frozenset({t("m"), t("m_1")})
-    assert overlap_problem(t("m"), [t("m")], named) is None
-    assert overlap_problem(t("m_1"), [t("m_1"), t("m")], named) == (
+    both = selection_of(t("m"), t("m_1"))
+    assert overlap_problem(t("m"), [t("m")], both) is None
+    assert overlap_problem(t("m_1"), [t("m_1"), t("m")], both) == (
         "table public.m_1 is a partition of public.m, which --tables names too, and its rows are replicated "
         "as public.m's: remove public.m_1 from --tables / TABLES"
     )
-    assert overlap_problem(t("m_1"), [t("m_1"), t("m")], frozenset({t("m_1")})) is None
+    assert overlap_problem(t("m_1"), [t("m_1"), t("m")], selection_of(t("m_1"))) is None
 
 
 # --- the catalog ----------------------------------------------------------------------------------
@@ -121,15 +132,15 @@ class FakeDb:
                 return None
             return TableDef(table, 1, COLUMNS, ("id",), True, self.replica_identity.get(table, "d"))
 
-        def tables_in_schema(conn: Any, schema: str) -> list[TableName]:
-            return sorted(n for n, r in self.relations.items() if n.schema == schema and not r.is_partition)
+        def every_table(conn: Any) -> list[TableName]:
+            return sorted(n for n, r in self.relations.items() if not r.is_partition)
 
         for name, fn in [
             ("relation", relation),
             ("ancestors", ancestors),
             ("partitions", partitions),
             ("read_table", read_table),
-            ("tables_in_schema", tables_in_schema),
+            ("every_table", every_table),
             ("table_exists", lambda conn, table: table in self.relations),
         ]:
             monkeypatch.setattr(catalog_module, name, fn)
@@ -148,14 +159,14 @@ def db(monkeypatch: pytest.MonkeyPatch) -> FakeDb:
 
 def started(requested: tuple[TableName, ...]) -> Catalog:
     catalog = Catalog(None, "cdc")
-    for name in catalog.tables(requested):
+    for name in catalog.tables(selection_of(*requested)):
         catalog.known(catalog.read(name))
     return catalog
 
 
 def test_the_default_scope_lists_roots_not_leaves(db: FakeDb) -> None:
     catalog = Catalog(None, "cdc")
-    assert catalog.tables(()) == [t("m"), t("plain")]
+    assert catalog.tables(TableSelection()) == [t("m"), t("plain")]
     assert catalog.partitioned
 
 
@@ -180,7 +191,7 @@ def test_a_partition_attached_later_is_found_after_an_empty_commit(db: FakeDb) -
 
 def test_a_leaf_named_with_its_root_is_refused_at_start(db: FakeDb) -> None:
     with pytest.raises(SourceError, match=r"table public\.m_1 is a partition of public\.m"):
-        Catalog(None, "cdc").tables((t("m"), t("m_1")))
+        Catalog(None, "cdc").tables(selection_of(t("m"), t("m_1")))
     leaf_alone = started((t("m_1"),))
     info = leaf_alone.lookup("public", "m_1", False)
     assert info is not None and info.name == t("m_1")
@@ -192,26 +203,26 @@ def test_unlogged_tables_are_refused_when_named_and_left_out_by_default(
 ) -> None:
     db.add("scratch", persistence="u")
     with pytest.raises(SourceError, match=r"^table public\.scratch is UNLOGGED.*SET LOGGED$"):
-        Catalog(None, "cdc").tables((t("scratch"),))
+        Catalog(None, "cdc").tables(selection_of(t("scratch")))
     with caplog.at_level(logging.WARNING):
         catalog = Catalog(None, "cdc")
-        assert catalog.tables(()) == [t("m"), t("plain")]
+        assert catalog.tables(TableSelection()) == [t("m"), t("plain")]
     assert "table public.scratch is UNLOGGED" in caplog.text and "left out" in caplog.text
 
 
 def test_a_root_with_an_unlogged_leaf_is_refused(db: FakeDb, caplog: pytest.LogCaptureFixture) -> None:
     db.add("m_9", persistence="u", parent="m")
     with pytest.raises(SourceError, match=r"table public\.m has a partition public\.m_9 that is UNLOGGED"):
-        Catalog(None, "cdc").tables((t("m"),))
+        Catalog(None, "cdc").tables(selection_of(t("m")))
     catalog = Catalog(None, "cdc")
-    assert catalog.tables(()) == [t("plain")]
+    assert catalog.tables(TableSelection()) == [t("plain")]
     assert catalog.lookup("public", "m_1", False) is None, "the root left out, its leaves too"
 
 
 def test_a_leaf_without_a_usable_replica_identity_is_refused(db: FakeDb) -> None:
     db.replica_identity[t("m_3")] = "n"
     with pytest.raises(SourceError, match=r"table public\.m_3 has REPLICA IDENTITY NOTHING"):
-        Catalog(None, "cdc").tables((t("m"),))
+        Catalog(None, "cdc").tables(selection_of(t("m")))
 
 
 def test_a_table_dropped_before_its_changes_are_read_is_skipped(db: FakeDb) -> None:
