@@ -22,7 +22,7 @@ from pg_kafka_cdc.common.tables import (
     reserved_schema,
 )
 from schemas.topics import table_for, topic_for
-from sink_connector.sink import in_subscription, subscription_for
+from sink_connector.subscription import in_subscription, subscription_for
 from source_connector.catalog import Catalog
 from source_connector.scope import Scope, overlap_problem, wal2json_filter
 from tests.unit.test_source_tables import FakeDb, rel, t
