@@ -8,6 +8,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from pg_kafka_cdc.common.errors import ConnectError
 from pg_kafka_cdc.common.lsn import int_to_lsn
 from pg_kafka_cdc.common.settings import Settings
 from schemas.codec import Position, position
@@ -22,6 +23,8 @@ LOOK_BACK = 2
 
 
 def _message_at(consumer: Any, topic: str, partition: int, offset: int) -> Any:
+    """The message at `offset`, which exists (below the high watermark). Not read in time, the
+    partition cannot be taken for empty: its messages would be published again."""
     consumer.assign([TopicPartition(topic, partition, offset)])
     try:
         for msg in consumer.consume(1, timeout=READ_TIMEOUT):
@@ -29,7 +32,10 @@ def _message_at(consumer: Any, topic: str, partition: int, offset: int) -> Any:
                 return msg
     finally:
         consumer.unassign()
-    return None
+    raise ConnectError(
+        f"cannot read the last messages of {topic}[{partition}] from Kafka within {READ_TIMEOUT:.0f} s "
+        "(needed so that nothing is published twice)"
+    )
 
 
 def watermarks(consumer: Any, topic: str, partition: int) -> tuple[int, int]:
@@ -49,8 +55,6 @@ def last_position(consumer: Any, topic: str, partition: int) -> Position | None:
     low, high = watermarks(consumer, topic, partition)
     for offset in range(high - 1, max(low, high - LOOK_BACK) - 1, -1):
         msg = _message_at(consumer, topic, partition, offset)
-        if msg is None:
-            continue
         found = position(msg.value(), msg.headers())
         if found is not None:
             return found
