@@ -32,6 +32,7 @@ from pg_kafka_cdc.common.errors import ConfigError
 from pg_kafka_cdc.common.lsn import int_to_lsn, lsn_to_int
 from pg_kafka_cdc.common.pg import connect_source
 from pg_kafka_cdc.common.tables import TableName
+from schemas.signals import SNAPSHOT_PREFIX, snapshot_request
 from schemas.values import output_text
 from source_connector.events import EventBuilder, Message, TxContext, snapshot_values
 from source_connector.flush import FlushTracker, Transaction
@@ -42,7 +43,6 @@ from source_connector.table_info import TableInfo
 
 log = logging.getLogger("source.incremental")
 
-SNAPSHOT_PREFIX = "cdc-snapshot"  # the logical messages: requests and watermarks
 CHUNK_ROWS = 4096
 PROGRESS_LOG_INTERVAL = 5.0  # seconds between two progress lines of one table
 
@@ -71,11 +71,6 @@ class Request:
         return cls(TableName(schema, name), None if after is None else tuple(after), bool(truncate))
 
 
-def request_content(slot: str, tables: Sequence[TableName]) -> str:
-    """What `cdc-source snapshot` writes to the WAL for the connector streaming from `slot`."""
-    return orjson.dumps({"slot": slot, "snapshot": [[t.schema, t.name] for t in tables]}).decode()
-
-
 def ask_for_snapshot(dsn: str, slot: str, tables: Sequence[TableName]) -> int:
     """`cdc-source snapshot`: write the request to the WAL, for the connector of `slot`; its LSN."""
     conn = connect_source(dsn, application_name="cdc-source snapshot")
@@ -89,7 +84,7 @@ def ask_for_snapshot(dsn: str, slot: str, tables: Sequence[TableName]) -> int:
         for table in tables:
             if not table_exists(conn, table):
                 raise ConfigError(f"table {table} does not exist on the source (check --tables)")
-        return emit(conn, request_content(slot, tables))
+        return emit(conn, snapshot_request(slot, list(tables)))
     finally:
         conn.close()
 

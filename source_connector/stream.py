@@ -24,11 +24,12 @@ from pg_kafka_cdc.common.lsn import int_to_lsn, lsn_to_int
 from pg_kafka_cdc.common.pg import connect_source
 from pg_kafka_cdc.common.settings import Settings
 from pg_kafka_cdc.common.signals import StopFlag
+from schemas.signals import SNAPSHOT_PREFIX
 from source_connector.confirm import Confirmer
 from source_connector.events import EventBuilder, TxContext, begin_context
 from source_connector.flush import Transaction
 from source_connector.heartbeat import HEARTBEAT_PREFIX, Heartbeat
-from source_connector.incremental import SNAPSHOT_PREFIX, Incremental
+from source_connector.incremental import Incremental
 from source_connector.ports import ReplicationCursor, ReplicationMessage
 from source_connector.publisher import Publisher, raise_delivery_failure
 from source_connector.reconnect import Reconnect

@@ -8,9 +8,10 @@ import orjson
 from pg_kafka_cdc.common.lsn import int_to_lsn
 from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
+from schemas.signals import SNAPSHOT_PREFIX, snapshot_request
 from source_connector.events import EventBuilder, Message
 from source_connector.flush import FlushTracker, Transaction
-from source_connector.incremental import SNAPSHOT_PREFIX, Chunk, Incremental, Request, request_content
+from source_connector.incremental import Chunk, Incremental, Request
 from source_connector.table_info import TableInfo
 
 ITEMS = TableName("public", "items")
@@ -188,10 +189,10 @@ def test_a_reset_reads_the_chunk_again_and_old_watermarks_are_ignored() -> None:
 
 def test_a_request_for_another_slot_or_an_unknown_table_is_ignored() -> None:
     incremental, _, _, recorded = rig([])
-    other = request_content("other_slot", [ITEMS])
+    other = snapshot_request("other_slot", [ITEMS])
     incremental.message({"prefix": SNAPSHOT_PREFIX, "content": other}, 10)
-    unknown = request_content("slot", [TableName("public", "nope")])
+    unknown = snapshot_request("slot", [TableName("public", "nope")])
     incremental.message({"prefix": SNAPSHOT_PREFIX, "content": unknown}, 20)
     assert not incremental.queue and recorded == []
-    incremental.message({"prefix": SNAPSHOT_PREFIX, "content": request_content("slot", [ITEMS])}, 30)
+    incremental.message({"prefix": SNAPSHOT_PREFIX, "content": snapshot_request("slot", [ITEMS])}, 30)
     assert [r.table for r in incremental.queue] == [ITEMS] and recorded
