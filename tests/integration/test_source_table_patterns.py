@@ -129,6 +129,15 @@ def test_a_pattern_with_an_exclusion_follows_a_table_created_while_streaming(
     assert {t for t, _ in stored_offsets(dbs, group)} == {orders, later}
     reader.assert_valid()
 
+    # Restarted, the source knows its topic holds the table from its first row: no snapshot of it.
+    source = start_source(dbs, topic_prefix, slot, *scope, streaming=True)
+    # Its topic alone rebuilds it.
+    result = run_cli(sink_args(dbs, topic_prefix, slot, group, "rebuild", "--tables", "sales.later", "--once"))
+    assert result.returncode == 0, result.stderr
+    wait_identical(dbs, ["sales.later"], processes=(source,))
+    assert "is new in the scope" not in source.stderr_text(), source.stderr_text()
+    stop_cleanly(source)
+
 
 def test_the_sink_subscribes_to_the_topics_a_pattern_matches(
     stack: Stack, dbs: Databases, topic_prefix: str
