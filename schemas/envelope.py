@@ -46,8 +46,12 @@ class Source(TypedDict):
     schema: str
     table: str
     slot: str | None
-    lsn: int | None  # LSN of the change itself (snapshot: the slot's consistent point)
-    commit_lsn: int | None  # LSN of its transaction's commit record
+    lsn: (
+        int | None
+    )  # LSN of the change itself (snapshot: the slot's consistent point or the chunk's high watermark)
+    # LSN of its transaction's commit record (snapshot: `lsn` - 1, so a transaction committing right
+    # at `lsn` orders after it)
+    commit_lsn: int | None
     txId: int | None
     ts_ms: int | None  # commit time, milliseconds since the epoch
     ts_us: int | None  # commit time, microseconds since the epoch

@@ -52,6 +52,15 @@ class TxContext:
         self.seq = 0
 
 
+def snapshot_context(lsn: int) -> TxContext:
+    """The context of snapshot events read at WAL position `lsn` (the slot's consistent point, or a
+    high watermark): their position's commit LSN is `lsn - 1`. A transaction streamed after them
+    may commit exactly at `lsn` (the next WAL record), and its changes, at seq 1, 2, ..., must come
+    after every snapshot row in the partitions' order, never at or before one of them; everything
+    streamed before them committed below `lsn - 1` (a WAL record is longer than one byte)."""
+    return TxContext(None, lsn - 1, int(time.time() * 1_000_000))
+
+
 def begin_context(doc: dict[str, Any]) -> TxContext:
     """The context of a transaction from its wal2json `B` message."""
     return TxContext(doc.get("xid"), lsn_to_int(doc["lsn"]), timestamp_to_us(doc["timestamp"]))

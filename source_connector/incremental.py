@@ -34,7 +34,7 @@ from pg_kafka_cdc.common.pg import connect_source
 from pg_kafka_cdc.common.tables import TableName
 from schemas.signals import SNAPSHOT_PREFIX, snapshot_request
 from schemas.values import output_text
-from source_connector.events import EventBuilder, Message, TxContext, snapshot_values
+from source_connector.events import EventBuilder, Message, snapshot_context, snapshot_values
 from source_connector.flush import FlushTracker, Transaction
 from source_connector.publisher import Publisher
 from source_connector.session import SourceSession
@@ -245,7 +245,7 @@ class Incremental:
             self.window = chunk
             if chunk.request.truncate and chunk.request.after is None:
                 tx = tracker.begin(None, lsn)
-                ctx = TxContext(None, lsn, int(time.time() * 1_000_000))
+                ctx = snapshot_context(lsn)
                 doc = {"schema": chunk.info.name.schema, "table": chunk.info.name.name, "lsn": int_to_lsn(lsn)}
                 for message in self.builder.truncate(doc, ctx):
                     self.publisher.publish(tx, message)
@@ -282,7 +282,7 @@ class Incremental:
     def _publish(self, chunk: Chunk, tracker: FlushTracker, lsn: int) -> None:
         info = chunk.info
         tx = tracker.begin(None, lsn)
-        ctx = TxContext(None, lsn, int(time.time() * 1_000_000))
+        ctx = snapshot_context(lsn)
         snapshot_row, publish = self.builder.snapshot_row, self.publisher.publish
         for values in chunk.rows.values():
             publish(tx, snapshot_row(info, values, ctx, lsn))

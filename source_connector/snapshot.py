@@ -16,7 +16,7 @@ from pg_kafka_cdc.common.errors import CdcError
 from pg_kafka_cdc.common.lsn import int_to_lsn
 from pg_kafka_cdc.common.progress import RowProgress
 from schemas.values import output_text
-from source_connector.events import EventBuilder, TxContext, snapshot_values
+from source_connector.events import EventBuilder, snapshot_context, snapshot_values
 from source_connector.flush import FlushTracker, Transaction
 from source_connector.publisher import Publisher, raise_delivery_failure
 from source_connector.table_info import TableInfo
@@ -86,7 +86,7 @@ class Snapshot:
     lsn: int
 
     def __post_init__(self) -> None:
-        self.ctx = TxContext(None, self.lsn, int(time.time() * 1_000_000))
+        self.ctx = snapshot_context(self.lsn)
 
     def truncate(self, info: TableInfo) -> None:
         """A `t` on every partition of the table's topic, at the snapshot's position."""

@@ -63,8 +63,8 @@ def test_initial_snapshot_then_changes(
         assert e.before is None
         src = e.source
         assert src["snapshot"] is True and src["txId"] is None
-        assert src["lsn"] == src["commit_lsn"] == state["snapshot_lsn"], (
-            "a snapshot row is at the consistent point"
+        assert src["lsn"] == state["snapshot_lsn"] and src["commit_lsn"] == state["snapshot_lsn"] - 1, (
+            "a snapshot row is read at the consistent point, positioned just before it"
         )
     assert sorted(e.source["seq"] for e in reads) == [1, 2, 3]
     assert [(e.key, e.op) for e in changes] == [
@@ -75,7 +75,7 @@ def test_initial_snapshot_then_changes(
     ], describe(events)
     for e in changes[:3]:
         assert e.source["snapshot"] is False
-        assert e.source["commit_lsn"] > state["snapshot_lsn"]
+        assert e.source["commit_lsn"] >= state["snapshot_lsn"]
     assert changes[1].after == {"id": 1, "label": "uno", "flag": True, "n": "1.50"}
 
     # A restart resumes the slot: no second snapshot.

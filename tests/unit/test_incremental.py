@@ -140,7 +140,7 @@ def test_chunks_are_published_at_their_high_watermark_and_progress_follows_the_a
     assert published_ids(publisher) == [1]  # id 2 changed in the window: its own event stands
     high_lsn = conn.emitted[1][0]
     source = values(publisher)[0]["source"]
-    assert source["commit_lsn"] == high_lsn and source["snapshot"] is True
+    assert source["commit_lsn"] == high_lsn - 1 and source["lsn"] == high_lsn and source["snapshot"] is True
     incremental.step()  # not acknowledged yet: nothing recorded; the next chunk is read
     assert recorded == []
     assert len(conn.emitted) == 4
