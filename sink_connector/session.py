@@ -13,6 +13,7 @@ from pg_kafka_cdc.common.errors import CdcError
 from pg_kafka_cdc.common.pg import connect_target, error_reason, is_connection_loss, sqlstate
 from pg_kafka_cdc.common.tables import TableName
 from schemas.codec import Position
+from sink_connector.added_columns import SourceAccess
 from sink_connector.apply import apply_table
 from sink_connector.bookkeeping import Bookkeeping, StreamPartition, TopicPartition
 from sink_connector.net_effect import TableBatch
@@ -49,7 +50,13 @@ def classify(exc: BaseException) -> str:
 
 
 class TargetSession:
-    def __init__(self, dsn: str, book: Bookkeeping, tables: dict[TableName, TableState]) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        book: Bookkeeping,
+        tables: dict[TableName, TableState],
+        source: SourceAccess | None = None,
+    ) -> None:
         self.dsn = dsn
         self.book = book
         self.tables = tables  # the prepared ones (preparation.TablePreparer adds them)
@@ -60,6 +67,8 @@ class TargetSession:
         self.replica = False  # the session applies with session_replication_role = replica
         self.role = ""  # the target role, as SQL (for the fixes errors name)
         self.warned = False
+        # The source's catalog and WAL, for the rows of a column added while streaming (reconcile).
+        self.source = source
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -154,7 +163,7 @@ class TargetSession:
         if state is None:
             return
         if batch.columns:
-            state.target = reconcile(self.conn, state.target, batch.columns)
+            state.target = reconcile(self.conn, state.target, batch.columns, self.source)
         apply_table(self.cur, state.target, batch)
 
     def probe(self, batch: TableBatch) -> str | None:

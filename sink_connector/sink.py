@@ -18,6 +18,7 @@ from pg_kafka_cdc.common.service import serving
 from pg_kafka_cdc.common.settings import Settings
 from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
+from sink_connector.added_columns import SourceAccess
 from sink_connector.batch import BatchProcessor
 from sink_connector.bookkeeping import Bookkeeping, TopicPartition
 from sink_connector.commit import BatchCommit
@@ -59,7 +60,8 @@ class Sink:
         self.stats = SinkStats()
         book = Bookkeeping(options.state_schema, options.group)
         tables: dict[TableName, TableState] = {}
-        self.target = TargetSession(settings.target_dsn, book, tables)
+        source = SourceAccess(settings.source_dsn, options.slot) if settings.source_dsn and options.slot else None
+        self.target = TargetSession(settings.target_dsn, book, tables, source)
         self.preparer = TablePreparer(
             settings, book, options.snapshot, options.rebuild, options.slot, stop, self.target, tables
         )

@@ -8,9 +8,25 @@ from typing import Any
 
 from psycopg2 import sql
 
-from pg_kafka_cdc.common.catalog import FIRST_USER_OID, Column, TableDef, enum_labels, read_table
+from pg_kafka_cdc.common.catalog import (
+    FIRST_USER_OID,
+    Column,
+    ColumnFill,
+    TableDef,
+    column_fills,
+    enum_labels,
+    read_table,
+)
 from pg_kafka_cdc.common.errors import SinkError
 from pg_kafka_cdc.common.tables import TableName
+from sink_connector.added_columns import (
+    Fill,
+    SourceAccess,
+    asked_line,
+    fill_for,
+    refused_line,
+    unknown_line,
+)
 
 log = logging.getLogger("sink.target")
 
@@ -132,9 +148,19 @@ def _ensure_user_types(source_conn: Any, cur: Any, table: TableName, columns: tu
             )
 
 
+def value_default(missing: str | None, type_sql: sql.Composable) -> sql.Composable:
+    """` DEFAULT '<value>'::<type>` for a column whose source rows have a missing value, else nothing."""
+    if missing is None:
+        return sql.SQL("")
+    return sql.SQL(" DEFAULT {}::{}").format(sql.Literal(missing), type_sql)
+
+
 def create_from_source(source_conn: Any, conn: Any, definition: TableDef) -> TargetTable:
-    """CREATE TABLE with the source's columns, types, NOT NULLs and key."""
+    """CREATE TABLE with the source's columns, types, NOT NULLs and key. A column the source added
+    with a fast default gets the value its rows from before the ADD COLUMN read as its default, so
+    inserts replayed from events older than the ALTER (which lack the column) get it too."""
     table = definition.name
+    fills = column_fills(source_conn, table)
     with conn.cursor() as cur:
         ensure_schema(cur, table.schema)
         _ensure_user_types(source_conn, cur, table, definition.columns)
@@ -142,8 +168,11 @@ def create_from_source(source_conn: Any, conn: Any, definition: TableDef) -> Tar
             sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
                 sql.Identifier(table.schema, table.name),
                 sql.SQL(", ").join(
-                    sql.SQL("{} {}{}").format(
-                        sql.Identifier(c.name), sql.SQL(c.type), sql.SQL(" NOT NULL" if c.not_null else "")
+                    sql.SQL("{} {}{}{}").format(
+                        sql.Identifier(c.name),
+                        sql.SQL(c.type),
+                        sql.SQL(" NOT NULL" if c.not_null else ""),
+                        value_default(fills[c.name].missing if c.name in fills else None, sql.SQL(c.type)),
                     )
                     for c in definition.columns
                 ),
@@ -178,8 +207,12 @@ def create_from_event(conn: Any, table: TableName, columns: dict[str, str], key:
     return created
 
 
-def reconcile(conn: Any, target: TargetTable, columns: dict[str, str]) -> TargetTable:
-    """Add the columns events carry that the target lacks; stop on a changed type."""
+def reconcile(
+    conn: Any, target: TargetTable, columns: dict[str, str], source: SourceAccess | None = None
+) -> TargetTable:
+    """Add the columns events carry that the target lacks; stop on a changed type. With access to the
+    source, each is added so that the rows the target holds already read what the source's do (see
+    added_columns.py); without it, as it comes, with a warning."""
     for name, type_name in columns.items():
         have = target.columns.get(name)
         if have is not None and normalize_type(have) != normalize_type(type_name):
@@ -191,14 +224,58 @@ def reconcile(conn: Any, target: TargetTable, columns: dict[str, str]) -> Target
     missing = {n: t for n, t in columns.items() if n not in target.columns}
     if not missing:
         return target
+    fills = None if source is None else source.fills(target.name, missing)
+    snapshot: list[str] = []
     with conn.cursor() as cur:
         for name, type_name in missing.items():
-            cur.execute(
-                sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-                    target.ident, sql.Identifier(name), checked_type(type_name, target.name, name)
-                )
+            fill = None if fills is None else fills.get(name)
+            how = fill_for(fill)
+            cur.execute(add_column(target, name, checked_type(type_name, target.name, name), how, fill))
+            if how is Fill.SNAPSHOT:
+                snapshot.append(name)
+            log.info(
+                "added column %s %s to %s%s",
+                name,
+                type_name,
+                target.name,
+                fill_note(how, fill),
+                extra={"table": str(target.name)},
             )
-            log.info("added column %s %s to %s", name, type_name, target.name, extra={"table": str(target.name)})
+    if source is None or fills is None:
+        reason = "the sink was given no source access" if source is None else source.reason
+        log.warning("%s", unknown_line(None if source is None else source.slot, target.name, missing, reason))
+    elif snapshot:
+        refused = source.ask_for_snapshot(target.name, snapshot)
+        if refused is None:
+            log.warning("%s", asked_line(source.slot, target.name, snapshot), extra={"table": str(target.name)})
+        else:
+            log.warning(
+                "%s", refused_line(source.slot, target.name, snapshot, refused), extra={"table": str(target.name)}
+            )
     refreshed = load(conn, target.name)
     assert refreshed is not None
     return refreshed
+
+
+def fill_note(how: Fill, fill: ColumnFill | None) -> str:
+    """What the log line of an added column says beyond its name and type."""
+    if how is not Fill.VALUE or fill is None:
+        return ""
+    not_null = " NOT NULL as on the source, and" if fill.not_null else ""
+    return f",{not_null} with the value the source's rows got at its ADD COLUMN as its default"
+
+
+def add_column(
+    target: TargetTable, name: str, type_sql: sql.Composable, how: Fill, fill: ColumnFill | None
+) -> sql.Composed:
+    """ALTER TABLE ... ADD COLUMN for a column the source added: with the value its rows got (and NOT
+    NULL if the source's is) when the source kept it, else nullable without a default."""
+    constraint: sql.Composable = sql.SQL("")
+    default: sql.Composable = sql.SQL("")
+    if how is Fill.VALUE and fill is not None:
+        default = value_default(fill.missing, type_sql)
+        if fill.not_null:
+            constraint = sql.SQL(" NOT NULL")
+    return sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}{}{}").format(
+        target.ident, sql.Identifier(name), type_sql, constraint, default
+    )

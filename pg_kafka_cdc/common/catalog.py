@@ -1,5 +1,6 @@
 """Reading a table's definition from a PostgreSQL catalog: columns with their types, the key."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,20 @@ ORDER BY i.indisprimary DESC
 LIMIT 1
 """
 
+
+# What a column's rows were given when it was added, and its default: PostgreSQL's fast default
+# (atthasmissing: every row the table had at the ADD COLUMN reads attmissingval, a one-element array,
+# without the table being rewritten) and the default expression.
+_FILLS = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+       CASE WHEN a.atthasmissing THEN a.attmissingval::text END, pg_get_expr(d.adbin, d.adrelid)
+FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
+  AND (%s::text[] IS NULL OR a.attname = ANY (%s::text[]))
+ORDER BY a.attnum
+"""
 
 # A relation's kind and persistence, for the source's choice of what to replicate.
 _RELATION = """
@@ -103,6 +118,20 @@ class Column:
     @property
     def user_defined(self) -> bool:
         return self.type_oid >= FIRST_USER_OID or self.element_oid >= FIRST_USER_OID
+
+
+@dataclass(frozen=True)
+class ColumnFill:
+    """What a column holds for rows that never wrote it, and its default."""
+
+    name: str
+    type: str  # as format_type prints it
+    not_null: bool
+    # The value every row the table had at the ADD COLUMN got (PostgreSQL's fast default, evaluated
+    # once: a constant, now() at the ALTER...), as its type's output function prints it; None when
+    # the column has none (no default, a volatile one that rewrote the table, or a rewrite since).
+    missing: str | None
+    default: str | None  # the default expression (pg_get_expr), None without one
 
 
 @dataclass(frozen=True)
@@ -183,6 +212,42 @@ def read_table(conn: Any, table: TableName) -> TableDef | None:
         has_pk=bool(key_row and key_row[0]),
         replica_identity=replident,
     )
+
+
+def array_element(text: str) -> str | None:
+    """The element of a one-element array as array_out prints it (`{5}`, `{"a,b \\"q\\""}`,
+    `{(1,1),(0,0)}` for a box, whose delimiter is `;`): exactly its type's output text. Without
+    a delimiter to split on, this holds for every element type, arrays included (`{"{1,2}"}`)."""
+    if text.startswith("[") and "=" in text:  # bounds other than [1:1]: `[0:0]={5}`
+        text = text[text.index("=") + 1 :]
+    if len(text) < 2 or text[0] != "{" or text[-1] != "}":
+        raise ValueError(f"not an array literal: {text!r}")
+    inner = text[1:-1]
+    if not inner.startswith('"'):
+        return None if inner.upper() == "NULL" else inner
+    if len(inner) < 2 or not inner.endswith('"'):
+        raise ValueError(f"unterminated element in {text!r}")
+    out: list[str] = []
+    chars = iter(inner[1:-1])
+    for char in chars:
+        out.append(next(chars, "") if char == "\\" else char)
+    return "".join(out)
+
+
+def column_fills(conn: Any, table: TableName, names: Iterable[str] | None = None) -> dict[str, ColumnFill]:
+    """The table's columns (or those of `names` it has) with their missing values and defaults; empty
+    when the table does not exist. Read under the pipeline's pinned session settings (connect_source),
+    so that a timestamptz prints in UTC with every digit."""
+    wanted = None if names is None else list(names)
+    with conn.cursor() as cur:
+        cur.execute(_FILLS, (table.schema, table.name, wanted, wanted))
+        rows = cur.fetchall()
+    return {
+        name: ColumnFill(
+            name, type_name, bool(not_null), None if missing is None else array_element(missing), default
+        )
+        for name, type_name, not_null, missing, default in rows
+    }
 
 
 def enum_labels(conn: Any, type_oid: int) -> list[str]:
