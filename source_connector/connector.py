@@ -5,6 +5,7 @@ One place decides the order, as Debezium's coordinator does; the pieces live in 
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,6 +33,7 @@ from source_connector.metrics import collect
 from source_connector.oversized import PRODUCER_SIZE_SETTINGS
 from source_connector.publisher import Publisher, SizeLimits
 from source_connector.readback import ReadBack
+from source_connector.replay import Replay
 from source_connector.scope import wal2json_filter
 from source_connector.session import SourceSession
 from source_connector.slot import ServerInfo, check_plugin_allowed, create_slot, drop_slot, get_slot, server_info
@@ -248,6 +250,18 @@ class SourceConnector:
         confirmer.record()  # the scope as it is now, before anything is streamed
         return incremental
 
+    def _held(self, topics: ChangeTopics) -> Callable[[], Replay]:
+        """What the topics hold, read before each start of streaming; the first time once they
+        stopped growing (held.wait_settled)."""
+        first = [True]
+
+        def read() -> Replay:
+            replay = replay_of(self.settings, topics.counts, topics.partitions, settle=first[0])
+            first[0] = False
+            return replay
+
+        return read
+
     def _seen(self, info: TableInfo) -> None:
         """A table first met in the stream was created while streaming: the stream holds all its rows."""
         if info.name not in self.snapshotted and self.incremental is not None:
@@ -401,7 +415,7 @@ class SourceConnector:
             confirmer,
             self.stop,
             heartbeat,
-            lambda: replay_of(self.settings, topics.counts, topics.partitions),
+            self._held(topics),
             catalog.forget_unrouted,
             self.incremental,
         )

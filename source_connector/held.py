@@ -17,6 +17,9 @@ from source_connector.replay import Replay
 log = logging.getLogger("source")
 
 READ_TIMEOUT = 10.0
+SETTLE_FOR = 2.0  # seconds the end offsets must stay still before the last positions are read
+SETTLE_MAX = 60.0
+SETTLE_POLL = 0.5
 # A tombstone written before tombstones carried their delete's seq: its delete, the message just
 # before it in the same partition, gives the position.
 LOOK_BACK = 2
@@ -74,11 +77,48 @@ def _reader(settings: Settings) -> Any:
     )
 
 
-def held_positions(settings: Settings, partitions: Mapping[str, int]) -> dict[tuple[str, int], Position]:
-    """The last position each partition of `partitions` (topic -> partition count) holds."""
+def wait_settled(
+    consumer: Any,
+    partitions: Mapping[str, int],
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> float:
+    """Until the partitions' end offsets have not moved for SETTLE_FOR seconds (at most SETTLE_MAX);
+    the seconds waited. At a start, nothing but an earlier cdc-source writes to these topics: one
+    killed with messages still on their way (a slow link) can have them appended after it died, and
+    a last position read before they arrive would let them be published again."""
+    started = clock()
+    ends = _ends(consumer, partitions)
+    still_since = started
+    logged = False
+    while clock() - still_since < SETTLE_FOR and clock() - started < SETTLE_MAX:
+        sleep(SETTLE_POLL)
+        now_ends = _ends(consumer, partitions)
+        if now_ends != ends:
+            ends, still_since = now_ends, clock()
+            if not logged:
+                logged = True
+                log.info(
+                    "the topics are still growing (an earlier cdc-source's last messages arriving): "
+                    "waiting until they settle before reading their last positions"
+                )
+    return clock() - started
+
+
+def _ends(consumer: Any, partitions: Mapping[str, int]) -> dict[tuple[str, int], int]:
+    return {(t, p): watermarks(consumer, t, p)[1] for t, count in partitions.items() for p in range(count)}
+
+
+def held_positions(
+    settings: Settings, partitions: Mapping[str, int], settle: bool = False
+) -> dict[tuple[str, int], Position]:
+    """The last position each partition of `partitions` (topic -> partition count) holds; with
+    `settle`, once the partitions stopped growing (see wait_settled)."""
     consumer = _reader(settings)
     held: dict[tuple[str, int], Position] = {}
     try:
+        if settle:
+            wait_settled(consumer, partitions)
         for topic, count in partitions.items():
             for p in range(count):
                 position = last_position(consumer, topic, p)
@@ -106,9 +146,13 @@ def topics_holding(settings: Settings, topics: Iterable[str]) -> set[str]:
     return found
 
 
-def replay_of(settings: Settings, partitions: Mapping[str, int], count: Callable[[str], int]) -> Replay:
-    """A Replay of what the topics hold now (`count`: a topic's partition count)."""
-    replay = Replay(held_positions(settings, partitions), count)
+def replay_of(
+    settings: Settings, partitions: Mapping[str, int], count: Callable[[str], int], settle: bool = False
+) -> Replay:
+    """A Replay of what the topics hold now (`count`: a topic's partition count); `settle` at the
+    process's first start of streaming (later ones follow a stream this process itself ended, after
+    Kafka acknowledged everything it sent)."""
+    replay = Replay(held_positions(settings, partitions, settle), count)
     if replay.high is not None:
         log.info(
             "the topics hold changes up to %s: those the slot sends again are not published twice",

@@ -61,7 +61,7 @@ def test_kill_9_mid_apply_loses_and_repeats_nothing(dbs: Databases, stack: Stack
     execute(dbs.target_dsn, *INSERT_COUNTER)
     run_writer(dbs, "--count", "2000", "--rate", "0", "--batch", "10")  # rows for the bulk copy
 
-    source = start_source(dbs, topic_prefix, slot)
+    source = start_source(dbs, topic_prefix, slot, "--exclude-tables", "audit.*")  # the counter stays out
     writer = start_writer(dbs, "--count", "40000", "--rate", "0", "--batch", "10")  # a backlog
     topics = [topic_of(topic_prefix, t) for t in WRITER_TABLES]
 

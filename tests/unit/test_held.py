@@ -69,3 +69,42 @@ def test_a_last_message_not_read_in_time_is_an_error_not_an_empty_partition(
     monkeypatch.setattr(held, "READ_TIMEOUT", 0.01)
     with pytest.raises(ConnectError, match=r"t\[0\]"):
         held.last_position(FakeConsumer([change(10, 1), change(20, 3)], slow=frozenset({1})), "t", 0)
+
+
+class GrowingConsumer:
+    """A partition whose end offset grows by one at each of the first `grows` reads."""
+
+    def __init__(self, grows: int) -> None:
+        self.end = 10
+        self.grows = grows
+
+    def get_watermark_offsets(self, tp: Any, timeout: float) -> tuple[int, int]:
+        if self.grows:
+            self.grows -= 1
+            self.end += 1
+        return 0, self.end
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_the_last_positions_wait_until_the_partitions_stop_growing() -> None:
+    clock = Clock()
+    waited = held.wait_settled(GrowingConsumer(grows=6), {"t": 1}, clock, clock.sleep)
+    # six reads saw it grow (3 s at 0.5 s a read), then it stayed still for SETTLE_FOR
+    assert waited == pytest.approx(2.5 + held.SETTLE_FOR)
+    clock = Clock()
+    assert held.wait_settled(GrowingConsumer(grows=1), {"t": 1}, clock, clock.sleep) == held.SETTLE_FOR
+
+
+def test_a_partition_that_keeps_growing_is_waited_for_at_most_settle_max() -> None:
+    clock = Clock()
+    assert held.wait_settled(GrowingConsumer(grows=10_000), {"t": 1}, clock, clock.sleep) == held.SETTLE_MAX
