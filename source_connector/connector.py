@@ -149,6 +149,7 @@ class SourceConnector:
         self.producer: Any = None
         self.publisher: Publisher | None = None
         self.incremental: Incremental | None = None
+        self.created_slot = False
         self.snapshotted: set[TableName] = set()  # tables whose topics hold their snapshot (or all changes)
 
     def run(self) -> None:
@@ -251,9 +252,9 @@ class SourceConnector:
         return incremental
 
     def _held(self, topics: ChangeTopics) -> Callable[[], Replay]:
-        """What the topics hold, read before each start of streaming; the first time once they
-        stopped growing (held.wait_settled)."""
-        first = [True]
+        """What the topics hold, read before each start of streaming; the first time, on a slot an
+        earlier process streamed from, once they stopped growing (held.wait_settled)."""
+        first = [not self.created_slot]  # a slot this process created: no earlier cdc-source wrote its stream
 
         def read() -> Replay:
             replay = replay_of(self.settings, topics.counts, topics.partitions, settle=first[0])
@@ -359,6 +360,7 @@ class SourceConnector:
             consistent,
         )
         builder.stream = stream_id(server.system_id, name, consistent)
+        self.created_slot = True
         log.info("created slot %s at %s", name, int_to_lsn(consistent), extra={"slot": name})
         if initial:
             write_state(self.producer, topic, state)
