@@ -205,7 +205,7 @@ def test_demo_under_a_terminal_stops_cleanly_on_ctrl_c(
     stack: Stack, dbs: Databases, topic_prefix: str, tmp_path: Path
 ) -> None:
     slot, group = new_names()
-    # A table of the test's own, replicated along (the demo replicates every table of public), to
+    # A table of the test's own, replicated along (the demo replicates every table of every schema), to
     # time single rows from source commit to target visibility.
     execute(dbs.source_dsn, "CREATE TABLE probe (id int PRIMARY KEY, written_at timestamptz NOT NULL)")
     env = demo_environment(stack, dbs, topic_prefix, slot, group, tmp_path)
