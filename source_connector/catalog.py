@@ -3,6 +3,7 @@ and the table each change wal2json reports is published as (a leaf partition: it
 created later that a pattern of --tables, or the default scope, reaches: itself)."""
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from pg_kafka_cdc.common.catalog import (
@@ -52,6 +53,8 @@ class Catalog:
         self.routes: dict[Ident, TableName | None] = {}
         self.unrouted: set[Ident] = set()  # the names routed to None
         self.gone: set[TableName] = set()  # tables dropped before their changes were read, reported once
+        # Called with a table first met in the stream (not read at start-up), once it is read.
+        self.on_new: Callable[[TableInfo], None] = lambda info: None
 
     def tables(self, selection: TableSelection) -> list[TableName]:
         """The tables to replicate: those named in --tables (each must exist and reach the WAL), then
@@ -159,7 +162,8 @@ class Catalog:
             self.unrouted.add(ident)
             return None
         key = (target.schema, target.name)
-        if key not in self.cache:
+        new = key not in self.cache
+        if new:
             log.info(
                 "table %s is new and in scope: its changes are replicated from now on",
                 target,
@@ -171,7 +175,10 @@ class Catalog:
             except SourceError as exc:
                 log.error("%s; its changes are NOT replicated", exc, extra={"table": str(target)})
                 self.cache[key] = None
-        return self.cache[key]
+        info = self.cache[key]
+        if new and info is not None:
+            self.on_new(info)
+        return info
 
     def _route(self, table: TableName) -> TableName | None:
         """The table `table`'s changes are published as, from the catalog as it is now."""

@@ -277,6 +277,7 @@ class SourceConnector:
         check_plugin_allowed(session.conn)
         catalog = Catalog(session.conn, self.settings.topic_prefix)
         session.on_reconnect = lambda conn: setattr(catalog, "conn", conn)
+        catalog.on_new = self._seen
         infos = [catalog.read(t) for t in catalog.tables(self.settings.selection)]  # refuses what cannot be
         for info in infos:
             catalog.known(info)
@@ -288,8 +289,6 @@ class SourceConnector:
             info = source.session.run(lambda conn: source.catalog.lookup(schema, name, refresh))
             if info is not None:
                 topics.ensure_one(info)
-                if info.name not in self.snapshotted:
-                    self._seen(info)
             return info
 
         self.readback = ReadBack(source.session, self.stop)
