@@ -13,7 +13,7 @@ from pg_kafka_cdc.common.pg import connect_source, connect_target
 from pg_kafka_cdc.common.tables import TableName
 from sink_connector.target import create_from_source
 from tests.conftest import Databases, Stack
-from tests.helpers import psql_rows, run_cli, wait_until
+from tests.helpers import CliProcess, psql_rows, run_cli, wait_until
 from tests.pipeline import (
     WRITER_TABLES,
     assert_same_rows,
@@ -54,9 +54,9 @@ def rows_before(dbs: Databases) -> int:
     return int(rows)
 
 
-def test_columns_added_with_a_constant_or_a_now_default_read_the_sources_value_in_every_target_row(
-    stack: Stack, dbs: Databases, topic_prefix: str
-) -> None:
+def streaming_under_load(dbs: Databases, topic_prefix: str) -> tuple[str, str, CliProcess, CliProcess, CliProcess]:
+    """Rows from before any ALTER, then source and sink streaming them under the writer at 500/s,
+    once the bulk copy is done: (slot, group, source, sink, writer)."""
     rows = rows_before(dbs)
     slot, group = new_slot(), f"g-{topic_prefix}"
     source = start_source(dbs, topic_prefix, slot, "--tables", TABLES, streaming=True)
@@ -64,6 +64,13 @@ def test_columns_added_with_a_constant_or_a_now_default_read_the_sources_value_i
     writer = start_writer(dbs, "--rate", "500", "--batch", "5")
     wait_until(lambda: target_count(dbs, "public.person") >= rows, timeout=120, message="the copy never ended")
     time.sleep(1)
+    return slot, group, source, sink, writer
+
+
+def test_columns_added_with_a_constant_or_a_now_default_read_the_sources_value_in_every_target_row(
+    stack: Stack, dbs: Databases, topic_prefix: str
+) -> None:
+    slot, group, source, sink, writer = streaming_under_load(dbs, topic_prefix)
     execute(dbs.source_dsn, "ALTER TABLE person ADD COLUMN score int NOT NULL DEFAULT 5")
     time.sleep(1)
     execute(dbs.source_dsn, "ALTER TABLE person ADD COLUMN noted timestamptz DEFAULT now()")
@@ -109,13 +116,7 @@ def test_columns_added_with_a_constant_or_a_now_default_read_the_sources_value_i
 def test_a_column_added_with_a_volatile_default_is_snapshotted_on_the_sinks_request(
     stack: Stack, dbs: Databases, topic_prefix: str
 ) -> None:
-    rows = rows_before(dbs)
-    slot, group = new_slot(), f"g-{topic_prefix}"
-    source = start_source(dbs, topic_prefix, slot, "--tables", TABLES, streaming=True)
-    sink = start_sink(dbs, topic_prefix, slot, group)
-    writer = start_writer(dbs, "--rate", "500", "--batch", "5")
-    wait_until(lambda: target_count(dbs, "public.person") >= rows, timeout=120, message="the copy never ended")
-    time.sleep(1)
+    slot, _, source, sink, writer = streaming_under_load(dbs, topic_prefix)
     execute(dbs.source_dsn, "ALTER TABLE person ADD COLUMN token uuid DEFAULT gen_random_uuid()")
     wait_for_output(
         sink,
