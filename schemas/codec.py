@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import orjson
 
-from schemas.envelope import OPS, TOMBSTONE_HEADER, Envelope, Op, Row, Source, TombstoneSource
+from schemas.envelope import OPS, TOMBSTONE_HEADER, Envelope, Op, Row, SchemaChange, Source, TombstoneSource
 from schemas.values import VALUE_TYPES, value_problem
 
 Columns = Mapping[str, str] | orjson.Fragment
@@ -47,9 +47,10 @@ def encode(
     unchanged: list[str] | None = None,
     refetched: list[str] | None = None,
     partitions: int | None = None,
+    schema_change: SchemaChange | None = None,
 ) -> bytes:
     """The value of a change message. `unchanged` and `refetched` are left out when empty,
-    `partitions` when None."""
+    `partitions` and `schema_change` when None."""
     env: dict[str, object] = {
         "before": before,
         "after": after,
@@ -65,6 +66,8 @@ def encode(
         env["refetched"] = refetched
     if partitions is not None:
         env["partitions"] = partitions
+    if schema_change is not None:
+        env["schema_change"] = schema_change
     return orjson.dumps(env)
 
 
@@ -98,6 +101,12 @@ def _valid(env: dict[str, Any]) -> bool:
         return False
     if type(op) is not str or op not in OPS or type(columns) is not dict or type(source) is not dict:
         return False
+    if op == "s":  # rare: checked field by field
+        try:
+            _checked_schema_change(env)
+        except BadMessage:
+            return False
+        return True
     if not (type(key) is list and key and _NAME_TYPES.issuperset(map(type, key))):
         return False
     if not (_NAME_TYPES.issuperset(map(type, columns.values())) and _is_position(source)):
@@ -129,6 +138,8 @@ def _checked(env: object) -> Envelope:
     op, columns, key, source = env["op"], env["columns"], env["key"], env["source"]
     if not isinstance(op, str) or op not in OPS:
         raise BadMessage(f"unknown op {op!r}")
+    if op == "s":
+        return _checked_schema_change(env)
     if not isinstance(columns, dict) or not _is_names(key) or not key:
         raise BadMessage("envelope `columns` must be an object and `key` a non-empty list of column names")
     if not _NAME_TYPES.issuperset(map(type, columns.values())):
@@ -148,6 +159,76 @@ def _checked(env: object) -> Envelope:
     if op == "t" and (not isinstance(partitions, int) or partitions < 1):
         raise BadMessage("truncate event without a valid `partitions` count")
     return cast(Envelope, env)
+
+
+_CHANGE_KEYS = ("renamed", "retyped", "dropped", "added", "rewritten")
+_ADDED_KEYS = ("name", "type", "not_null", "default", "missing")
+
+
+def _checked_schema_change(env: dict[str, Any]) -> Envelope:
+    """A schema-change event: no rows, the new shape in `columns` and `key` (key may be empty, as the
+    table may have none by now), `partitions`, and a well-formed `schema_change`."""
+    columns, key, source = env["columns"], env["key"], env["source"]
+    if not isinstance(columns, dict) or not _NAME_TYPES.issuperset(map(type, columns.values())):
+        raise BadMessage("schema change: `columns` must map each column to its type name")
+    if key is not None and not _is_names(key):
+        raise BadMessage("schema change: `key` must be a list of column names")
+    if not isinstance(source, dict) or not _is_position(source):
+        raise BadMessage("envelope `source` txId, lsn, commit_lsn and ts_us must be integers or nulls")
+    if env["before"] is not None or env["after"] is not None:
+        raise BadMessage("schema change: `before` and `after` must be null")
+    partitions = env.get("partitions")
+    if type(partitions) is not int or partitions < 1:
+        raise BadMessage("schema change event without a valid `partitions` count")
+    change = env.get("schema_change")
+    if not isinstance(change, dict):
+        raise BadMessage("schema change event without a `schema_change` object")
+    problem = _schema_change_problem(change)
+    if problem is not None:
+        raise BadMessage(f"schema change: {problem}")
+    _check_lists(env, "s")
+    return cast(Envelope, env)
+
+
+def _schema_change_problem(change: dict[str, Any]) -> str | None:
+    missing = [k for k in _CHANGE_KEYS if k not in change]
+    if missing:
+        return f"`schema_change` has no {missing[0]!r} field"
+    if type(change["renamed"]) is not list or not all(
+        _is_str_object(r, ("from", "to")) for r in change["renamed"]
+    ):
+        return '`renamed` must be a list of {"from": name, "to": name}'
+    if type(change["retyped"]) is not list or not all(
+        _is_str_object(r, ("name", "from", "to")) for r in change["retyped"]
+    ):
+        return '`retyped` must be a list of {"name": name, "from": type, "to": type}'
+    if not _is_names(change["dropped"]):
+        return "`dropped` must be a list of column names"
+    added = change["added"]
+    if type(added) is not list or not all(_is_added(a) for a in added):
+        return (
+            '`added` must be a list of {"name": name, "type": type, "not_null": boolean, '
+            '"default": text or null, "missing": text or null}'
+        )
+    if type(change["rewritten"]) is not bool:
+        return "`rewritten` must be true or false"
+    return None
+
+
+def _is_str_object(value: object, keys: tuple[str, ...]) -> bool:
+    return isinstance(value, dict) and all(type(value.get(k)) is str for k in keys)
+
+
+def _is_added(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and all(k in value for k in _ADDED_KEYS)
+        and type(value["name"]) is str
+        and type(value["type"]) is str
+        and type(value["not_null"]) is bool
+        and type(value["default"]) in (str, type(None))
+        and type(value["missing"]) in (str, type(None))
+    )
 
 
 def decode_key(key: bytes) -> Row:
@@ -188,7 +269,7 @@ def decode_tombstone(headers: Headers | None) -> TombstoneSource | None:
 # --- positions ----------------------------------------------------------------------------------
 
 Position = tuple[int, int, int]  # (commit LSN, seq, rank): see envelope.py
-RANKS = {"d": 0, "c": 2, "u": 2, "r": 2, "t": 2}
+RANKS = {"s": -1, "d": 0, "c": 2, "u": 2, "r": 2, "t": 2}
 TOMBSTONE_RANK = 1
 
 

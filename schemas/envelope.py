@@ -14,11 +14,20 @@ the JSON object `{"txId", "lsn", "commit_lsn", "ts_us", "seq"}` of the `d` event
 consumer that skips changes a snapshot already holds can skip the tombstone with its delete.
 
 Positions: (commit_lsn, seq, rank) strictly increases along a topic's partition within one `stream`,
-where the rank orders the messages one change gives: a delete (0), its tombstone (1), then an
-insert, update, snapshot read or truncate (2). The source never publishes a position twice, also
+where the rank orders the messages one change gives: a schema change before it (-1), a delete (0),
+its tombstone (1), then an insert, update, snapshot read or truncate (2). The source never publishes a position twice, also
 after a crash. `stream` names the change stream the position belongs to: the source server's system
 identifier, the slot, and the LSN at which the slot was created (`stream_id`); a slot dropped and
 created again, or another server, is another stream, whose positions are not comparable.
+
+A schema change (op `s`) of a table is one event on every partition of its topic, like a truncate
+(null key, `before` and `after` null, `partitions` the topic's partition count), just before the
+first change with the new shape, in that change's transaction, at that change's `seq` (rank -1, so
+the changes' seqs do not depend on whether a reading of the stream showed the shape change). `columns` and
+`key` are the new shape; `schema_change` says what changed since the shape the source published
+before (apply in this order: renamed, retyped by new name, dropped, added). The source detects it
+from the stream (each column's attnum, as wal2json's include-column-positions gives it), so a DDL
+reaches the topic with the table's next insert or update, not at the DDL.
 
 schemas/codec.py writes and reads these bytes: the source encodes with it, the sink decodes with it.
 """
@@ -28,8 +37,8 @@ from typing import Literal, NotRequired, TypedDict
 ENVELOPE_VERSION = "1"
 CONNECTOR = "cdc-source"
 
-Op = Literal["c", "u", "d", "r", "t"]
-OPS: frozenset[str] = frozenset({"c", "u", "d", "r", "t"})
+Op = Literal["c", "u", "d", "r", "t", "s"]
+OPS: frozenset[str] = frozenset({"c", "u", "d", "r", "t", "s"})
 UPSERT_OPS: frozenset[str] = frozenset({"c", "u", "r"})
 
 Value = str | int | bool | None
@@ -79,6 +88,33 @@ class TombstoneSource(TypedDict):
     stream: NotRequired[str]
 
 
+# "from" is a keyword: the functional form of TypedDict
+Renamed = TypedDict("Renamed", {"from": str, "to": str})
+Retyped = TypedDict("Retyped", {"name": str, "from": str, "to": str})
+
+
+class AddedColumn(TypedDict):
+    name: str
+    type: str  # as format_type prints it
+    not_null: bool
+    default: str | None  # the default expression (pg_get_expr), None without one
+    # What rows older than the ADD COLUMN read (pg_attribute.attmissingval, the fast default), as the
+    # type's output function prints it; None when none (no default, or the table was rewritten).
+    missing: str | None
+
+
+class SchemaChange(TypedDict):
+    """What an `s` event changes: every key always present (empty lists, false)."""
+
+    renamed: list[Renamed]
+    retyped: list[Retyped]  # `name` is the new name; `from`, `to` types as format_type prints them
+    dropped: list[str]  # old names
+    added: list[AddedColumn]
+    # The table's storage was rewritten since the previous shape (relfilenode changed): rows no event
+    # carries may hold other values; the source then snapshots the table while streaming.
+    rewritten: bool
+
+
 class Envelope(TypedDict):
     """The value of a change message."""
 
@@ -91,4 +127,5 @@ class Envelope(TypedDict):
     key: list[str]
     unchanged: NotRequired[list[str]]
     refetched: NotRequired[list[str]]  # key change only: read back from the table (see the JSON Schema)
-    partitions: NotRequired[int]  # TRUNCATE only: the topic's partition count when it was sent
+    partitions: NotRequired[int]  # TRUNCATE and schema change only: the topic's partition count when it was sent
+    schema_change: NotRequired[SchemaChange]  # op `s` only

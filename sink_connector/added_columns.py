@@ -28,11 +28,12 @@ from typing import Any
 
 import psycopg2
 
-from pg_kafka_cdc.common.catalog import ColumnFill, column_fills
+from pg_kafka_cdc.common.catalog import ColumnFill, column_fills, read_table
 from pg_kafka_cdc.common.errors import CdcError
 from pg_kafka_cdc.common.pg import connect_source, error_reason
 from pg_kafka_cdc.common.tables import TableName
 from schemas.signals import SNAPSHOT_PREFIX, snapshot_request
+from sink_connector.user_types import add_missing_enum_values, create_missing_types
 
 log = logging.getLogger("sink.target")
 
@@ -132,6 +133,38 @@ class SourceAccess:
             conn.close()
         self.asked |= wanted
         return None
+
+    def create_types(self, cur: Any, table: TableName, names: Iterable[str]) -> str | None:
+        """Create on the target (through `cur`, in its transaction) the user-defined types the source's
+        columns `names` of `table` use that the target lacks (user_types.py); None when done, else
+        why not."""
+        conn = self._connect()
+        if conn is None:
+            return self.reason
+        try:
+            definition = read_table(conn, table)
+            wanted = set(names)
+            columns = [] if definition is None else [c for c in definition.columns if c.name in wanted]
+            create_missing_types(conn, cur, table, columns)
+        except psycopg2.Error as exc:
+            return f"reading its catalog failed: {error_reason(exc)}"
+        finally:
+            conn.close()
+        return None
+
+    def add_enum_values(self, target_conn: Any, table: TableName, columns: dict[str, str]) -> list[str] | str:
+        """Add to the target's enums the table's columns use the values the source's have (committed
+        on target_conn, outside any batch: user_types.add_missing_enum_values); the values added, or
+        why the source could not be read."""
+        conn = self._connect()
+        if conn is None:
+            return self.reason
+        try:
+            return add_missing_enum_values(conn, target_conn, table, columns)
+        except psycopg2.Error as exc:
+            return f"reading its catalog failed: {error_reason(exc)}"
+        finally:
+            conn.close()
 
     def _connect(self) -> Any:
         if time.monotonic() < self.down_until:

@@ -6,7 +6,7 @@ stored offsets."""
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import psycopg2
@@ -15,6 +15,7 @@ from pg_kafka_cdc.common.errors import SinkError
 from pg_kafka_cdc.common.logs import Every
 from pg_kafka_cdc.common.retry import Backoff
 from pg_kafka_cdc.common.signals import StopFlag
+from pg_kafka_cdc.common.tables import TableName
 from sink_connector.bookkeeping import TopicPartition
 from sink_connector.changes import Change, Rejected, decode_batch
 from sink_connector.commit import BatchCommit, Fenced
@@ -31,6 +32,7 @@ from sink_connector.plan import (
 )
 from sink_connector.poison import ErrorPolicy, find_poison
 from sink_connector.ports import Message, Preparer, Target
+from sink_connector.schema_history import SchemaHistory
 from sink_connector.session import classify
 
 log = logging.getLogger("sink")
@@ -50,6 +52,12 @@ class BatchProcessor:
     backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=15.0))
     duplicates_log: Every = field(default_factory=lambda: Every(10.0))
     duplicates_unlogged: int = 0
+    # the schema changes applied to the tables (session.TargetSession.history): read when planning,
+    # added to once a batch that applied some has committed
+    schema: SchemaHistory = field(default_factory=SchemaHistory)
+    # after a batch of these tables the target refused with this error: enum values the source added,
+    # another member's schema changes; True when something changed (session.TargetSession.refresh_schema)
+    refresh_schema: Callable[[BaseException, Collection[TableName]], bool] | None = None
 
     def run(self, messages: Sequence[Message], stop: StopFlag) -> bool:
         """Apply the batch, retrying it while the target is unreachable or busy. False when the
@@ -84,6 +92,7 @@ class BatchProcessor:
         changes, rejected = decoded.changes, decoded.rejected
         self.prepare(changes)
         positions = positions_of(messages)
+        refreshed = False
         while True:
             try:
                 self.apply(self.plan(changes, rejected, positions))
@@ -92,25 +101,37 @@ class BatchProcessor:
                 if classify(exc) != "data":
                     raise
                 self.target.rollback()
+                # another member may have changed a table's schema meanwhile: planned again with it
+                tables = {self.topic_tables[c.topic] for c in changes}
+                if not refreshed and self.refresh_schema is not None and self.refresh_schema(exc, tables):
+                    refreshed = True
+                    continue
                 changes, set_aside = self.without_poison(changes, messages, exc)
                 rejected = [*rejected, *set_aside]
 
     def prepare(self, changes: list[Change]) -> None:
         """Tables first seen in this batch: created or bulk-copied before the batch's transaction."""
-        for table, hint in new_tables(changes, self.topic_tables, self.target.tables).items():
+        found = new_tables(changes, self.topic_tables, self.target.tables, self.schema.applies)
+        for table, hint in found.items():
             self.preparer.prepare(table, hint)
 
     def plan(
         self, changes: list[Change], rejected: list[Rejected], positions: dict[TopicPartition, int]
     ) -> BatchPlan:
-        return plan_batch(changes, rejected, positions, self.topic_tables, self.target.tables, self.target.applied)
+        return plan_batch(
+            changes, rejected, positions, self.topic_tables, self.target.tables, self.target.applied, self.schema
+        )
 
     def plan_one(self, change: Change) -> list[TableBatch]:
-        return plan_batch([change], [], {}, self.topic_tables, self.target.tables, {}).tables
+        return plan_batch([change], [], {}, self.topic_tables, self.target.tables, {}, self.schema).tables
 
     def apply(self, plan: BatchPlan) -> None:
         started = time.monotonic()
         self.commit.run(plan)
+        for batch in plan.tables:
+            state = self.target.tables.get(batch.table)
+            if batch.schema_changes and state is not None:
+                self.schema.add(batch.table, state.target.oid, batch.schema_changes)
         self.stats.committed(plan, started)
         self.duplicates_unlogged += plan.duplicates
         if self.duplicates_unlogged and self.duplicates_log.due(started):

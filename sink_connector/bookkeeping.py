@@ -8,7 +8,9 @@ transaction as the rows they describe:
 - positions: per topic partition and source change stream, the last source position applied
              (applied.py: what a topic holds twice is never applied twice);
 - tables:    per table, the newest source commit applied and when (lag, status);
-- parked:    keys whose changes are held back behind a message sent to the dead-letter topic.
+- parked:    keys whose changes are held back behind a message sent to the dead-letter topic;
+- schema_changes: per target table (by oid), the source's schema changes applied to it
+             (schema_history.py).
 
 cdc-status and cdc-verify read them through the functions here too.
 """
@@ -22,6 +24,7 @@ from pg_kafka_cdc.common.lsn import int_to_lsn, lsn_to_int
 from pg_kafka_cdc.common.tables import TableName
 from schemas.codec import Position
 from sink_connector.handover import CopySnapshot
+from sink_connector.schema_history import DDL as SCHEMA_CHANGES_DDL
 from sink_connector.target import ensure_schema
 
 TopicPartition = tuple[str, int]
@@ -74,6 +77,7 @@ _TABLES = [
         reason      text NOT NULL,
         parked_at   timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (group_id, topic, key))""",
+    SCHEMA_CHANGES_DDL,
 ]
 
 

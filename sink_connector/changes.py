@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     from sink_connector.ports import Message
 
 TOMBSTONE = "tombstone"  # a null-valued message: delete of its key
+SCHEMA_CHANGE = "s"  # a change of the table's columns (sink_connector/schema_changes.py)
 FULL_ROW_OPS = frozenset({"c", "r"})
+WHOLE_TOPIC_OPS = frozenset({"t", SCHEMA_CHANGE})  # sent to every partition, without a key
 DELETE_OPS = frozenset({"d", TOMBSTONE})
 
 
@@ -25,7 +27,7 @@ class Change:
     partition: int
     offset: int
     key: bytes
-    op: str  # c u d r t, or TOMBSTONE for a null-valued message
+    op: str  # c u d r t s, or TOMBSTONE for a null-valued message
     row: dict[str, Any] | None  # after (c, u, r) or the old key/row (d, x)
     columns: dict[str, str] | None
     key_columns: list[str] | None
@@ -34,9 +36,10 @@ class Change:
     lsn: int | None = None
     commit_lsn: int | None = None
     ts_us: int | None = None
-    partitions: int | None = None  # t only
+    partitions: int | None = None  # t and s only
     seq: int | None = None
     stream: str | None = None  # schemas.envelope.stream_id (None: not carried)
+    schema_change: dict[str, Any] | None = None  # s only: the envelope's `schema_change`
 
 
 def decode(
@@ -47,7 +50,7 @@ def decode(
         return _tombstone(topic, partition, offset, key, headers)
     env = codec.decode(value)
     op, source, columns, key_columns = env["op"], env["source"], env["columns"], env["key"]
-    if op == "t":
+    if op in WHOLE_TOPIC_OPS:
         row = None
         if key is None:
             key = b""
@@ -56,9 +59,14 @@ def decode(
         if not key:
             raise BadMessage("change event without a key")
     unchanged = env.get("unchanged") or None
-    partitions = env.get("partitions") if op == "t" else None
+    partitions = env.get("partitions") if op in WHOLE_TOPIC_OPS else None
     position = (source.get("txId"), source.get("lsn"), source.get("commit_lsn"), source.get("ts_us"))
     seq, stream = source.get("seq"), source.get("stream")
+    schema_change = None
+    if op == SCHEMA_CHANGE:
+        schema_change = _schema_change(env)
+        if type(position[2]) is not int or type(seq) is not int:
+            raise BadMessage("schema-change event without a source position (commit_lsn and seq)")
     return Change(
         topic,
         partition,
@@ -73,7 +81,16 @@ def decode(
         partitions,
         seq if type(seq) is int else None,
         stream if type(stream) is str else None,
+        schema_change,
     )
+
+
+def _schema_change(env: Any) -> dict[str, Any]:
+    """The `schema_change` of an `s` event (schemas.codec checks its form)."""
+    found = env.get("schema_change")
+    if not isinstance(found, dict):
+        raise BadMessage("schema-change event without a `schema_change` object")
+    return found
 
 
 def _tombstone(topic: str, partition: int, offset: int, key: bytes | None, headers: Headers | None) -> Change:

@@ -77,6 +77,14 @@ SINK_OPTIONS = [
         "Static group membership (Kafka's group.instance.id), unique per sink: restarted within the "
         "session timeout (10 s), the sink gets its partitions back at once, without a rebalance.",
     ),
+    option(
+        "--schema-changes",
+        "SCHEMA_CHANGES",
+        "keep",
+        "The source's schema-change events: applied, a dropped column kept on the target without its NOT "
+        "NULL and default (keep) or dropped (drop); or skipped, only the columns events carry added (none).",
+        click.Choice(["keep", "drop", "none"]),
+    ),
     click.option("--once", is_flag=True, help="Exit 0 once the end offsets seen at start-up are applied."),
     KAFKA_TIMEOUT,
     METRICS_PORT,
@@ -101,6 +109,7 @@ def build_options(kwargs: dict[str, Any], snapshot: str, rebuild: tuple[Any, ...
         rebuild=rebuild,
         metrics_port=kwargs["metrics_port"],
         instance_id=kwargs["instance_id"] or None,
+        schema_changes=kwargs["schema_changes"],
     )
 
 

@@ -29,6 +29,8 @@ class SinkStats:
     applied: Counter[tuple[str, str]] = field(default_factory=Counter)
     skipped: int = 0
     duplicates: int = 0  # changes the target already had (applied.py)
+    schema_changes: Counter[str] = field(default_factory=Counter)  # applied schema-change events, by table
+    schema_skipped: int = 0  # schema-change events not applied (--schema-changes none)
     batches: int = 0
     fenced: int = 0
     errors: Counter[str] = field(default_factory=Counter)
@@ -46,6 +48,7 @@ class SinkStats:
         self.batches += 1
         self.skipped += plan.skipped
         self.duplicates += plan.duplicates
+        self.schema_skipped += plan.schema_skipped
         self.apply_seconds.observe(time.monotonic() - started)
         self.batch_sizes.observe(len(plan.changes))
         # one observation per change, computed once per source transaction (they share a commit time)
@@ -60,6 +63,8 @@ class SinkStats:
             self.latency.observe((committed_us - last_ts) / 1e6, same)
         for b in plan.tables:
             name = str(b.table)
+            if b.schema_changes:
+                self.schema_changes[name] += len(b.schema_changes)
             for op, n in b.ops.items():
                 self.applied[(name, op)] += n
             if b.max_ts_us is not None:
@@ -96,8 +101,19 @@ def collect(sink: "Sink") -> Iterator[Any]:
             sink.dead_letters.sent if sink.dead_letters else 0,
         ),
         ("cdc_sink_fenced_total", "Batches dropped because another member moved the offsets.", stats.fenced),
+        (
+            "cdc_sink_schema_changes_skipped_total",
+            "Schema-change events not applied (--schema-changes none).",
+            stats.schema_skipped,
+        ),
     ):
         yield single_counter(name, doc, value)
+    yield counter(
+        "cdc_sink_schema_changes_applied_total",
+        "Schema-change events applied to the target, by table.",
+        ["table"],
+        samples(stats.schema_changes),
+    )
     yield counter("cdc_sink_errors_total", "Errors by kind.", ["kind"], samples(stats.errors))
     yield counter(
         "cdc_sink_snapshot_rows_total",

@@ -4,7 +4,8 @@ A batch keeps the last change per key: a delete after an upsert wins, an upsert 
 re-creates the row, an update that leaves TOASTed columns `unchanged` is merged onto the row before
 it. A TRUNCATE event (sent by the source to every partition) empties the rows of its partition:
 the changes before it in that partition are dropped and the rows whose key hashes to that
-partition are deleted before the rest of the batch is applied.
+partition are deleted before the rest of the batch is applied. A schema-change event (`s`) is not
+part of the net effect: plan.py gives the table's batch the schema changes to apply before its rows.
 """
 
 from collections import Counter
@@ -13,6 +14,7 @@ from typing import Any
 
 from pg_kafka_cdc.common.tables import TableName
 from sink_connector.changes import DELETE_OPS, FULL_ROW_OPS, Change
+from sink_connector.schema_changes import SchemaEvent
 
 
 @dataclass
@@ -42,6 +44,8 @@ class TableBatch:
     ops: Counter[str] = field(default_factory=Counter)
     max_ts_us: int | None = None
     max_commit_lsn: int | None = None
+    # applied (DDL) before the rows, in this order; the changes above are in the shape they give
+    schema_changes: list[SchemaEvent] = field(default_factory=list)
 
     def add(self, change: Change) -> None:
         self.changes += 1
@@ -78,7 +82,7 @@ class TableBatch:
         elif op in DELETE_OPS:
             self.upserts.pop(key, None)
             self.deletes[key] = ({k: row[k] for k in (change.key_columns or row)}, change.partition)
-        else:  # t: the partition's rows go, so do the batch's earlier changes to them
+        elif op == "t":  # the partition's rows go, so do the batch's earlier changes to them
             p = change.partition
             self.replaced += [u.row for u in self.upserts.values() if u.partition == p]
             self.replaced += [d[0] for d in self.deletes.values() if d[1] == p]

@@ -2,8 +2,11 @@
 Pure: no connection, no consumer.
 
 plan_batch drops the changes the target already has (applied.py) and those the bulk copy holds (the
-hand-over), coalesces the rest per table (net_effect.coalesce) and names the offsets and source
-positions the batch moves its partitions to.
+hand-over), sets the schema-change events aside (each applied once per table, before the table's
+rows, unless the history says it was already: schema_history.py), translates the changes older than
+a schema change to the table's current shape (schema_changes.TableShapes), coalesces the rest per
+table (net_effect.coalesce) and names the offsets and source positions the batch moves its
+partitions to.
 """
 
 from collections.abc import Collection, Iterable, Mapping
@@ -14,10 +17,12 @@ from schemas.codec import BadMessage, Position
 from schemas.topics import table_for
 from sink_connector.applied import Positions, new_changes
 from sink_connector.bookkeeping import StreamPartition, TopicPartition
-from sink_connector.changes import Change, Rejected
+from sink_connector.changes import SCHEMA_CHANGE, Change, Rejected
 from sink_connector.net_effect import TableBatch, coalesce
 from sink_connector.ports import Message
 from sink_connector.preparation import TableState
+from sink_connector.schema_changes import SchemaEvent, TableShapes, event_of
+from sink_connector.schema_history import SchemaHistory
 
 Progress = tuple[TableName, int | None, int | None, int]  # table, newest commit µs, newest commit LSN, changes
 
@@ -33,6 +38,7 @@ class BatchPlan:
     skipped: int  # changes the bulk copy already held
     applied: dict[StreamPartition, Position] = field(default_factory=dict)  # the source positions to store
     duplicates: int = 0  # changes the target already had (applied.py)
+    schema_skipped: int = 0  # schema-change events not applied (--schema-changes none)
 
     @property
     def progress(self) -> list[Progress]:
@@ -80,28 +86,96 @@ def plan_batch(
     topic_tables: Mapping[str, TableName],
     tables: Mapping[TableName, TableState],
     applied: Positions,
+    history: SchemaHistory | None = None,
 ) -> BatchPlan:
     """The batch as one plan: the changes the target already has left out, then the hand-over
-    filter, then the net effect per table."""
+    filter, then the schema changes and the net effect per table."""
     new, duplicates, moved = new_changes(changes, applied)
     kept = [c for c in new if not in_copy(c, tables.get(topic_tables[c.topic]))]
-    batches = coalesce(kept, dict(topic_tables))
-    return BatchPlan(list(batches.values()), rejected, positions, kept, len(new) - len(kept), moved, duplicates)
+    rows, events, skipped = schema_changes_of(kept, topic_tables, tables, history)
+    batches = coalesce(rows, dict(topic_tables))
+    for table, found in events.items():
+        batch = batches.get(table)
+        if batch is None:
+            batch = batches[table] = TableBatch(table)
+        batch.schema_changes = found
+    plan = BatchPlan(list(batches.values()), rejected, positions, kept, len(new) - len(kept), moved, duplicates)
+    plan.schema_skipped = skipped
+    return plan
+
+
+def schema_changes_of(
+    changes: list[Change],
+    topic_tables: Mapping[str, TableName],
+    tables: Mapping[TableName, TableState],
+    history: SchemaHistory | None,
+) -> tuple[list[Change], dict[TableName, list[SchemaEvent]], int]:
+    """The row changes (those older than a schema change translated to the table's current shape),
+    the schema changes to apply per table (each event once, none the history holds, in the order of
+    their positions), and how many schema-change events are skipped (--schema-changes none)."""
+    if history is None or not history.applies:
+        rows = [c for c in changes if c.op != SCHEMA_CHANGE]
+        return rows, {}, len(changes) - len(rows)
+    events: dict[TableName, list[SchemaEvent]] = {}
+    seen: dict[TableName, set[tuple[str, int, int]]] = {}
+    for c in changes:
+        if c.op != SCHEMA_CHANGE:
+            continue
+        table = topic_tables[c.topic]
+        state = tables.get(table)
+        if state is None:  # no target table (nothing to change): created later from the new shape
+            continue
+        known = seen.get(table)
+        if known is None:
+            known = seen[table] = history.known(table, state.target.oid)
+        event = event_of(c)
+        if event.ident not in known:
+            known.add(event.ident)
+            events.setdefault(table, []).append(event)
+    for found in events.values():
+        found.sort(key=lambda e: (e.stream, e.position))
+    if not events and not history.entries:  # the common case: nothing to translate
+        return [c for c in changes if c.op != SCHEMA_CHANGE], events, 0
+    shapes: dict[TableName, TableShapes | None] = {}
+    rows = []
+    for c in changes:
+        if c.op == SCHEMA_CHANGE:
+            continue
+        table = topic_tables[c.topic]
+        if table not in shapes:
+            state = tables.get(table)
+            shapes[table] = (
+                None if state is None else history.shapes(table, state.target.oid, events.get(table, ()))
+            )
+        table_shapes = shapes[table]
+        rows.append(c if table_shapes is None else table_shapes.translate(c))
+    return rows, events, 0
 
 
 def new_tables(
-    changes: Iterable[Change], topic_tables: Mapping[str, TableName], known: Collection[TableName]
+    changes: Iterable[Change],
+    topic_tables: Mapping[str, TableName],
+    known: Collection[TableName],
+    schema_changes: bool = True,
 ) -> dict[TableName, TableBatch]:
     """Tables of these changes not prepared yet, each with the columns of its first change that
-    carries them (what creating the table from its events needs)."""
+    carries them (what creating the table from its events needs): of a row, else of a schema-change
+    event (the table's new shape), unless they are not applied (`schema_changes` false)."""
     found: dict[TableName, TableBatch] = {}
+    shapes: dict[TableName, Change] = {}
     for c in changes:
         table = topic_tables[c.topic]
         if table in known:
             continue
         pending = found.setdefault(table, TableBatch(table))
-        if c.columns and not pending.columns:
+        if c.op == SCHEMA_CHANGE:
+            if schema_changes and c.columns and c.key_columns:
+                shapes.setdefault(table, c)
+        elif c.columns and not pending.columns:
             pending.add(c)
+    for table, shape in shapes.items():
+        if not found[table].columns:
+            found[table].add(shape)
     return found
 
 

@@ -75,7 +75,10 @@ class Holder(NamedTuple):
 def reset_tables(conn: Any, book: Bookkeeping, prefix: str, tables: tuple[TableName, ...]) -> None:
     """In one transaction: empty the tables, record them as filled from their topics (forgetting a
     bulk copy's snapshot), forget their offsets, the source positions applied of their topics and
-    the group's keys parked on them."""
+    the group's keys parked on them. The schema changes applied to them (schema_history.py) are kept:
+    the tables keep their columns, the replayed schema-change events are known as applied, and the
+    changes older than them are translated to the tables' current shape. (A table dropped before the
+    rebuild is created again from the events, and its schema changes applied again.)"""
     topics = [topic_for(prefix, t) for t in tables]
     with conn.cursor() as cur:
         for table in tables:

@@ -3,24 +3,28 @@ progress), table preparation in transactions of their own, reconnection."""
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import psycopg2
 from psycopg2 import sql
 
-from pg_kafka_cdc.common.errors import CdcError
+from pg_kafka_cdc.common.errors import CdcError, SinkError
 from pg_kafka_cdc.common.pg import connect_target, error_reason, is_connection_loss, sqlstate
 from pg_kafka_cdc.common.tables import TableName
 from schemas.codec import Position
-from sink_connector.added_columns import SourceAccess
+from sink_connector import schema_history
+from sink_connector.added_columns import SourceAccess, asked_line, refused_line, snapshot_command
 from sink_connector.apply import apply_table
 from sink_connector.bookkeeping import Bookkeeping, StreamPartition, TopicPartition
 from sink_connector.net_effect import TableBatch
 from sink_connector.preparation import TableState
 from sink_connector.refusals import explain_error
 from sink_connector.replica_role import apply_as_replica, current_role, fallback_warning
-from sink_connector.target import reconcile
+from sink_connector.schema_changes import DEFAULT_MODE, SchemaEvent, ddl_for
+from sink_connector.schema_history import SchemaHistory, record, stored
+from sink_connector.target import TargetTable, load, reconcile
+from sink_connector.user_types import is_missing_enum_value, missing_enum_value_line
 
 log = logging.getLogger("sink")
 
@@ -35,6 +39,9 @@ _FROZEN_MEMBER_TIMEOUT = sql.SQL("SET LOCAL idle_in_transaction_session_timeout 
 )
 _PROBE = sql.SQL("SAVEPOINT cdc_probe")
 _PROBE_DONE = sql.SQL("RELEASE SAVEPOINT cdc_probe")
+_TYPE_CHECK = sql.SQL("SAVEPOINT cdc_type")
+_TYPE_CHECK_UNDO = sql.SQL("ROLLBACK TO SAVEPOINT cdc_type")
+_TYPE_CHECK_DONE = sql.SQL("RELEASE SAVEPOINT cdc_type")
 _PROGRESS = sql.SQL("SAVEPOINT progress; SET LOCAL lock_timeout = '100ms'")
 _PROGRESS_HELD = sql.SQL("ROLLBACK TO SAVEPOINT progress")
 _PROGRESS_DONE = sql.SQL("RELEASE SAVEPOINT progress; SET LOCAL lock_timeout = DEFAULT")
@@ -49,6 +56,10 @@ def classify(exc: BaseException) -> str:
     return "data"
 
 
+def _idents(history: SchemaHistory) -> set[tuple[TableName, int, tuple[str, int, int]]]:
+    return {(table, oid, e.ident) for table, entries in history.entries.items() for oid, e in entries}
+
+
 class TargetSession:
     def __init__(
         self,
@@ -56,6 +67,7 @@ class TargetSession:
         book: Bookkeeping,
         tables: dict[TableName, TableState],
         source: SourceAccess | None = None,
+        schema_changes: str = DEFAULT_MODE,
     ) -> None:
         self.dsn = dsn
         self.book = book
@@ -69,6 +81,9 @@ class TargetSession:
         self.warned = False
         # The source's catalog and WAL, for the rows of a column added while streaming (reconcile).
         self.source = source
+        # The schema changes applied (--schema-changes), loaded at install; the batch loop adds to
+        # it what a committed batch applied.
+        self.history = SchemaHistory(schema_changes)
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -127,6 +142,10 @@ class TargetSession:
 
     def install(self) -> None:
         self.book.install(self.conn)
+        with self.conn.cursor() as cur:
+            loaded = schema_history.load(cur, self.book.schema, self.history.mode)
+        self.conn.commit()
+        self.history.entries = loaded.entries
 
     def parked(self) -> set[tuple[str, bytes]]:
         return self.book.parked(self.conn)
@@ -162,9 +181,132 @@ class TargetSession:
         state = self.tables.get(batch.table)
         if state is None:
             return
+        if batch.schema_changes:
+            state.target = self.change_schema(state.target, batch.schema_changes)
         if batch.columns:
             state.target = reconcile(self.conn, state.target, batch.columns, self.source)
         apply_table(self.cur, state.target, batch)
+
+    def change_schema(self, target: TargetTable, events: list[SchemaEvent]) -> TargetTable:
+        """The DDL of the table's schema-change events, each recorded in the history, in the batch's
+        transaction; the table as it is then. Events another sink recorded meanwhile are not applied
+        again."""
+        mode = self.history.mode
+        done = stored(self.cur, self.book.schema, target.name, target.oid)
+        table = str(target.name)
+        for event in events:
+            if event.ident in done:
+                continue
+            self.ensure_types(target.name, event)
+            ddl = ddl_for(event, target.name, target.columns, target.key, mode)
+            for step in ddl.steps:
+                self.cur.execute(step.statement)
+                log.info("%s", step.done, extra={"table": table})
+            record(self.cur, self.book.schema, target.name, target.oid, event, mode)
+            refreshed = load(self.conn, target.name)
+            assert refreshed is not None
+            target = refreshed
+            if ddl.snapshot:
+                self.ask_for_snapshot(target, ddl.snapshot)
+        return target
+
+    def ensure_types(self, table: TableName, event: SchemaEvent) -> None:
+        """The user-defined types of the columns the event adds, created on the target from the
+        source's catalog when it lacks them."""
+        lacking = []
+        for added in event.added:
+            self.cur.execute(_TYPE_CHECK)
+            try:
+                self.cur.execute("SELECT to_regtype(%s) IS NOT NULL", (added.type,))
+                known = bool(self.cur.fetchone()[0])
+            except psycopg2.Error:
+                known = True  # not a type name the target reads: ADD COLUMN says why
+                self.cur.execute(_TYPE_CHECK_UNDO)
+            self.cur.execute(_TYPE_CHECK_DONE)
+            if not known:
+                lacking.append(added.name)
+        if not lacking:
+            return
+        why = "the sink was given no source access" if self.source is None else None
+        if self.source is not None:
+            why = self.source.create_types(self.cur, table, lacking)
+        if why is not None:
+            raise SinkError(
+                f"column {', '.join(lacking)} of {table} has a type that does not exist on the target, and the sink "
+                f"cannot create it from the source's catalog ({why}): create it there first (e.g. from pg_dump "
+                "--schema-only of the source), then restart the sink"
+            )
+
+    def refresh_schema(self, failure: BaseException, tables: Collection[TableName]) -> bool:
+        """After a batch of `tables` the target refused (outside its transaction): values the source
+        added to an enum, added to the target's (else one line says how); the schema changes recorded
+        and the prepared tables as they are now (another member of the group may have applied a
+        schema change meanwhile). True when something changed: the batch is worth applying again."""
+        if is_missing_enum_value(failure):
+            return self.add_enum_values(failure, tables)
+        try:
+            with self.conn.cursor() as cur:
+                loaded = schema_history.load(cur, self.book.schema, self.history.mode)
+            changed = _idents(loaded) != _idents(self.history)
+            self.history.entries = loaded.entries
+            for name, state in self.tables.items():
+                current = load(self.conn, name)
+                if current is not None and (current.oid, current.columns, current.key) != (
+                    state.target.oid,
+                    state.target.columns,
+                    state.target.key,
+                ):
+                    state.target = current
+                    changed = True
+            self.conn.commit()
+        except psycopg2.Error:
+            with contextlib.suppress(psycopg2.Error):
+                self.conn.rollback()
+            return False
+        return changed
+
+    def add_enum_values(self, failure: BaseException, tables: Collection[TableName]) -> bool:
+        """A value an enum of the target lacks: added from the source's enum, for the batch's tables."""
+        added = False
+        for table in sorted(tables):
+            state = self.tables.get(table)
+            if state is None:
+                continue
+            if self.source is None:
+                raise SinkError(missing_enum_value_line(table, failure))
+            done = self.source.add_enum_values(self.conn, table, state.target.columns)
+            if isinstance(done, str):
+                log.warning("cannot read the source's enums for %s: %s", table, done, extra={"table": str(table)})
+                raise SinkError(missing_enum_value_line(table, failure))
+            added = added or bool(done)
+        if not added:
+            return False
+        for state in self.tables.values():
+            state.target.statements.clear()  # nothing in them depends on the labels, but be plain
+        return True
+
+    def ask_for_snapshot(self, target: TargetTable, columns: list[str]) -> None:
+        """Columns added with a default whose values the stream does not carry: ask the source's
+        connector for a snapshot of the table (as reconcile does), or say how to get one."""
+        table = str(target.name)
+        if self.source is None:
+            log.warning(
+                "column %s of %s was added on the source with a default whose values the stream does not carry, "
+                "and the sink has no source access to ask for a snapshot: until `%s` is run, the target's rows "
+                "not changed since read NULL there",
+                ", ".join(columns),
+                table,
+                snapshot_command(None, target.name),
+                extra={"table": table},
+            )
+            return
+        refused = self.source.ask_for_snapshot(target.name, columns)
+        if refused is None:
+            log.warning("%s", asked_line(self.source.slot, target.name, columns), extra={"table": table})
+        else:
+            log.warning(
+                "%s", refused_line(self.source.slot, target.name, columns, refused), extra={"table": table}
+            )
 
     def probe(self, batch: TableBatch) -> str | None:
         self.cur.execute(_PROBE)

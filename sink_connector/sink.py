@@ -50,6 +50,7 @@ class SinkOptions:
     rebuild: tuple[TableName, ...] = ()
     metrics_port: int = 0
     instance_id: str | None = None  # static group membership (group.instance.id)
+    schema_changes: str = "keep"  # keep | drop | none (schema_changes.py)
 
 
 class Sink:
@@ -61,7 +62,7 @@ class Sink:
         book = Bookkeeping(options.state_schema, options.group)
         tables: dict[TableName, TableState] = {}
         source = SourceAccess(settings.source_dsn, options.slot) if settings.source_dsn and options.slot else None
-        self.target = TargetSession(settings.target_dsn, book, tables, source)
+        self.target = TargetSession(settings.target_dsn, book, tables, source, options.schema_changes)
         self.preparer = TablePreparer(
             settings, book, options.snapshot, options.rebuild, options.slot, stop, self.target, tables
         )
@@ -105,7 +106,15 @@ class Sink:
         self._subscribe()
         commit = BatchCommit(self.target, self.kafka, self.kafka.consumer, self.dead_letters, self.kafka.expected)
         processor = BatchProcessor(
-            self.target, self.preparer, commit, policy, self.topic_tables, self.stats, self._reconnect
+            self.target,
+            self.preparer,
+            commit,
+            policy,
+            self.topic_tables,
+            self.stats,
+            self._reconnect,
+            schema=self.target.history,
+            refresh_schema=self.target.refresh_schema,
         )
         try:
             self.loop(processor, once)

@@ -1,5 +1,6 @@
 """Target tables: created when missing (from the source catalog or from the types events carry),
-widened when a column appears, never dropped or narrowed. A type change stops the sink."""
+widened when a column appears, never dropped or narrowed here (schema_changes.py applies the
+source's schema-change events). A type change no event announced stops the sink."""
 
 import logging
 import re
@@ -9,16 +10,13 @@ from typing import Any
 from psycopg2 import sql
 
 from pg_kafka_cdc.common.catalog import (
-    FIRST_USER_OID,
-    Column,
     ColumnFill,
     TableDef,
     column_fills,
-    enum_labels,
     read_table,
 )
 from pg_kafka_cdc.common.errors import SinkError
-from pg_kafka_cdc.common.tables import TableName
+from pg_kafka_cdc.common.tables import TableName, quote_if_needed
 from sink_connector.added_columns import (
     Fill,
     SourceAccess,
@@ -27,6 +25,7 @@ from sink_connector.added_columns import (
     refused_line,
     unknown_line,
 )
+from sink_connector.user_types import create_missing_types
 
 log = logging.getLogger("sink.target")
 
@@ -41,6 +40,16 @@ _TYPE = re.compile(
 def normalize_type(type_name: str) -> str:
     """Compare type names regardless of quoting (wal2json drops the quotes of a quoted type name)."""
     return type_name.replace('"', "")
+
+
+def type_change_line(table: TableName, column: str, old: str, new: str) -> str:
+    """The one line a type change the sink does not apply stops it with."""
+    c = quote_if_needed(column)
+    return (
+        f"column {c} of {table} changed type on the source ({old} -> {new}), which the sink does not apply by "
+        f"itself: run ALTER TABLE {table} ALTER COLUMN {c} TYPE {new} USING {c}::{new} on the target, then "
+        "restart the sink"
+    )
 
 
 def checked_type(type_name: str, table: TableName, column: str) -> sql.Composable:
@@ -65,6 +74,7 @@ class TargetTable:
     key: tuple[str, ...]
     statements: dict[Any, sql.Composed] = field(default_factory=dict)
     generated: frozenset[str] = frozenset()  # columns the target computes: never written
+    oid: int = 0  # the table's pg_class oid (0: not known)
 
     def written(self, shape: tuple[str, ...]) -> tuple[str, ...]:
         """The columns of a row the sink writes: the target's own, but none it generates."""
@@ -92,6 +102,7 @@ def load(conn: Any, table: TableName) -> TargetTable | None:
         {c.name: c.type for c in definition.columns},
         definition.key,
         generated=generated_columns(conn, definition.oid),
+        oid=definition.oid,
     )
 
 
@@ -109,45 +120,6 @@ def ensure_schema(cur: Any, schema: str) -> None:
         cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
 
 
-def _type_exists(cur: Any, schema: str, name: str) -> bool:
-    cur.execute(
-        "SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = %s AND t.typname = %s",
-        (schema, name),
-    )
-    return cur.fetchone() is not None
-
-
-def _ensure_user_types(source_conn: Any, cur: Any, table: TableName, columns: tuple[Column, ...]) -> None:
-    """Enums used by the source table are created on the target when missing; other user-defined
-    types must exist there already."""
-    for column in columns:
-        if column.element_oid:
-            oid, kind, schema, name = (
-                column.element_oid,
-                column.element_kind,
-                column.element_schema,
-                column.element_name,
-            )
-        else:
-            oid, kind, schema, name = column.type_oid, column.kind, column.type_schema, column.type_name
-        if oid < FIRST_USER_OID or _type_exists(cur, schema, name):
-            continue
-        if kind == "e":
-            ensure_schema(cur, schema)
-            labels = enum_labels(source_conn, oid)
-            cur.execute(
-                sql.SQL("CREATE TYPE {} AS ENUM ({})").format(
-                    sql.Identifier(schema, name), sql.SQL(", ").join(map(sql.Literal, labels))
-                )
-            )
-            log.info("created enum type %s.%s on the target", schema, name)
-        else:
-            raise SinkError(
-                f"column {column.name} of {table} has type {column.type}, which does not exist on the target: "
-                "create it there first (e.g. from pg_dump --schema-only of the source)"
-            )
-
-
 def value_default(missing: str | None, type_sql: sql.Composable) -> sql.Composable:
     """` DEFAULT '<value>'::<type>` for a column whose source rows have a missing value, else nothing."""
     if missing is None:
@@ -163,7 +135,7 @@ def create_from_source(source_conn: Any, conn: Any, definition: TableDef) -> Tar
     fills = column_fills(source_conn, table)
     with conn.cursor() as cur:
         ensure_schema(cur, table.schema)
-        _ensure_user_types(source_conn, cur, table, definition.columns)
+        create_missing_types(source_conn, cur, table, definition.columns)
         cur.execute(
             sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
                 sql.Identifier(table.schema, table.name),
@@ -216,11 +188,7 @@ def reconcile(
     for name, type_name in columns.items():
         have = target.columns.get(name)
         if have is not None and normalize_type(have) != normalize_type(type_name):
-            raise SinkError(
-                f"column {name} of {target.name} changed type on the source ({have} -> {type_name}); "
-                f"the sink does not change column types by itself: ALTER TABLE {target.name} ALTER COLUMN "
-                f"{name} TYPE {type_name} on the target, then restart the sink"
-            )
+            raise SinkError(type_change_line(target.name, name, have, type_name))
     missing = {n: t for n, t in columns.items() if n not in target.columns}
     if not missing:
         return target

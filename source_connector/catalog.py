@@ -8,11 +8,13 @@ from typing import Any
 
 from pg_kafka_cdc.common.catalog import (
     Relation,
+    TableNow,
     ancestors,
     partitions,
     read_table,
     relation,
     table_exists,
+    table_now,
 )
 from pg_kafka_cdc.common.errors import ConfigError, SourceError
 from pg_kafka_cdc.common.tables import TableName, TableSelection
@@ -148,7 +150,17 @@ class Catalog:
             replica_identity=definition.replica_identity,
             not_null=frozenset(c.name for c in definition.columns if c.not_null),
             key_from_pk=definition.has_pk,
+            attnums=tuple(c.attnum for c in definition.columns),
+            relfilenode=definition.relfilenode,
         )
+
+    def now(self, table: TableName) -> TableNow | None:
+        """The catalog's facts of the table now, by attnum (for a shape read from the stream)."""
+        return table_now(self.conn, table)
+
+    def remember(self, info: TableInfo) -> None:
+        """The table's shape as the stream showed it last: what its next changes are compared with."""
+        self.cache[(info.name.schema, info.name.name)] = info
 
     def lookup(self, schema: str, name: str, refresh: bool) -> TableInfo | None:
         """For the stream: the definition of the table the named one's changes are published as

@@ -19,7 +19,8 @@ from pg_kafka_cdc.common.service import serving
 from pg_kafka_cdc.common.settings import KAFKA_CLIENT_LOG, Settings
 from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
-from schemas.envelope import stream_id
+from schemas.envelope import SchemaChange, stream_id
+from schemas.signals import snapshot_request
 from schemas.topics import state_topic
 from source_connector.catalog import Catalog
 from source_connector.change_topics import MAX_MESSAGE_BYTES, ChangeTopics
@@ -27,7 +28,7 @@ from source_connector.confirm import Confirmer
 from source_connector.events import EventBuilder
 from source_connector.heartbeat import Heartbeat, emit_heartbeat
 from source_connector.held import replay_of, topics_holding
-from source_connector.incremental import Incremental, Request
+from source_connector.incremental import Incremental, Request, emit
 from source_connector.losses import NanLosses
 from source_connector.metrics import collect
 from source_connector.oversized import PRODUCER_SIZE_SETTINGS
@@ -36,6 +37,7 @@ from source_connector.readback import ReadBack
 from source_connector.replay import Replay
 from source_connector.scope import wal2json_filter
 from source_connector.session import SourceSession
+from source_connector.shapes import renamed_key
 from source_connector.slot import ServerInfo, check_plugin_allowed, create_slot, drop_slot, get_slot, server_info
 from source_connector.slot_wait import reporting_waits
 from source_connector.slot_watch import SlotWatch
@@ -301,7 +303,45 @@ class SourceConnector:
             self.nan,
             self.readback,
             partition_truncated,
+            lambda table: source.session.run(lambda conn: source.catalog.now(table)),
+            source.catalog.remember,
+            lambda old, new, change: self._schema_changed(source, old, new, change),
         )
+
+    def _schema_changed(self, source: Source, old: TableInfo, new: TableInfo, change: SchemaChange) -> None:
+        """A schema-change event was built: say what changed; a rewritten table is snapshotted again."""
+        parts = [f"renamed {r['from']} -> {r['to']}" for r in change["renamed"]]
+        parts += [f"retyped {r['name']} {r['from']} -> {r['to']}" for r in change["retyped"]]
+        parts += [f"dropped {n}" for n in change["dropped"]]
+        parts += [f"added {a['name']} {a['type']}" for a in change["added"]]
+        log.info("schema change of %s: %s", new.name, ", ".join(parts), extra={"table": new.label})
+        for was, now in renamed_key(old, change):
+            log.warning(
+                "key column %s of %s was renamed to %s: the Kafka key's JSON of its changes changes with it "
+                "(consumers keyed on the old name see new keys from here on)",
+                was,
+                new.name,
+                now,
+                extra={"table": new.label},
+            )
+        if not change["rewritten"]:
+            return
+        if self.incremental is None:
+            log.warning(
+                "%s was rewritten (its storage changed) with a schema change: rows no event carries may hold "
+                "other values; no snapshot is taken (--snapshot is not initial)",
+                new.name,
+                extra={"table": new.label},
+            )
+            return
+        log.info(
+            "%s was rewritten (its storage changed) with a schema change: asking for a snapshot of it "
+            "while streaming goes on",
+            new.name,
+            extra={"table": new.label},
+        )
+        request = snapshot_request(self.options.slot, [new.name])
+        source.session.run(lambda conn: emit(conn, request))
 
     def _start(
         self, source: Source, builder: EventBuilder, publisher: Publisher, topics: ChangeTopics, topic: str

@@ -8,6 +8,9 @@ One message per row change, keyed by the primary key:
   IDENTITY FULL, otherwise the event lists them in `unchanged` (never sent as null);
 - truncate -> one `t` event on every partition of the table's topic, so it is ordered with the
   other changes of every key;
+- an insert or update whose columns differ from the table's shape (by attnum: see shapes.py) ->
+  one `s` event on every partition first, at the seq of the change and rank -1, then the change
+  with the new shape;
 - a change wal2json reports under a partition's name is published as the table the lookup returns
   (the root); a TRUNCATE of a partition only as part of its root's (see truncate()).
 """
@@ -19,11 +22,21 @@ from typing import Any
 
 import orjson
 
+from pg_kafka_cdc.common.catalog import TableNow
 from pg_kafka_cdc.common.lsn import lsn_to_int
 from pg_kafka_cdc.common.tables import TableName
 from schemas.codec import Columns, encode, encode_key, encode_tombstone
-from schemas.envelope import CONNECTOR, ENVELOPE_VERSION, TOMBSTONE_HEADER, Op, Source, TombstoneSource
+from schemas.envelope import (
+    CONNECTOR,
+    ENVELOPE_VERSION,
+    TOMBSTONE_HEADER,
+    Op,
+    SchemaChange,
+    Source,
+    TombstoneSource,
+)
 from schemas.values import json_row
+from source_connector.shapes import ShapeDiff, compare, next_info, schema_change
 from source_connector.table_info import TableInfo, wal2json_type
 from source_connector.wal2json import timestamp_to_us
 
@@ -37,6 +50,10 @@ TableLookup = Callable[[str, str, bool], TableInfo | None]  # (schema, table, re
 SkippedTruncate = Callable[[TableInfo, TableName], None]
 # (table, key values, columns) -> those columns' current values in the table, or None (row gone)
 Refetch = Callable[[TableInfo, dict[str, Any], list[str], int | None], dict[str, Any] | None]
+# The catalog's facts of a table now, by attnum (None: gone); the new shape after a schema change is
+# remembered with `remember`; `on_schema_change` is told (old, new, change) once its event is built.
+ReadNow = Callable[[TableName], TableNow | None]
+SchemaChanged = Callable[[TableInfo, TableInfo, SchemaChange], None]
 
 
 class TxContext:
@@ -77,6 +94,9 @@ class EventBuilder:
         on_nan: Callable[[TableInfo, str], None] = lambda info, column: None,
         refetch: Refetch | None = None,
         on_partition_truncate: SkippedTruncate = lambda info, partition: None,
+        table_now: ReadNow = lambda table: None,
+        remember: Callable[[TableInfo], None] = lambda info: None,
+        on_schema_change: SchemaChanged = lambda old, new, change: None,
     ) -> None:
         self.prefix = prefix
         self.database = database
@@ -86,6 +106,12 @@ class EventBuilder:
         self.on_nan = on_nan
         self.refetch = refetch
         self.on_partition_truncate = on_partition_truncate
+        self.table_now = table_now
+        self.remember = remember
+        self.on_schema_change = on_schema_change
+        # The catalog read last, for the transaction it was read in: the updates of one transaction
+        # that leave out TOASTed columns ask it once whether those columns are dropped.
+        self._now: tuple[tuple[TableName, int | None, int | None], TableNow | None] | None = None
         self.truncated: tuple[int | None, int, str] | None = None  # (commit LSN, LSN, topic) of the last `t`
         self.events: Counter[tuple[str, str]] = Counter()  # by table and op, for the metrics
         self.bytes: Counter[str] = Counter()
@@ -106,6 +132,7 @@ class EventBuilder:
         unchanged: list[str] | None = None,
         refetched: list[str] | None = None,
         partitions: int | None = None,
+        change: SchemaChange | None = None,
     ) -> bytes:
         source: Source = {
             "version": ENVELOPE_VERSION,
@@ -125,7 +152,9 @@ class EventBuilder:
             "stream": self.stream,
         }
         ts_ms = int(time.time() * 1000)
-        value = encode(before, after, op, ts_ms, source, columns, info.key_json, unchanged, refetched, partitions)
+        value = encode(
+            before, after, op, ts_ms, source, columns, info.key_json, unchanged, refetched, partitions, change
+        )
         self.events[(info.label, op)] += 1
         self.bytes[info.label] += len(value)
         return value
@@ -138,36 +167,117 @@ class EventBuilder:
     # --- row changes ------------------------------------------------------------------------
 
     def row(self, doc: dict[str, Any], tx: TxContext) -> list[Message]:
-        """The messages for one wal2json I, U or D message."""
+        """The messages for one wal2json I, U or D message (an `s` event on every partition first
+        when an I or U shows that the table's shape changed)."""
         info = self.tables(doc["schema"], doc["table"], False)
         if info is None:
             return []
-        tx.seq += 1
         action = doc["action"]
         lsn = lsn_to_int(doc["lsn"])
         if action == "D":
             before = {c["name"]: c["value"] for c in doc["identity"]}
+            if not all(k in before for k in info.key) and doc["table"] == info.name.name:
+                # A key column renamed since the shape was read, and no insert or update told yet:
+                # identity entries carry no positions, so the catalog's shape is taken for it.
+                info, shown = self._catalog_shape(info, tx, lsn)
+                tx.seq += 1
+                return [*shown, *self._delete(info, before, tx, lsn)]
+            tx.seq += 1
             return self._delete(info, before, tx, lsn)
-        after = {c["name"]: c["value"] for c in doc["columns"]}
+        carried = doc["columns"]
+        after = {c["name"]: c["value"] for c in carried}
         columns: Columns = info.columns_json
         unchanged: list[str] = []
-        if tuple(after) != info.columns or [c["type"] for c in doc["columns"]] != info.wal2json_types:
+        changed: list[Message] = []
+        # The fast path: same names and types in the same order, and the same last attnum. Columns
+        # are listed in attnum order and a new column gets an attnum above every earlier one, so
+        # with equal names and the same last attnum the attnums are the same (a column dropped and
+        # added again under its name has a new, higher, attnum).
+        if (
+            tuple(after) != info.columns
+            or [c["type"] for c in carried] != info.wal2json_types
+            or carried[-1]["position"] != info.last_attnum
+        ):
             identity = doc.get("identity") if action == "U" else None
-            info, columns, unchanged = self._irregular(info, doc["columns"], after, identity)
+            if doc["table"] == info.name.name and doc["schema"] == info.name.schema:
+                info, changed = self._shape(info, carried, action == "I", tx, lsn)
+                info, columns, unchanged = self._irregular(info, carried, after, identity, False)
+            else:  # a partition's change, published as its root: attnums are the partition's own
+                info, columns, unchanged = self._irregular(info, carried, after, identity, True)
+        tx.seq += 1
         if info.nan_columns:
             self._check_nan(info, after)
         if action == "I":
-            return [
-                (
-                    info.topic,
-                    self.key(info, after),
-                    self._value(info, "c", None, after, tx, lsn, columns),
-                    None,
-                    None,
-                )
-            ]
+            created: Message = (
+                info.topic,
+                self.key(info, after),
+                self._value(info, "c", None, after, tx, lsn, columns),
+                None,
+                None,
+            )
+            return [*changed, created] if changed else [created]
         before = {c["name"]: c["value"] for c in doc.get("identity", ())}
-        return self._update(info, before, after, columns, unchanged, tx, lsn)
+        updated = self._update(info, before, after, columns, unchanged, tx, lsn)
+        return [*changed, *updated] if changed else updated
+
+    # --- schema changes -----------------------------------------------------------------------
+
+    def _shape(
+        self, info: TableInfo, carried: list[dict[str, Any]], insert: bool, tx: TxContext, lsn: int
+    ) -> tuple[TableInfo, list[Message]]:
+        """The table's shape after this message, and the `s` event on every partition when it changed."""
+        message = [(c["position"], c["name"], c["type"]) for c in carried]
+        read: list[TableNow | None] = []
+
+        def now() -> TableNow | None:
+            if not read:
+                read.append(self._catalog_now(info.name, tx))
+            return read[0]
+
+        def dropped(attnums: list[int]) -> list[int]:
+            found = now()
+            if found is None:  # gone from the catalog: nothing to tell a drop from TOAST by
+                return []
+            return [a for a in attnums if a not in found.attributes or found.attributes[a].dropped]
+
+        diff = compare(info.shape, message, insert, dropped)
+        if diff is None:
+            return info, []
+        return self._changed(info, diff, now(), tx, lsn)
+
+    def _catalog_shape(self, info: TableInfo, tx: TxContext, lsn: int) -> tuple[TableInfo, list[Message]]:
+        """The shape change a delete shows (its key named otherwise), by the catalog's shape now."""
+        facts = self._catalog_now(info.name, tx)
+        if facts is None:
+            return info, []
+        message = [(a.attnum, a.name, wal2json_type(a.type)) for a in facts.attributes.values() if not a.dropped]
+        diff = compare(info.shape, sorted(message), True, lambda attnums: attnums)
+        if diff is None:
+            return info, []
+        return self._changed(info, diff, facts, tx, lsn)
+
+    def _changed(
+        self, info: TableInfo, diff: ShapeDiff, facts: TableNow | None, tx: TxContext, lsn: int
+    ) -> tuple[TableInfo, list[Message]]:
+        new = next_info(info, diff.shape, facts)
+        change = schema_change(info, new, diff, facts)
+        self.remember(new)
+        # The event takes the seq of the change it precedes, at rank -1 (schemas.codec.RANKS): the
+        # seqs of the changes stay what they are when the stream is read again after a restart,
+        # whether or not that reading shows the shape change again.
+        tx.seq += 1
+        count = self.partitions(new.topic)
+        value = self._value(new, "s", None, None, tx, lsn, new.columns_json, partitions=count, change=change)
+        tx.seq -= 1
+        self.on_schema_change(info, new, change)
+        return new, [(new.topic, None, value, p, None) for p in range(count)]
+
+    def _catalog_now(self, table: TableName, tx: TxContext) -> TableNow | None:
+        """The catalog's facts of the table, read once per transaction and table."""
+        key = (table, tx.xid, tx.commit_lsn)
+        if self._now is None or self._now[0] != key:
+            self._now = (key, self.table_now(table))
+        return self._now[1]
 
     def _update(
         self,
@@ -235,10 +345,14 @@ class EventBuilder:
         carried: list[dict[str, Any]],
         after: dict[str, Any],
         identity: list[dict[str, Any]] | None,
+        refresh: bool,
     ) -> tuple[TableInfo, Columns, list[str]]:
-        """The slow path: unchanged TOAST columns left out, or the table changed since it was read."""
+        """The slow path: unchanged TOAST columns left out, or (`refresh`: a partition's change) the
+        table changed since it was read."""
         message_types = {c["name"]: c["type"] for c in carried}
-        if any(n not in info.types or wal2json_type(info.types[n]) != t for n, t in message_types.items()):
+        if refresh and any(
+            n not in info.types or wal2json_type(info.types[n]) != t for n, t in message_types.items()
+        ):
             info = self.tables(info.name.schema, info.name.name, True) or info
         unchanged = [n for n in info.columns if n not in after]
         if unchanged and identity is not None and info.full_identity:

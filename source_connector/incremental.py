@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 from psycopg2 import sql
 
-from pg_kafka_cdc.common.catalog import table_exists
+from pg_kafka_cdc.common.catalog import TableNow, table_exists, table_now
 from pg_kafka_cdc.common.errors import ConfigError
 from pg_kafka_cdc.common.lsn import int_to_lsn, lsn_to_int
 from pg_kafka_cdc.common.pg import connect_source
@@ -101,9 +101,14 @@ def emit(conn: Any, content: str) -> int:
     return lsn_to_int(lsn)
 
 
-def chunk_query(info: TableInfo, after: Key | None, limit: int) -> sql.Composable:
-    """The next `limit` rows in key order after the key `after`, read as text."""
-    key = sql.SQL(", ").join(map(sql.Identifier, info.key))
+def chunk_query(
+    info: TableInfo, after: Key | None, limit: int, names: dict[str, str] | None = None
+) -> sql.Composable:
+    """The next `limit` rows in key order after the key `after`, read as text. `names`: the
+    catalog's name now of each column of the shape the stream is at (see stream_columns); the
+    values come under the stream's names."""
+    now = names if names is not None else {c: c for c in info.columns}
+    key = sql.SQL(", ").join(sql.Identifier(now[k]) for k in info.key)
     where: sql.Composable = sql.SQL("")
     if after is not None:
         # Literals, not parameters: output_text() holds a '%s' of its own.
@@ -115,12 +120,27 @@ def chunk_query(info: TableInfo, after: Key | None, limit: int) -> sql.Composabl
             ),
         )
     return sql.SQL("SELECT {} FROM {}{} ORDER BY {} LIMIT {}").format(
-        sql.SQL(", ").join(output_text(c, info.types[c]) for c in info.columns),
+        sql.SQL(", ").join(output_text(now[c], info.types[c]) for c in info.columns if c in now),
         sql.Identifier(info.name.schema, info.name.name),
         where,
         key,
         sql.Literal(limit),
     )
+
+
+def stream_columns(info: TableInfo, current: TableNow | None) -> dict[str, str] | None:
+    """The catalog's name now of each column of the stream's shape, by attnum; a column dropped
+    since is left out (the catalog may be ahead of the stream: a DDL the stream has not reached
+    yet). None when the names are the same, or the table cannot be read."""
+    if current is None:
+        return None
+    names = {a.attnum: a.name for a in current.attributes.values() if not a.dropped}
+    now = {c: names[n] for c, n in zip(info.columns, info.attnums, strict=True) if n in names}
+    if len(now) == len(info.columns) and all(c == n for c, n in now.items()):
+        return None
+    if any(k not in now for k in info.key):
+        return None  # a key column dropped: the read fails and says so
+    return now
 
 
 @dataclass
@@ -313,16 +333,18 @@ class Incremental:
 
     def _read(self, conn: Any, request: Request, info: TableInfo) -> Chunk:
         token = uuid.uuid4().hex
+        names = stream_columns(info, table_now(conn, info.name))
+        read = info.columns if names is None else tuple(c for c in info.columns if c in names)
         emit(conn, watermark_content(self.slot, token, "low"))
         with conn.cursor() as cur:
-            cur.execute(chunk_query(info, request.after, self.chunk_rows))
+            cur.execute(chunk_query(info, request.after, self.chunk_rows, names))
             texts = cur.fetchall()
         emit(conn, watermark_content(self.slot, token, "high"))
         rows: dict[bytes, dict[str, Any]] = {}
-        positions = [info.columns.index(k) for k in info.key]
+        positions = [read.index(k) for k in info.key]
         last: Key | None = request.after
         for row in texts:
-            values = snapshot_values(info, info.columns, row)
+            values = snapshot_values(info, read, row)
             rows[self.builder.key(info, values)] = values
             last = tuple(row[i] for i in positions)
         return Chunk(request, info, token, rows, last, len(texts) < self.chunk_rows)

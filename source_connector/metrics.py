@@ -28,7 +28,7 @@ def _counts(connector: "SourceConnector") -> Iterator[Any]:
     if builder is not None:
         yield counter(
             "cdc_source_events_total",
-            "Change events published, by table and op (c u d r t).",
+            "Change events published, by table and op (c u d r t s).",
             ["table", "op"],
             samples(builder.events),
         )

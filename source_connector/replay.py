@@ -4,8 +4,8 @@ The slot is confirmed only past what Kafka acknowledged, and a little behind it,
 (or a lost replication connection) the stream re-reads changes that are in Kafka already. Every
 message has a position, strictly increasing along the stream and so along each partition:
 (commit LSN, seq in its transaction, rank), where the rank orders the messages of one wal2json
-change: a delete (0), its tombstone (1), then an insert, update, snapshot read or truncate (2), as a
-key change gives a delete, a tombstone and a create. A message at or before the last position its
+change: a schema change shown by it (-1), a delete (0), its tombstone (1), then an insert, update,
+snapshot read or truncate (2), as a key change gives a delete, a tombstone and a create. A message at or before the last position its
 partition holds is skipped; once the stream passes the newest position any partition holds,
 nothing is checked any more. Pure: the positions held are read from Kafka by the caller.
 """

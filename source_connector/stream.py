@@ -26,7 +26,7 @@ from pg_kafka_cdc.common.settings import Settings
 from pg_kafka_cdc.common.signals import StopFlag
 from schemas.signals import SNAPSHOT_PREFIX
 from source_connector.confirm import Confirmer
-from source_connector.events import EventBuilder, TxContext, begin_context
+from source_connector.events import EventBuilder, Message, TxContext, begin_context
 from source_connector.flush import Transaction
 from source_connector.heartbeat import HEARTBEAT_PREFIX, Heartbeat
 from source_connector.incremental import Incremental
@@ -197,8 +197,8 @@ class Stream:
                 changed = True
                 doc = decode(payload)
                 messages = row(doc, ctx) if kind != b"T" else self.builder.truncate(doc, ctx)
-                if incremental is not None and incremental.window is not None:
-                    incremental.window.saw(messages)
+                if incremental is not None and (incremental.window is not None or incremental.chunk is not None):
+                    messages_seen(incremental, messages, kind == b"T")
                 for message in messages:
                     if replay is None or replay.keep(message):
                         publish(tx, message)
@@ -311,6 +311,20 @@ class Stream:
             self.incremental.acknowledged()  # the snapshots' progress goes out with the last state record
         self.confirmer.final(cur)
         log.info("confirmed %s to the slot; stopped", int_to_lsn(self.confirmed_lsn), extra={"slot": self.slot})
+
+
+def messages_seen(incremental: Incremental, messages: list[Message], truncate: bool) -> None:
+    """The messages of one change, told to the snapshot chunk under way. A row change's messages
+    without a key are its table's schema-change event: a chunk of that table read with the old
+    shape is read again with the new one (its watermarks are then ignored)."""
+    if not truncate and messages and messages[0][1] is None:
+        chunk = incremental.window or incremental.chunk
+        if chunk is not None and chunk.info.topic == messages[0][0]:
+            incremental.reset()
+            return
+        messages = [m for m in messages if m[1] is not None]
+    if incremental.window is not None:
+        incremental.window.saw(messages)
 
 
 def outside_transaction(payload: bytes) -> SourceError:

@@ -34,8 +34,13 @@ class TableInfo:
     replica_identity: str  # d, f, i or n (pg_class.relreplident)
     not_null: frozenset[str] = frozenset()
     key_from_pk: bool = True
+    # Each column's attnum (pg_attribute), in column order: kept by a rename, never reused after a
+    # drop. Empty: 1, 2, 3... (a table read without them).
+    attnums: tuple[int, ...] = ()
+    relfilenode: int = 0  # the table's storage when this shape was read (0: unknown)
     # derived, for the hot path
     wal2json_types: list[str] = field(init=False)
+    last_attnum: int = field(init=False)  # the last column's attnum: see EventBuilder.row
     columns_json: orjson.Fragment = field(init=False)
     key_json: orjson.Fragment = field(init=False)
     integer_columns: frozenset[str] = field(init=False)
@@ -45,6 +50,11 @@ class TableInfo:
 
     def __post_init__(self) -> None:
         self.label = str(self.name)
+        if not self.attnums:
+            self.attnums = tuple(range(1, len(self.columns) + 1))
+        if len(self.attnums) != len(self.columns):
+            raise ValueError(f"{self.name}: {len(self.columns)} columns but {len(self.attnums)} attnums")
+        self.last_attnum = self.attnums[-1] if self.attnums else 0
         self.wal2json_types = [wal2json_type(self.types[c]) for c in self.columns]
         self.columns_json = orjson.Fragment(orjson.dumps({c: self.types[c] for c in self.columns}))
         self.key_json = orjson.Fragment(orjson.dumps(list(self.key)))
@@ -54,6 +64,11 @@ class TableInfo:
     @property
     def full_identity(self) -> bool:
         return self.replica_identity == "f"
+
+    @property
+    def shape(self) -> list[tuple[int, str, str]]:
+        """(attnum, name, type as wal2json prints it) of each column, in attnum order."""
+        return list(zip(self.attnums, self.columns, self.wal2json_types, strict=True))
 
 
 def key_problem(table: TableName, key: tuple[str, ...], has_pk: bool, replica_identity: str) -> str | None:

@@ -37,6 +37,9 @@ WAL2JSON_OPTIONS = {
     "include-typmod": "1",
     "include-pk": "1",
     "include-transaction": "1",
+    # `"position": attnum` after each value of I and U `columns` (wal2json 2.5 prints name, type,
+    # value, position; identity entries carry none): how the source tells a shape change (shapes.py).
+    "include-column-positions": "1",
 }
 NUMBERS_AS_STRING_OPTION = "numeric-data-types-as-string"
 

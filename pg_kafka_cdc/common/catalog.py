@@ -18,14 +18,14 @@ ORDER BY c.relname
 """
 
 _TABLE = """
-SELECT c.oid, c.relreplident
+SELECT c.oid, c.relreplident, c.relfilenode
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p') AND n.nspname = %s AND c.relname = %s
 """
 
 _COLUMNS = """
 SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, t.oid, t.typtype, tn.nspname, t.typname,
-       t.typelem, coalesce(et.typtype, ''), coalesce(etn.nspname, ''), coalesce(et.typname, '')
+       t.typelem, coalesce(et.typtype, ''), coalesce(etn.nspname, ''), coalesce(et.typname, ''), a.attnum
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_namespace tn ON tn.oid = t.typnamespace
@@ -39,7 +39,8 @@ ORDER BY a.attnum
 _KEY = """
 SELECT i.indisprimary,
        array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord),
+       array(SELECT k.attnum::int FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ORDER BY k.ord)
 FROM pg_index i
 WHERE i.indrelid = %s AND (i.indisprimary OR i.indisreplident)
 ORDER BY i.indisprimary DESC
@@ -114,6 +115,7 @@ class Column:
     element_kind: str
     element_schema: str
     element_name: str
+    attnum: int = 0  # pg_attribute.attnum: kept by a rename, never reused after a drop
 
     @property
     def user_defined(self) -> bool:
@@ -142,6 +144,8 @@ class TableDef:
     key: tuple[str, ...]
     has_pk: bool
     replica_identity: str  # d, f, i or n
+    relfilenode: int = 0  # the table's storage when it was read: another one after a rewrite
+    key_attnums: tuple[int, ...] = ()  # the key's columns by attnum, in key order
 
 
 def tables_in_schema(conn: Any, schema: str) -> list[TableName]:
@@ -199,7 +203,7 @@ def read_table(conn: Any, table: TableName) -> TableDef | None:
         found = cur.fetchone()
         if found is None:
             return None
-        oid, replident = found
+        oid, replident, relfilenode = found
         cur.execute(_COLUMNS, (oid,))
         columns = tuple(Column(*row) for row in cur.fetchall())
         cur.execute(_KEY, (oid,))
@@ -211,6 +215,73 @@ def read_table(conn: Any, table: TableName) -> TableDef | None:
         key=tuple(key_row[1]) if key_row else (),
         has_pk=bool(key_row and key_row[0]),
         replica_identity=replident,
+        relfilenode=relfilenode,
+        key_attnums=tuple(key_row[2]) if key_row else (),
+    )
+
+
+# Every attribute of the table by attnum, dropped ones included, with what a schema change needs.
+_ATTRIBUTES = """
+SELECT a.attnum, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attisdropped,
+       CASE WHEN a.atthasmissing THEN a.attmissingval::text END, pg_get_expr(d.adbin, d.adrelid)
+FROM pg_attribute a
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = %s AND a.attnum > 0
+ORDER BY a.attnum
+"""
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """One pg_attribute row of a table, as the catalog holds it now (a dropped column too)."""
+
+    attnum: int
+    name: str  # `........pg.dropped.N........` once dropped
+    type: str  # as format_type prints it
+    not_null: bool
+    dropped: bool
+    missing: str | None  # as ColumnFill.missing
+    default: str | None  # as ColumnFill.default
+
+
+@dataclass(frozen=True)
+class TableNow:
+    """The catalog's facts of a table now, by attnum: what a shape read from the stream is completed with."""
+
+    oid: int
+    relfilenode: int
+    replica_identity: str
+    has_pk: bool
+    key_attnums: tuple[int, ...]
+    attributes: dict[int, Attribute]
+
+
+def table_now(conn: Any, table: TableName) -> TableNow | None:
+    """The table's attributes by attnum (dropped ones included), key and storage; None when it does not exist."""
+    with conn.cursor() as cur:
+        cur.execute(_TABLE, (table.schema, table.name))
+        found = cur.fetchone()
+        if found is None:
+            return None
+        oid, replident, relfilenode = found
+        cur.execute(_ATTRIBUTES, (oid,))
+        rows = cur.fetchall()
+        cur.execute(_KEY, (oid,))
+        key_row = cur.fetchone()
+    attributes = {
+        attnum: Attribute(
+            attnum,
+            name,
+            type_name,
+            bool(not_null),
+            bool(dropped),
+            None if missing is None else array_element(missing),
+            default,
+        )
+        for attnum, name, type_name, not_null, dropped, missing, default in rows
+    }
+    return TableNow(
+        oid, relfilenode, replident, bool(key_row and key_row[0]), tuple(key_row[2]) if key_row else (), attributes
     )
 
 

@@ -80,8 +80,11 @@ class Partitions:
         seq: int | None = None,
         stream: str = "S1",
         commit_lsn: int = 9100,
+        row: dict[str, Any] | None = None,
+        columns: dict[str, str] | None = None,
     ) -> FakeMessage:
-        """An upsert; with `seq`, at the source position (commit_lsn, seq) of `stream`."""
+        """An upsert; with `seq`, at the source position (commit_lsn, seq) of `stream`; `row` and
+        `columns` in place of {"id": i, "n": n} and COLUMNS."""
         source: dict[str, Any] = {
             "txId": xid,
             "lsn": 9000,
@@ -93,12 +96,51 @@ class Partitions:
         env = {
             "op": op,
             "before": None,
-            "after": {"id": i, "n": n},
+            "after": {"id": i, "n": n} if row is None else row,
             "source": source,
-            "columns": COLUMNS,
+            "columns": COLUMNS if columns is None else columns,
             "key": ["id"],
         }
         return self._message(table, partition, orjson.dumps({"id": i}), orjson.dumps(env))
+
+    def schema_change(
+        self,
+        table: str,
+        change: dict[str, Any],
+        columns: dict[str, str],
+        partition: int = 0,
+        seq: int = 1,
+        commit_lsn: int = 9100,
+        stream: str = "S1",
+        partitions: int = 2,
+    ) -> FakeMessage:
+        """A schema-change event (`s`): `change` completes the empty `schema_change`."""
+        env = {
+            "op": "s",
+            "before": None,
+            "after": None,
+            "ts_ms": 0,
+            "source": {
+                "txId": 900,
+                "lsn": 9000,
+                "commit_lsn": commit_lsn,
+                "ts_us": 1_700_000_000_000_000,
+                "seq": seq,
+                "stream": stream,
+            },
+            "columns": columns,
+            "key": ["id"],
+            "partitions": partitions,
+            "schema_change": {
+                "renamed": [],
+                "retyped": [],
+                "dropped": [],
+                "added": [],
+                "rewritten": False,
+                **change,
+            },
+        }
+        return self._message(table, partition, None, orjson.dumps(env))
 
     def delete(self, table: str, i: int, partition: int = 0) -> FakeMessage:
         return self._message(table, partition, orjson.dumps({"id": i}), None)
@@ -199,6 +241,11 @@ class FakeTarget:
     def apply(self, batch: TableBatch) -> None:
         self.events.append(f"apply {batch.table}")
         rows = self._open().rows.setdefault(batch.table, {})
+        for event in batch.schema_changes:  # renames and drops of the rows held
+            self.events.append(f"schema change {batch.table} at {event.position}")
+            names = dict(event.renamed)
+            for key, row in list(rows.items()):
+                rows[key] = {names.get(k, k): v for k, v in row.items() if k not in event.dropped}
         if self.reject_batches:
             raise psycopg2.DataError("no single change")
         for row in [*batch.replaced, *(u.row for u in batch.upserts.values())]:

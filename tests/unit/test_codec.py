@@ -15,6 +15,7 @@ from jsonschema import Draft202012Validator
 
 import schemas
 from schemas.codec import (
+    RANKS,
     BadMessage,
     _checked,
     _valid,
@@ -24,6 +25,7 @@ from schemas.codec import (
     encode,
     encode_key,
     encode_tombstone,
+    position,
 )
 from schemas.envelope import (
     CONNECTOR,
@@ -274,6 +276,113 @@ def test_bytes_that_are_not_a_change_message(read: Callable[[Any], object], raw:
 def test_malformed_envelopes(changes: dict[str, Any], error: str) -> None:
     with pytest.raises(BadMessage, match=error):
         decode(orjson.dumps({**GOOD, **changes}))
+
+
+FULL_SOURCE: Source = {
+    "version": ENVELOPE_VERSION,
+    "connector": CONNECTOR,
+    "name": "cdc",
+    "db": "shop",
+    "schema": "public",
+    "table": "t",
+    "slot": "cdc_slot",
+    "lsn": 1000,
+    "commit_lsn": 2000,
+    "txId": 730,
+    "ts_ms": 1_700_000_000_000,
+    "ts_us": 1_700_000_000_000_000,
+    "seq": 1,
+    "snapshot": False,
+}
+
+
+SCHEMA_CHANGE: dict[str, Any] = {
+    **GOOD,
+    "op": "s",
+    "after": None,
+    "partitions": 3,
+    "columns": {"id": "bigint", "label": "text", "score": "integer"},
+    "schema_change": {
+        "renamed": [{"from": "name", "to": "label"}],
+        "retyped": [{"name": "id", "from": "integer", "to": "bigint"}],
+        "dropped": ["gone"],
+        "added": [{"name": "score", "type": "integer", "not_null": True, "default": "5", "missing": "5"}],
+        "rewritten": False,
+    },
+}
+
+
+def test_a_schema_change_event_decodes_and_fits_the_json_schema() -> None:
+    raw = encode(
+        None,
+        None,
+        "s",
+        SCHEMA_CHANGE["ts_ms"],
+        FULL_SOURCE,
+        SCHEMA_CHANGE["columns"],
+        SCHEMA_CHANGE["key"],
+        partitions=3,
+        schema_change=SCHEMA_CHANGE["schema_change"],
+    )
+    assert orjson.loads(raw) == decode(raw) == {**SCHEMA_CHANGE, "source": FULL_SOURCE}
+    assert _valid(orjson.loads(raw))
+    assert not list(VALIDATOR.iter_errors(orjson.loads(raw)))
+    assert position(raw, None) == (2000, 1, RANKS["s"]) and RANKS["s"] < RANKS["d"]
+    # the table may have no key by now
+    assert decode(orjson.dumps({**SCHEMA_CHANGE, "key": []}))["key"] == []
+
+
+def test_the_json_schema_wants_schema_change_only_on_s() -> None:
+    good = {**SCHEMA_CHANGE, "source": FULL_SOURCE}
+    assert not list(VALIDATOR.iter_errors(good))
+    assert list(VALIDATOR.iter_errors({k: v for k, v in good.items() if k != "schema_change"}))
+    assert list(VALIDATOR.iter_errors({k: v for k, v in good.items() if k != "partitions"}))
+    assert list(VALIDATOR.iter_errors({**GOOD, "source": FULL_SOURCE, "schema_change": good["schema_change"]}))
+    assert list(VALIDATOR.iter_errors({**good, "after": {"id": 1}}))
+    assert list(VALIDATOR.iter_errors({**good, "schema_change": {**good["schema_change"], "extra": 1}}))
+    assert not list(VALIDATOR.iter_errors({**good, "key": []}))
+    assert list(VALIDATOR.iter_errors({**GOOD, "source": FULL_SOURCE, "key": []}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"partitions": None}, "schema change event without a valid `partitions` count"),
+        ({"partitions": 0}, "schema change event without a valid `partitions` count"),
+        ({"schema_change": None}, "schema change event without a `schema_change` object"),
+        ({"after": {"id": 1}}, "schema change: `before` and `after` must be null"),
+        ({"key": "id"}, "schema change: `key` must be a list of column names"),
+        ({"columns": {"id": 1}}, "schema change: `columns` must map each column to its type name"),
+        ({"source": {"lsn": "0/1"}}, "envelope `source` txId, lsn, commit_lsn and ts_us must be integers"),
+        ({"unchanged": ["id"]}, "`unchanged` is only allowed on updates and creates"),
+    ],
+)
+def test_malformed_schema_change_events(changes: dict[str, Any], error: str) -> None:
+    with pytest.raises(BadMessage, match=error):
+        decode(orjson.dumps({**SCHEMA_CHANGE, **changes}))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("rewritten", None, "`schema_change` has no 'rewritten' field"),
+        ("renamed", [{"from": "a"}], '`renamed` must be a list of {"from": name, "to": name}'),
+        ("renamed", {"from": "a", "to": "b"}, "`renamed` must be a list of"),
+        ("retyped", [{"name": "a", "from": "integer"}], "`retyped` must be a list of"),
+        ("dropped", "gone", "`dropped` must be a list of column names"),
+        ("dropped", [1], "`dropped` must be a list of column names"),
+        ("added", [{"name": "a", "type": "integer", "not_null": 1, "default": None, "missing": None}], "`added`"),
+        ("added", [{"name": "a", "type": "integer", "not_null": True, "default": None}], "`added` must be a list"),
+        ("rewritten", "no", "`rewritten` must be true or false"),
+    ],
+)
+def test_malformed_schema_changes(field: str, value: Any, error: str) -> None:
+    change = {**SCHEMA_CHANGE["schema_change"], field: value}
+    if value is None:
+        del change[field]
+    with pytest.raises(BadMessage, match=f"schema change: {error}"):
+        decode(orjson.dumps({**SCHEMA_CHANGE, "schema_change": change}))
+    assert not _valid({**SCHEMA_CHANGE, "schema_change": change})
 
 
 def test_a_tombstone_header_lacking_fields_reads_them_as_null() -> None:

@@ -2,6 +2,7 @@
 
 import json
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,11 @@ import pytest
 from jsonschema import Draft202012Validator
 
 import schemas
+from pg_kafka_cdc.common.catalog import Attribute, TableNow
 from pg_kafka_cdc.common.lsn import lsn_to_int
 from pg_kafka_cdc.common.tables import TableName
-from schemas.envelope import CONNECTOR, ENVELOPE_VERSION, stream_id
+from schemas.codec import decode
+from schemas.envelope import CONNECTOR, ENVELOPE_VERSION, SchemaChange, stream_id
 from schemas.topics import topic_for
 from source_connector.events import EventBuilder, Message, TxContext, begin_context, snapshot_values
 from source_connector.table_info import TableInfo, key_problem, wal2json_type
@@ -49,12 +52,26 @@ def table(
 
 
 class FakeTables:
-    """The catalog as the builder sees it; `refreshed` is what a re-read of the catalog returns."""
+    """The catalog as the builder sees it; `refreshed` is what a re-read of the catalog returns,
+    `now` its facts by attnum (no entry: the table is gone); `changes` the schema changes told."""
 
     def __init__(self, *infos: TableInfo) -> None:
         self.infos = {(i.name.schema, i.name.name): i for i in infos}
         self.refreshed: dict[tuple[str, str], TableInfo] = {}
         self.calls: list[tuple[str, str, bool]] = []
+        self.now: dict[TableName, TableNow] = {}
+        self.now_calls = 0
+        self.changes: list[tuple[TableInfo, TableInfo, SchemaChange]] = []
+
+    def table_now(self, table: TableName) -> TableNow | None:
+        self.now_calls += 1
+        return self.now.get(table)
+
+    def remember(self, info: TableInfo) -> None:
+        self.infos[(info.name.schema, info.name.name)] = info
+
+    def changed(self, old: TableInfo, new: TableInfo, change: SchemaChange) -> None:
+        self.changes.append((old, new, change))
 
     def __call__(self, schema: str, name: str, refresh: bool) -> TableInfo | None:
         self.calls.append((schema, name, refresh))
@@ -74,7 +91,15 @@ class Nans:
 def builder(*infos: TableInfo, partitions: int = 3, nans: Nans | None = None) -> tuple[EventBuilder, FakeTables]:
     tables = FakeTables(*(infos or (table(),)))
     b = EventBuilder(
-        PREFIX, "shop", "cdc_slot", tables, lambda topic: partitions, on_nan=nans if nans is not None else Nans()
+        PREFIX,
+        "shop",
+        "cdc_slot",
+        tables,
+        lambda topic: partitions,
+        on_nan=nans if nans is not None else Nans(),
+        table_now=tables.table_now,
+        remember=tables.remember,
+        on_schema_change=tables.changed,
     )
     b.stream = stream_id("7431", "cdc_slot", 0x1927000)
     return b, tables
@@ -393,7 +418,10 @@ def test_update_with_an_omitted_toasted_key_column_uses_identity() -> None:
     messages = row(
         b,
         change(
-            "U", columns=[("v", "integer", bare(2))], identity=[("k", "text", text(long_key))], pk=[("k", "text")]
+            "U",
+            columns=[("v", "integer", bare(2), 2)],
+            identity=[("k", "text", text(long_key))],
+            pk=[("k", "text")],
         ),
     )
     assert [k for _, k, _, _, _ in messages] == [orjson.dumps({"k": long_key})]
@@ -405,43 +433,194 @@ def test_update_with_an_omitted_toasted_key_column_uses_identity() -> None:
 # --- the table changed since it was read ----------------------------------------------------------
 
 
-def test_unknown_column_refreshes_the_table() -> None:
-    old = table()
-    new = table(columns=(("id", "bigint"), ("n", "numeric(12,2)"), ("big", "text"), ("added", "date")))
-    b, tables = builder(old)
-    tables.refreshed[("public", "probe")] = new
-    messages = row(b, change("I", columns=[*cols(1), ("added", "date", text("2026-11-25"))]))
-    assert tables.calls == [("public", "probe", False), ("public", "probe", True)]
-    env = envelope(messages[0][2])
-    assert env["after"]["added"] == "2026-11-25"
-    assert env["columns"] == {"id": "bigint", "n": "numeric(12,2)", "big": "text", "added": "date"}
-    # the next message takes the fast path with the refreshed table
-    row(b, change("I", columns=[*cols(2), ("added", "date", text("2026-11-26"))]))
-    assert tables.calls[-1] == ("public", "probe", False)
-    assert len(tables.calls) == 3
-
-
-def test_changed_column_type_refreshes_the_table() -> None:
-    b, tables = builder()
-    tables.refreshed[("public", "probe")] = table(
-        columns=(("id", "bigint"), ("n", "numeric(20,4)"), ("big", "text"))
+def now_of(
+    info: TableInfo,
+    relfilenode: int = 0,
+    extra: Iterable[Attribute] = (),
+    dropped: Iterable[int] = (),
+) -> TableNow:
+    """The catalog's facts as they would be for `info`, with `extra` attributes and `dropped` attnums."""
+    gone = set(dropped)
+    attributes = {
+        a: Attribute(a, c, info.types[c], c in info.not_null, False, None, None)
+        for a, c in zip(info.attnums, info.columns, strict=True)
+    }
+    for a in gone:
+        attributes[a] = Attribute(a, f"........pg.dropped.{a}........", "-", False, True, None, None)
+    for attr in extra:
+        attributes[attr.attnum] = attr
+    by_name = dict(zip(info.columns, info.attnums, strict=True))
+    return TableNow(
+        1,
+        relfilenode or info.relfilenode,
+        info.replica_identity,
+        True,
+        tuple(by_name[k] for k in info.key),
+        attributes,
     )
+
+
+def schema_events(messages: list[Message]) -> list[dict[str, Any]]:
+    return [envelope(v) for _, k, v, _, _ in messages if k is None]
+
+
+def test_an_added_column_is_a_schema_change_on_every_partition_before_the_insert() -> None:
+    b, tables = builder(table())
+    tables.now[TableName("public", "probe")] = now_of(
+        table(), extra=[Attribute(4, "added", "date", True, False, "2026-01-01", "'2026-01-01'::date")]
+    )
+    ctx = tx()
+    messages = row(b, change("I", columns=[*cols(1), ("added", "date", text("2026-11-25"))]), ctx)
+    assert [(p, k) for _, k, _, p, _ in messages] == [(0, None), (1, None), (2, None), (None, b'{"id":1}')]
+    assert len({v for _, _, v, _, _ in messages[:3]}) == 1  # the same value on every partition
+    s = envelope(messages[0][2])
+    assert (s["op"], s["before"], s["after"], s["partitions"], s["key"]) == ("s", None, None, 3, ["id"])
+    assert s["columns"] == {"id": "bigint", "n": "numeric(12,2)", "big": "text", "added": "date"}
+    assert s["schema_change"] == {
+        "renamed": [],
+        "retyped": [],
+        "dropped": [],
+        "added": [
+            {
+                "name": "added",
+                "type": "date",
+                "not_null": True,
+                "default": "'2026-01-01'::date",
+                "missing": "2026-01-01",
+            }
+        ],
+        "rewritten": False,
+    }
+    c = envelope(messages[3][2])
+    assert (s["source"]["seq"], c["source"]["seq"]) == (1, 1), "the event takes the seq of the change it precedes"
+    assert c["columns"] == s["columns"]
+    assert c["after"]["added"] == "2026-11-25"
+    assert decode(messages[0][2] or b"")["schema_change"] == s["schema_change"]
+    # the new shape is remembered: the next insert takes the fast path, no second event
+    assert row(b, change("I", columns=[*cols(2), ("added", "date", text("2026-11-26"))]), ctx)[0][1] == b'{"id":2}'
+    assert len(tables.changes) == 1
+    assert tables.infos[("public", "probe")].attnums == (1, 2, 3, 4)
+
+
+def test_a_changed_column_type_is_retyped_with_the_catalogs_type_names() -> None:
+    b, tables = builder()
+    new = table(columns=(("id", "bigint"), ("n", "numeric(20,4)"), ("big", "text")))
+    tables.now[TableName("public", "probe")] = now_of(new)
     payload = change(
         "I",
         columns=[("id", "bigint", bare(1)), ("n", "numeric(20,4)", bare("1.0000")), ("big", "text", text("b"))],
     )
-    env = envelope(row(b, payload)[0][2])
-    assert ("public", "probe", True) in tables.calls
+    messages = row(b, payload)
+    [s] = schema_events(messages[:1])
+    assert s["schema_change"]["retyped"] == [{"name": "n", "from": "numeric(12,2)", "to": "numeric(20,4)"}]
+    env = envelope(messages[-1][2])
     assert env["columns"]["n"] == "numeric(20,4)"
     assert env["after"]["n"] == "1.0000"
 
 
-def test_column_unknown_even_after_refresh_still_gets_its_type() -> None:
-    b, tables = builder()
-    env = envelope(row(b, change("I", columns=[*cols(1), ("ghost", "integer", bare(3))]))[0][2])
-    assert ("public", "probe", True) in tables.calls
+def test_a_column_unknown_to_the_catalog_still_gets_the_messages_type() -> None:
+    b, _ = builder()  # no catalog facts at all (the table is gone by now)
+    messages = row(b, change("I", columns=[*cols(1), ("ghost", "integer", bare(3))]))
+    [s] = schema_events(messages[:1])
+    assert s["schema_change"]["added"] == [
+        {"name": "ghost", "type": "integer", "not_null": False, "default": None, "missing": None}
+    ]
+    env = envelope(messages[-1][2])
     assert env["columns"]["ghost"] == "integer"
     assert env["after"]["ghost"] == 3
+
+
+def test_a_renamed_key_column_renames_the_key() -> None:
+    b, tables = builder()
+    messages = row(
+        b,
+        change(
+            "U",
+            columns=[
+                ("ident", "bigint", bare(1)),
+                ("n", "numeric(12,2)", bare("2.00")),
+                ("big", "text", text("b")),
+            ],
+            identity=[("ident", "bigint", bare(1))],
+        ),
+    )
+    [s] = schema_events(messages[:1])
+    assert s["schema_change"]["renamed"] == [{"from": "id", "to": "ident"}]
+    assert s["key"] == ["ident"]
+    assert messages[-1][1] == b'{"ident":1}'
+    assert envelope(messages[-1][2])["op"] == "u"
+    [(old, new, _)] = tables.changes
+    assert (old.key, new.key) == (("id",), ("ident",))
+
+
+def test_an_update_leaving_out_a_toasted_column_is_no_drop() -> None:
+    b, tables = builder()
+    tables.now[TableName("public", "probe")] = now_of(table())
+    ctx = tx()
+    for i in (1, 2):
+        messages = row(b, change("U", columns=cols(i, with_big=False), identity=[("id", "bigint", bare(i))]), ctx)
+        assert [k for _, k, _, _, _ in messages] == [f'{{"id":{i}}}'.encode()]
+        assert envelope(messages[0][2])["unchanged"] == ["big"]
+    assert tables.now_calls == 1  # once per transaction
+    assert tables.changes == []
+
+
+def test_an_update_after_a_drop_publishes_the_drop_and_a_key_change_reads_back_the_current_shape() -> None:
+    info = table(columns=(("id", "bigint"), ("gone", "integer"), ("big", "text")))
+    asked: list[list[str]] = []
+
+    def refetch(i: TableInfo, key: dict[str, Any], columns: list[str], xid: int | None) -> dict[str, Any]:
+        asked.append(columns)
+        return {c: "read back" for c in columns}
+
+    b, tables = builder(info)
+    b.refetch = refetch
+    tables.now[TableName("public", "probe")] = now_of(info, dropped=[2])
+    # a key change that carries neither the dropped column nor the unchanged TOASTed one
+    messages = row(
+        b,
+        change("U", columns=[("id", "bigint", bare(2), 1)], identity=[("id", "bigint", bare(1))]),
+    )
+    [s] = schema_events(messages[:1])
+    assert s["schema_change"]["dropped"] == ["gone"]
+    assert s["columns"] == {"id": "bigint", "big": "text"}
+    assert asked == [["big"]]
+    ops = [(k, envelope(v)["op"] if v else None) for _, k, v, p, _ in messages if p is None]
+    assert ops == [(b'{"id":1}', "d"), (b'{"id":1}', None), (b'{"id":2}', "c")]
+    assert envelope(messages[-1][2])["after"] == {"id": 2, "big": "read back"}
+
+
+def test_a_column_dropped_and_added_again_under_its_name_is_a_drop_and_an_add() -> None:
+    b, tables = builder()
+    tables.now[TableName("public", "probe")] = now_of(
+        table(), dropped=[3], extra=[Attribute(4, "big", "text", False, False, None, None)]
+    )
+    # same names and types as before: only the last attnum tells
+    messages = row(b, change("I", columns=[*cols(1)[:2], ("big", "text", text("new"), 4)]))
+    [s] = schema_events(messages[:1])
+    change_ = s["schema_change"]
+    assert (change_["dropped"], [a["name"] for a in change_["added"]]) == (["big"], ["big"])
+    assert tables.infos[("public", "probe")].attnums == (1, 2, 4)
+
+
+def test_a_rewritten_table_says_so() -> None:
+    old = replace(table(), relfilenode=100)
+    b, tables = builder(old)
+    tables.now[TableName("public", "probe")] = now_of(
+        old, relfilenode=200, extra=[Attribute(4, "v", "double precision", False, False, None, "random()")]
+    )
+    messages = row(b, change("I", columns=[*cols(1), ("v", "double precision", bare("0.5"))]))
+    [s] = schema_events(messages[:1])
+    assert s["schema_change"]["rewritten"] is True
+    assert s["schema_change"]["added"][0]["default"] == "random()"
+    assert tables.infos[("public", "probe")].relfilenode == 200
+
+
+def test_a_delete_is_no_schema_change() -> None:
+    b, tables = builder()
+    messages = row(b, change("D", identity=[("id", "bigint", bare(1))]))
+    assert [envelope(v)["op"] for _, _, v, _, _ in messages if v] == ["d"]
+    assert tables.changes == []
 
 
 def test_quoted_catalog_type_takes_the_fast_path() -> None:
@@ -708,3 +887,17 @@ def test_a_truncate_of_the_root_covers_its_partitions_and_one_of_a_partition_alo
     # TRUNCATE probe_2 alone: a `t` would empty the whole target table
     assert b.truncate(DECODER.decode(truncate(table="probe_2", lsn="0/1927C00")), ctx) == []
     assert skipped == [("public.probe", "public.probe_2")]
+
+
+def test_a_delete_naming_a_renamed_key_takes_the_catalogs_shape() -> None:
+    b, tables = builder()
+    renamed = table(columns=(("ident", "bigint"), ("n", "numeric(12,2)"), ("big", "text")), key=("ident",))
+    tables.now[TableName("public", "probe")] = now_of(renamed)
+    messages = row(b, change("D", identity=[("ident", "bigint", bare(1))]))
+    [s] = schema_events(messages[:1])
+    assert s["schema_change"]["renamed"] == [{"from": "id", "to": "ident"}]
+    assert [(k, envelope(v)["op"] if v else None) for _, k, v, p, _ in messages[3:]] == [
+        (b'{"ident":1}', "d"),
+        (b'{"ident":1}', None),
+    ]
+    assert (s["source"]["seq"], envelope(messages[3][2])["source"]["seq"]) == (1, 1)

@@ -5,13 +5,14 @@ from typing import Any
 
 import orjson
 
+from pg_kafka_cdc.common.catalog import Attribute, TableNow
 from pg_kafka_cdc.common.lsn import int_to_lsn
 from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
 from schemas.signals import SNAPSHOT_PREFIX, snapshot_request
 from source_connector.events import EventBuilder, Message
 from source_connector.flush import FlushTracker, Transaction
-from source_connector.incremental import Chunk, Incremental, Request
+from source_connector.incremental import Chunk, Incremental, Request, chunk_query, stream_columns
 from source_connector.table_info import TableInfo
 
 ITEMS = TableName("public", "items")
@@ -34,6 +35,8 @@ class FakeCursor:
             self.conn.lsn += 16
             self.conn.emitted.append((self.conn.lsn, orjson.loads(params[1])))
             self.result = [(int_to_lsn(self.conn.lsn),)]
+        elif params == (ITEMS.schema, ITEMS.name):  # catalog.table_now: not a table of this fake
+            self.result = [None]
         else:
             self.result = self.conn.chunks.pop(0)
 
@@ -196,3 +199,30 @@ def test_a_request_for_another_slot_or_an_unknown_table_is_ignored() -> None:
     assert not incremental.queue and recorded == []
     incremental.message({"prefix": SNAPSHOT_PREFIX, "content": snapshot_request("slot", [ITEMS])}, 30)
     assert [r.table for r in incremental.queue] == [ITEMS] and recorded
+
+
+def _now(*attributes: tuple[int, str, bool]) -> TableNow:
+    return TableNow(
+        1,
+        1,
+        "d",
+        True,
+        (1,),
+        {n: Attribute(n, name, "text", False, dropped, None, None) for n, name, dropped in attributes},
+    )
+
+
+def test_a_chunk_reads_the_streams_columns_under_the_names_the_catalog_has_now() -> None:
+    shape = TableInfo(
+        ITEMS, "p.public.items", ("id", "v", "w"), {"id": "integer", "v": "text", "w": "text"}, ("id",), "d"
+    )
+    assert stream_columns(shape, _now((1, "id", False), (2, "v", False), (3, "w", False))) is None
+    assert stream_columns(shape, None) is None
+    # renamed and dropped since, a column added since: the stream's shape, read by attnum
+    renamed = _now(
+        (1, "id", False), (2, "title", False), (3, "........pg.dropped.3........", True), (4, "x", False)
+    )
+    names = stream_columns(shape, renamed)
+    assert names == {"id": "id", "v": "title"}
+    text = repr(chunk_query(shape, ("5",), 10, names))
+    assert "Identifier('title')" in text and "Identifier('w')" not in text and "Identifier('x')" not in text

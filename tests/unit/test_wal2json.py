@@ -28,25 +28,26 @@ from tests.unit.wal2json_messages import (
     truncate,
 )
 
-# The probe insert, byte for byte as wal2json 2.5 printed it (format-version 2, include-pk, include-lsn...).
+# The probe insert, byte for byte as wal2json 2.5 printed it (format-version 2, include-pk, include-lsn,
+# include-column-positions: `position` after `value`...).
 PROBE = (
     b'{"action":"I","xid":729,"timestamp":"2026-11-25 14:43:17.816235+00","lsn":"0/19276D8",'
     b'"schema":"public","table":"probe","columns":['
-    b'{"name":"id","type":"bigint","value":9223372036854775807},'
-    b'{"name":"n","type":"numeric(38,10)","value":12345678901234567890.0123456789},'
-    b'{"name":"r","type":"real","value":null},'
-    b'{"name":"j","type":"json","value":"{\\"a\\":  1}"},'
-    b'{"name":"b","type":"bytea","value":"00ff"},'
-    b'{"name":"ok","type":"boolean","value":true},'
-    b'{"name":"no","type":"boolean","value":false},'
-    b'{"name":"i","type":"integer","value":-2147483648},'
-    b'{"name":"s","type":"smallint","value":-7},'
-    b'{"name":"o","type":"oid","value":4294967295},'
-    b'{"name":"d","type":"double precision","value":1.7976931348623157e+308},'
-    b'{"name":"tz","type":"timestamp with time zone","value":"2026-11-25 14:43:17.816235+00"},'
-    b'{"name":"txt","type":"text","value":"line1\\nline2\\t\\"quoted\\" back\\\\slash \\u0001"},'
-    b'{"name":"arr","type":"numeric[]","value":"{1.5,2.25}"},'
-    b'{"name":"nb","type":"bytea","value":null}'
+    b'{"name":"id","type":"bigint","value":9223372036854775807,"position":1},'
+    b'{"name":"n","type":"numeric(38,10)","value":12345678901234567890.0123456789,"position":2},'
+    b'{"name":"r","type":"real","value":null,"position":3},'
+    b'{"name":"j","type":"json","value":"{\\"a\\":  1}","position":4},'
+    b'{"name":"b","type":"bytea","value":"00ff","position":5},'
+    b'{"name":"ok","type":"boolean","value":true,"position":6},'
+    b'{"name":"no","type":"boolean","value":false,"position":7},'
+    b'{"name":"i","type":"integer","value":-2147483648,"position":8},'
+    b'{"name":"s","type":"smallint","value":-7,"position":9},'
+    b'{"name":"o","type":"oid","value":4294967295,"position":10},'
+    b'{"name":"d","type":"double precision","value":1.7976931348623157e+308,"position":11},'
+    b'{"name":"tz","type":"timestamp with time zone","value":"2026-11-25 14:43:17.816235+00","position":12},'
+    b'{"name":"txt","type":"text","value":"line1\\nline2\\t\\"quoted\\" back\\\\slash \\u0001","position":13},'
+    b'{"name":"arr","type":"numeric[]","value":"{1.5,2.25}","position":14},'
+    b'{"name":"nb","type":"bytea","value":null,"position":15}'
     b'],"pk":[{"name":"id","type":"bigint"}]}'
 )
 
@@ -305,6 +306,24 @@ def test_options() -> None:
     # wal2json 2.5 refuses unknown options: the 2.6 option is probed, never always on
     assert NUMBERS_AS_STRING_OPTION not in WAL2JSON_OPTIONS
     assert "include-type-oids" not in WAL2JSON_OPTIONS  # would put "typeoid" between "type" and "value"
+    # `"position": attnum` after the value: how shape changes are told (source_connector/shapes.py)
+    assert WAL2JSON_OPTIONS["include-column-positions"] == "1"
+
+
+def test_positions_follow_the_values() -> None:
+    doc = decode(PROBE)
+    assert [c["position"] for c in doc["columns"]] == list(range(1, 16))
+    assert [type(c["position"]) for c in doc["columns"]] == [int] * 15
+    # a column dropped earlier leaves a gap; the decimal right before `,"position"` keeps its digits
+    payload = change("I", columns=[("id", "bigint", bare(1), 1), ("n", "numeric", bare("-1.5e+3"), 7)])
+    assert decode(payload)["columns"] == [
+        {"name": "id", "type": "bigint", "value": 1, "position": 1},
+        {"name": "n", "type": "numeric", "value": "-1.5e+3", "position": 7},
+    ]
+    quoted = change("I", columns=[("i", "integer", text("-5"), 3)], pk=[])
+    assert decode(quoted, numbers_as_strings=True)["columns"] == [
+        {"name": "i", "type": "integer", "value": -5, "position": 3}
+    ]
 
 
 # --- property: whatever the values, they come back exactly ---------------------------------------

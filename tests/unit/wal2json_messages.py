@@ -3,16 +3,20 @@
 wal2json (2.5, without numeric-data-types-as-string) prints smallint/integer/bigint/oid, numeric,
 real and double precision values as bare JSON numbers (NaN and Infinity as null), booleans as
 true/false, bytea as hex without its `\\x` prefix, and every other value as an escaped JSON string.
-A column is `{"name":...,"type":...,"value":...}` with no spaces; identity and pk entries have the
-same layout (pk entries have no value).
+A column of `columns` is `{"name":...,"type":...,"value":...,"position":N}` with no spaces (the
+position, the column's attnum, from include-column-positions); identity entries have no position,
+pk entries neither position nor value (as wal2json 2.5 printed them).
 """
+
+from collections.abc import Sequence
 
 import orjson
 
 TIMESTAMP = "2026-11-25 14:43:17.816235+00"
 
-# (name, type as wal2json prints it, value exactly as wal2json prints it)
-Column = tuple[str, str, bytes]
+# (name, type as wal2json prints it, value exactly as wal2json prints it), optionally followed by
+# the column's attnum (else its place in the list, from 1)
+Column = tuple[str, str, bytes] | tuple[str, str, bytes, int]
 
 
 def text(value: str | None) -> bytes:
@@ -34,12 +38,20 @@ def bytea(hex_digits: str | None) -> bytes:
     return b"null" if hex_digits is None else b'"' + hex_digits.encode() + b'"'
 
 
-def column(name: str, type_: str, value: bytes) -> bytes:
-    return b'{"name":' + orjson.dumps(name) + b',"type":' + orjson.dumps(type_) + b',"value":' + value + b"}"
+def column(name: str, type_: str, value: bytes, position: int | None = None) -> bytes:
+    out = b'{"name":' + orjson.dumps(name) + b',"type":' + orjson.dumps(type_) + b',"value":' + value
+    return out + (b"}" if position is None else b',"position":' + str(position).encode() + b"}")
 
 
-def _columns(columns: list[Column]) -> bytes:
-    return b"[" + b",".join(column(n, t, v) for n, t, v in columns) + b"]"
+def _columns(columns: Sequence[Column], positions: bool) -> bytes:
+    return (
+        b"["
+        + b",".join(
+            column(c[0], c[1], c[2], (c[3] if len(c) > 3 else i + 1) if positions else None)
+            for i, c in enumerate(columns)
+        )
+        + b"]"
+    )
 
 
 def _pk(pk: list[tuple[str, str]]) -> bytes:
@@ -53,8 +65,8 @@ def _pk(pk: list[tuple[str, str]]) -> bytes:
 def change(
     action: str,
     *,
-    columns: list[Column] | None = None,
-    identity: list[Column] | None = None,
+    columns: Sequence[Column] | None = None,
+    identity: Sequence[Column] | None = None,
     pk: list[tuple[str, str]] | None = None,
     schema: str = "public",
     table: str = "probe",
@@ -78,9 +90,9 @@ def change(
         + orjson.dumps(table)
     )
     if columns is not None:
-        out += b',"columns":' + _columns(columns)
+        out += b',"columns":' + _columns(columns, True)
     if identity is not None:
-        out += b',"identity":' + _columns(identity)
+        out += b',"identity":' + _columns(identity, False)
     out += b',"pk":' + _pk([("id", "bigint")] if pk is None else pk)
     return out + b"}"
 
