@@ -129,7 +129,7 @@ def schema_changes_of(
         if known is None:
             known = seen[table] = history.known(table, state.target.oid)
         event = event_of(c)
-        if event.ident not in known:
+        if event.ident not in known and not history.superseded(table, state.target.oid, event):
             known.add(event.ident)
             events.setdefault(table, []).append(event)
     for found in events.values():

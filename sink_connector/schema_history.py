@@ -52,6 +52,16 @@ class SchemaHistory:
     def known(self, table: TableName, oid: int) -> set[EventId]:
         return {e.ident for o, e in self.entries.get(table, ()) if o == oid}
 
+    def superseded(self, table: TableName, oid: int, event: SchemaEvent) -> bool:
+        """An event older than one applied to the table already (same stream): the shape it tells of
+        is past. (A source restarted after a DDL, with older changes still to stream, first tells of
+        the shape back to the old one: when part of that reaches a partition only after the real
+        change was applied from another, it is not applied again.)"""
+        return any(
+            o == oid and e.stream == event.stream and e.position > event.position
+            for o, e in self.entries.get(table, ())
+        )
+
     def shapes(self, table: TableName, oid: int, batch: Iterable[SchemaEvent] = ()) -> TableShapes | None:
         """For translating the table's changes: its history and the batch's new events (None: none)."""
         events = [*self.of(table, oid), *batch]

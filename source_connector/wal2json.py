@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from pg_kafka_cdc.common.errors import SourceError
 from schemas.values import INTEGER_TYPES
 
 # `"type":"numeric(12,2)","value":123.45` -> `"type":"numeric(12,2)","value":"123.45"`. Inside a JSON
@@ -59,8 +60,31 @@ class Decoder:
             payload = _QUOTED_INTEGER.sub(rb"\1\2", payload)
         else:
             payload = _BARE_DECIMAL.sub(rb'\1"\2"', payload)
-        doc: dict[str, Any] = orjson.loads(payload)
+        try:
+            doc: dict[str, Any] = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise SourceError(unreadable_line(payload, exc)) from None
         return doc
+
+
+_TABLE = re.compile(rb'"schema":"((?:[^"\\]|\\.)*)","table":"((?:[^"\\]|\\.)*)"')
+
+
+def unreadable_line(payload: bytes, exc: Exception) -> str:
+    """Why a wal2json message cannot be read, with the table it is about and the fix."""
+    found = _TABLE.search(payload)
+    table = (
+        ""
+        if found is None
+        else f" of table {found[1].decode(errors='replace')}.{found[2].decode(errors='replace')}"
+    )
+    return (
+        f"wal2json printed a change{table} that is not valid JSON ({exc}): wal2json does not escape the "
+        'double quotes of a type name it prints schema-qualified and quoted ("Odd Schema"."Mood", for '
+        "example), so such columns cannot be streamed. Fix: give the type a name and schema that need no "
+        "quotes on the source (ALTER TYPE ... RENAME TO ..., ALTER TYPE ... SET SCHEMA ...), then restart "
+        "cdc-source; the change is read again"
+    )
 
 
 def timestamp_to_us(text: str) -> int:

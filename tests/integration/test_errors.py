@@ -8,6 +8,7 @@ leak cannot hide behind the stack's `postgres:postgres`. Source servers that the
 imitate (wal_level not logical, no wal2json) are private PostgreSQL clusters made by the tests.
 """
 
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from psycopg2 import sql
 from tests.conftest import Databases, Stack
 from tests.helpers import psql_rows, run_cli, start_cli, stop_process
 from tests.pg_cluster import PgCluster
-from tests.pipeline import error_line, execute, wait_for_output
+from tests.pipeline import error_line, execute, start_source, wait_for_output
 from tests.source_events import EventReader, count, topic_of
 
 SECRET = "S3cr3t!pw"
@@ -457,3 +458,28 @@ def test_wal2json_missing(private_pg: PgCluster, stack: Stack, topic_prefix: str
         "apt-get install postgresql-15-wal2json",  # the fix
     )
     assert psql_rows(private_pg.admin_dsn, "SELECT count(*) FROM pg_replication_slots") == [(0,)]
+
+
+def test_a_type_name_wal2json_prints_as_invalid_json(stack: Stack, owned: Databases, topic_prefix: str) -> None:
+    """wal2json 2.5 does not escape the quotes of a type name it prints schema-qualified and quoted
+    (`"type":"Odd Schema"."Mood"`): the source stops with one line naming the table and the fix,
+    not a stack trace."""
+    execute(
+        owned.source_dsn,
+        'CREATE SCHEMA "Odd Schema"',
+        "CREATE TYPE \"Odd Schema\".\"Mood\" AS ENUM ('a', 'b')",
+        'CREATE TABLE odd (id int PRIMARY KEY, m "Odd Schema"."Mood")',
+    )
+    source = start_source(
+        owned, topic_prefix, f"odd_{uuid.uuid4().hex[:8]}", "--tables", "public.odd", streaming=True
+    )
+    try:
+        execute(owned.source_dsn, "INSERT INTO odd VALUES (1, 'a')")
+        source.wait(timeout=60)
+    finally:
+        stop_process(source)
+    result = subprocess.CompletedProcess(
+        source.args, source.returncode, source.stdout_text(), source.stderr_text()
+    )
+    line = error_line("cdc-source", result, alone=False)
+    assert_mentions(line, "public.odd", "not valid JSON", "ALTER TYPE")

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pg_kafka_cdc.common.errors import SourceError
 from source_connector.wal2json import (
     NUMBERS_AS_STRING_OPTION,
     WAL2JSON_OPTIONS,
@@ -530,3 +531,15 @@ def test_escape_only_ascii_punctuation_and_spaces(ident: str) -> None:
             i += 1
         out.append(c)
     assert "".join(out) == ident
+
+
+def test_a_message_that_is_not_json_names_the_table_and_the_fix() -> None:
+    # wal2json 2.5 prints a quoted type name without escaping its quotes
+    payload = (
+        b'{"action":"I","schema":"public","table":"odd","columns":[{"name":"o","type":"Odd Schema"."Mood",'
+        b'"value":"A","position":1}]}'
+    )
+    with pytest.raises(SourceError) as raised:
+        Decoder().decode(payload)
+    line = str(raised.value)
+    assert "of table public.odd that is not valid JSON" in line and "ALTER TYPE" in line, line
