@@ -8,13 +8,11 @@ from typing import Any
 
 from pg_kafka_cdc.common.catalog import (
     Relation,
-    TableNow,
     ancestors,
     partitions,
     read_table,
     relation,
     table_exists,
-    table_now,
 )
 from pg_kafka_cdc.common.errors import ConfigError, SourceError
 from pg_kafka_cdc.common.tables import TableName, TableSelection
@@ -153,10 +151,6 @@ class Catalog:
             attnums=tuple(c.attnum for c in definition.columns),
             relfilenode=definition.relfilenode,
         )
-
-    def now(self, table: TableName) -> TableNow | None:
-        """The catalog's facts of the table now, by attnum (for a shape read from the stream)."""
-        return table_now(self.conn, table)
 
     def remember(self, info: TableInfo) -> None:
         """The table's shape as the stream showed it last: what its next changes are compared with."""

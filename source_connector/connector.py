@@ -11,6 +11,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from pg_kafka_cdc.common.catalog import table_now
 from pg_kafka_cdc.common.errors import SourceError
 from pg_kafka_cdc.common.kafka import admin_client, ensure_topics, wait_for_kafka
 from pg_kafka_cdc.common.lsn import int_to_lsn
@@ -293,7 +294,7 @@ class SourceConnector:
                 topics.ensure_one(info)
             return info
 
-        self.readback = ReadBack(source.session, self.stop)
+        self.readback = readback = ReadBack(source.session, self.stop)
         return EventBuilder(
             self.settings.topic_prefix,
             source.server.database,
@@ -303,7 +304,7 @@ class SourceConnector:
             self.nan,
             self.readback,
             partition_truncated,
-            lambda table: source.session.run(lambda conn: source.catalog.now(table)),
+            lambda table, xid: readback.catalog(lambda conn: table_now(conn, table), xid, table),
             source.catalog.remember,
             lambda old, new, change: self._schema_changed(source, old, new, change),
         )

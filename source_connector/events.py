@@ -52,7 +52,7 @@ SkippedTruncate = Callable[[TableInfo, TableName], None]
 Refetch = Callable[[TableInfo, dict[str, Any], list[str], int | None], dict[str, Any] | None]
 # The catalog's facts of a table now, by attnum (None: gone); the new shape after a schema change is
 # remembered with `remember`; `on_schema_change` is told (old, new, change) once its event is built.
-ReadNow = Callable[[TableName], TableNow | None]
+ReadNow = Callable[[TableName, int | None], TableNow | None]  # (table, the change's xid)
 SchemaChanged = Callable[[TableInfo, TableInfo, SchemaChange], None]
 
 
@@ -94,7 +94,7 @@ class EventBuilder:
         on_nan: Callable[[TableInfo, str], None] = lambda info, column: None,
         refetch: Refetch | None = None,
         on_partition_truncate: SkippedTruncate = lambda info, partition: None,
-        table_now: ReadNow = lambda table: None,
+        table_now: ReadNow = lambda table, xid: None,
         remember: Callable[[TableInfo], None] = lambda info: None,
         on_schema_change: SchemaChanged = lambda old, new, change: None,
     ) -> None:
@@ -276,7 +276,7 @@ class EventBuilder:
         """The catalog's facts of the table, read once per transaction and table."""
         key = (table, tx.xid, tx.commit_lsn)
         if self._now is None or self._now[0] != key:
-            self._now = (key, self.table_now(table))
+            self._now = (key, self.table_now(table, tx.xid))
         return self._now[1]
 
     def _update(

@@ -63,7 +63,7 @@ class FakeTables:
         self.now_calls = 0
         self.changes: list[tuple[TableInfo, TableInfo, SchemaChange]] = []
 
-    def table_now(self, table: TableName) -> TableNow | None:
+    def table_now(self, table: TableName, xid: int | None = None) -> TableNow | None:
         self.now_calls += 1
         return self.now.get(table)
 
