@@ -5,13 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STACK := bash stack/stack.sh
 
-.PHONY: help up down clean venv lint test unit integration demo status bench bench-full faults soak docs
+.PHONY: help up down clean venv lint test unit integration demo status bench bench-full bench-debezium faults soak docs
 
 help:
 	@echo "make demo        stack up, writer + source + sink running, live counts (Ctrl-C stops)"
 	@echo "make test        stack up, ruff, mypy --strict, the whole test suite"
 	@echo "make up|down     start|stop the local PostgreSQL x2 + Kafka stack (make clean: also delete data)"
-	@echo "make bench       quick benchmark against in-run baselines (bench-full: the whole grid)"
+	@echo "make bench       quick benchmark against in-run baselines (bench-full: the whole grid and Debezium)"
+	@echo "make bench-debezium  Debezium's PostgreSQL source and JDBC sink beside ours (jars from Maven Central)"
 	@echo "make faults      the fault-injection suite, long version (make soak: 10-minute soak)"
 
 venv: $(BIN)/.installed
@@ -51,8 +52,13 @@ demo: up
 bench: up
 	$(BIN)/python -m bench.run --quick
 
+# --full includes scenario 7, the Debezium baseline (bench/debezium.py)
 bench-full: up
 	$(BIN)/python -m bench.run --full
+
+# e.g. make bench-debezium BENCH_ARGS='--changes 20000' for a short run
+bench-debezium: up
+	$(BIN)/python -m bench.run --only debezium $(BENCH_ARGS)
 
 faults: up
 	$(BIN)/pytest -q tests/faults --long

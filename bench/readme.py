@@ -29,6 +29,13 @@ def section(results: dict[str, Any]) -> str:
     ]
     if results.get("growth"):
         lines += ["", "Events/s as transactions and rows grow (`--full`):", "", *report.growth_table(results)]
+    if report.dig(results, "scenarios", "debezium"):
+        lines += [
+            "",
+            "Against Debezium, measured in the same run (scenario 7):",
+            "",
+            *report.debezium_table(results),
+        ]
     if results.get("latency_plot"):
         lines += ["", f"![end-to-end latency over time and its histogram]({results['latency_plot']})"]
     lines += [

@@ -112,11 +112,57 @@ def assemble(
         ],
     }
     results["growth"] = scenarios.get("growth")
+    results["debezium"] = debezium_summary(scenarios.get("debezium"))
+    if results["debezium"] and results["debezium"].get("ratios"):
+        results["ratios"]["source_vs_debezium_source"] = results["debezium"]["ratios"].get("source_events_per_s")
+        results["ratios"]["sink_vs_debezium_jdbc_sink"] = results["debezium"]["ratios"].get("sink_events_per_s")
     results["machine"] = machine
     results["errors"] = errors
     results["logs"] = str(log_dir)
     results["scenarios"] = {k: v for k, v in scenarios.items() if k != "growth"}
     return results
+
+
+# The systems of the Debezium baseline (scenario 7), as bench/debezium.py names them.
+DEBEZIUM_SYSTEMS = (
+    ("cdc_source", "cdc-source"),
+    ("debezium_source", "Debezium PostgreSQL source (JSON with schemas)"),
+    ("debezium_source_schemaless", "Debezium PostgreSQL source (schemaless JSON)"),
+    ("cdc_sink", "cdc-sink"),
+    ("debezium_jdbc_sink", "Debezium JDBC sink (JSON with schemas)"),
+)
+DEBEZIUM_FIGURES = (
+    "events_per_s",
+    "peak_rss_mb",
+    "cpu_seconds",
+    "cpu_seconds_first_to_last",
+    "first_event_after_s",
+    "first_to_last_s",
+    "connect_start_s",
+    "wall_events_per_s",
+    "start_to_confirm_events_per_s",
+    "start_to_exit_events_per_s",
+)
+
+
+def debezium_summary(dbz: Any) -> dict[str, Any] | None:
+    """The headline figures of scenario 7 (its details stay under scenarios.debezium)."""
+    if not dbz:
+        return None
+    if "blocked" in dbz:
+        return {"blocked": dbz["blocked"], "versions": dbz.get("versions")}
+    return {
+        "systems": {
+            key: {f: dbz[key].get(f) for f in DEBEZIUM_FIGURES if f in dbz[key]}
+            for key, _ in DEBEZIUM_SYSTEMS
+            if key in dbz
+        },
+        "ratios": dbz.get("ratios"),
+        "versions": dbz.get("versions"),
+        "java": dbz.get("java"),
+        "maven_fetch_seconds": dig(dbz, "maven", "fetch_seconds"),
+        "maven_cached": dig(dbz, "maven", "cached"),
+    }
 
 
 # --- markdown ------------------------------------------------------------------------------------------
@@ -282,6 +328,100 @@ def resource_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _x(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _settings(values: dict[str, str]) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in values.items())
+
+
+def debezium_table(results: dict[str, Any]) -> list[str]:
+    """Scenario 7: the four systems side by side, the ratios, and every setting used."""
+    dbz = dig(results, "scenarios", "debezium")
+    if not dbz:
+        return []
+    if "blocked" in dbz:
+        return [f"- blocked: {dbz['blocked']}"]
+    lines = [
+        "| system | events/s (first to last event) | peak RSS (MB) | CPU s (whole process) "
+        "| CPU s (first to last event) | first event after start (s) | Connect start (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, label in DEBEZIUM_SYSTEMS:
+        part = dbz.get(key)
+        if not part:
+            continue
+        lines.append(
+            f"| {label} | {_num(part.get('events_per_s'))} | {_num(part.get('peak_rss_mb'))} "
+            f"| {_num(part.get('cpu_seconds'), digits=1)} | {_num(part.get('cpu_seconds_first_to_last'), digits=1)} "
+            f"| {_num(part.get('first_event_after_s'), digits=1)} "
+            f"| {_num(part.get('connect_start_s'), digits=1) if 'connect_start_s' in part else '-'} |"
+        )
+    r = dbz.get("ratios") or {}
+    lines += [
+        "",
+        "| ours / Debezium's | events/s | peak RSS | CPU s (whole process) | CPU s (first to last event) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| cdc-source / Debezium source (JSON with schemas) | {_x(r.get('source_events_per_s'))} "
+        f"| {_x(r.get('source_peak_rss'))} | {_x(r.get('source_cpu_seconds'))} "
+        f"| {_x(r.get('source_cpu_seconds_first_to_last'))} |",
+        f"| cdc-sink / Debezium JDBC sink | {_x(r.get('sink_events_per_s'))} | {_x(r.get('sink_peak_rss'))} "
+        f"| {_x(r.get('sink_cpu_seconds'))} | {_x(r.get('sink_cpu_seconds_first_to_last'))} |",
+    ]
+    if r.get("source_events_per_s_vs_schemaless") is not None:
+        lines.append(
+            f"| cdc-source / Debezium source (schemaless JSON) | {_x(r['source_events_per_s_vs_schemaless'])} | | | |"
+        )
+    lines += ["", *debezium_settings(dbz)]
+    return lines
+
+
+def debezium_settings(dbz: dict[str, Any]) -> list[str]:
+    """How scenario 7 ran, every setting stated (enough to rerun it by hand)."""
+    v, w, g = dbz.get("versions") or {}, dbz.get("workload") or {}, dbz.get("generated") or {}
+    mvn = dbz.get("maven") or {}
+    fetch = "cached" if mvn.get("cached") else f"fetched in {mvn.get('fetch_seconds', 0):.0f} s"
+    lines = [
+        f"- Workload: the `changes` scenario's, {_num(w.get('changes'))} changes "
+        f"({'/'.join(map(str, w.get('mix_insert_update_delete_pct', [])))} % insert/update/delete), "
+        f"{w.get('tx_size')} per transaction, average row {_num(g.get('avg_row_bytes'))} B, "
+        f"{_num((g.get('wal_bytes') or 0) / 1e6)} MB of WAL, in the WAL before any consumer starts; each system "
+        "has its own slot, topics (own prefix) and target database, dropped afterwards; one system runs at a time.",
+        "- Measured: events/s = changes / (last event - first event): for sources the first message in the "
+        "topic until all changes and tombstones are there, for sinks the first row in the target table until "
+        "it equals the source's table (polled every 50 ms for all four); peak RSS and CPU seconds of the whole "
+        "process (the JVM, or the Python process), CPU also for the first-to-last-event span alone. "
+        "cdc-source's and cdc-sink's figures from process start (as in scenarios 1-2): "
+        f"{_num(dig(dbz, 'cdc_source', 'start_to_confirm_events_per_s'))} and "
+        f"{_num(dig(dbz, 'cdc_sink', 'start_to_exit_events_per_s'))} events/s.",
+        f"- Versions: io.debezium:debezium-connector-postgres {v.get('debezium.version')}, "
+        f"io.debezium:debezium-connector-jdbc {v.get('debezium.jdbc.version')} (with "
+        f"org.hibernate.orm:hibernate-core and hibernate-agroal {v.get('hibernate.version')}), "
+        f"org.apache.kafka:connect-runtime {v.get('connect.version')} (standalone mode, one worker per "
+        f"connector), log4j {v.get('log4j.version')}; {dbz.get('java')}; jars from Maven Central by "
+        f"`{mvn.get('pom', 'bench/debezium/pom.xml')}` ({fetch}; plugin folders without the groups "
+        f"{', '.join(mvn.get('plugin_excluded_groups', []))}).",
+        f"- JVM: `java {' '.join(dbz.get('jvm_options', []))} "
+        "-Dlog4j2.configurationFile=bench/debezium/log4j2.properties -cp <runtime>/* "
+        "org.apache.kafka.connect.cli.ConnectStandalone worker.properties connector.properties`.",
+    ]
+    for key, label in DEBEZIUM_SYSTEMS:
+        part = dbz.get(key) or {}
+        if "connector_settings" in part:
+            lines.append(f"- {label}, connector: {_settings(part['connector_settings'])}.")
+    lines += [f"- {note}" for note in dbz.get("notes", [])]
+    for key, label in (("debezium_source", "source"), ("debezium_jdbc_sink", "JDBC sink")):
+        worker = dig(dbz, key, "worker_settings")
+        if worker:
+            worker = {k: v for k, v in worker.items() if k not in {"listeners", "offset.storage.file.filename"}}
+            lines.append(
+                f"- Worker of the {label}: {_settings(worker)}, `listeners=http://127.0.0.1:<free port>`, "
+                "`offset.storage.file.filename=<scratch file>`."
+            )
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     lines = [
         f"# Benchmark: {results['mode']} run of {results['date']} (commit {results['commit']})",
@@ -296,6 +436,8 @@ def render(results: dict[str, Any]) -> str:
     ]
     if results.get("growth"):
         lines += ["", "## Growth", "", *growth_table(results)]
+    if dig(results, "scenarios", "debezium"):
+        lines += ["", "## Debezium baseline (scenario 7)", "", *debezium_table(results)]
     if results.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()]
     lines += ["", "Latency over time and its histogram: bench/results/latency.png", ""]

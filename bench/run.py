@@ -2,7 +2,8 @@
 bench/results/latest.json, bench/results/<YYYYmmdd-HHMMSS>-<commit>.json and latest.md, print the table.
 
 --quick: scenarios 1-5 (changes, snapshot, latency; memory is measured during 1 and 2), under
-10 minutes on a 2-core machine. --full: the same plus the growth grid (scenario 6).
+10 minutes on a 2-core machine. --full: the same plus the growth grid (scenario 6) and the Debezium
+baseline (scenario 7, bench/debezium.py; alone: --only debezium, or `make bench-debezium`).
 """
 
 import argparse
@@ -22,7 +23,7 @@ from typing import Any
 
 import psycopg2
 
-from bench import report
+from bench import debezium, report
 from bench.config import RESULTS_DIR, Endpoints, Plan, Workload, full_plan, growth_grid, quick_plan
 from bench.context import Context
 from bench.kafka import admin
@@ -33,7 +34,7 @@ from bench.scenarios import changes, growth, latency, snapshot
 
 log = logging.getLogger("bench")
 
-SCENARIOS = ("changes", "snapshot", "latency", "growth")
+SCENARIOS = ("changes", "snapshot", "latency", "growth", "debezium")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,7 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="scenarios 1-5 (the default)")
-    mode.add_argument("--full", action="store_true", help="scenarios 1-5 and the growth grid")
+    mode.add_argument(
+        "--full", action="store_true", help="scenarios 1-5, the growth grid and the Debezium baseline"
+    )
     parser.add_argument("--changes", type=int, help="N of scenarios 1-2 (default 1,000,000)")
     parser.add_argument("--snapshot-rows", type=int, help="rows of scenario 3 (default 1,000,000)")
     parser.add_argument("--latency-seconds", type=float, help="length of scenario 4 (default 60)")
@@ -54,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_plan(args: argparse.Namespace) -> Plan:
     plan = full_plan() if args.full else quick_plan()
+    if args.full:  # the Debezium baseline is part of --full (and of --only debezium), not of --quick
+        plan = dataclasses.replace(plan, scenarios=plan.scenarios | {"debezium"})
     if args.full and args.growth_scale != 1.0:
         plan = dataclasses.replace(plan, growth=growth_grid(args.growth_scale))
     if args.changes:
@@ -67,7 +72,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         unknown = wanted - set(SCENARIOS)
         if unknown:
             raise SystemExit(f"--only: unknown scenarios {', '.join(sorted(unknown))} (choose from {SCENARIOS})")
-        plan = dataclasses.replace(plan, scenarios=wanted & plan.scenarios)
+        plan = dataclasses.replace(plan, scenarios=wanted & (plan.scenarios | {"debezium"}))
     return plan
 
 
@@ -106,6 +111,7 @@ def execute(plan: Plan, endpoints: Endpoints) -> dict[str, Any]:
         ("snapshot", lambda: snapshot.run(ctx, plan.snapshot_rows)),
         ("latency", lambda: latency.run(ctx, plan.latency_seconds)),
         ("growth", lambda: growth.run(ctx, plan.growth)),
+        ("debezium", lambda: debezium.run(ctx, plan.changes)),
     ]
     for name, step in steps:
         if name not in plan.scenarios:
