@@ -280,6 +280,7 @@ def test_pipeline_end_to_end_with_the_roles(stack: Stack, roles: Roles, topic_pr
         "cdc_sink.offsets": roles.target,
         "cdc_sink.parked": roles.target,
         "cdc_sink.positions": roles.target,
+        "cdc_sink.schema_changes": roles.target,
         "cdc_sink.snapshots": roles.target,
         "cdc_sink.tables": roles.target,
     }
