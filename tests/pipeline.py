@@ -285,6 +285,22 @@ def column_names(conn: Any, table: TableName) -> list[str]:
         return [r[0] for r in cur.fetchall()]
 
 
+def select_as_text(conn: Any, table: TableName, columns: list[str]) -> list[tuple[str | None, ...]]:
+    """`columns` of every row of `table` on a connect_as_text connection, each value exactly as its
+    type's output function printed it (a `::text` cast is not always that: xml::text is the stored
+    text, bpchar::text drops the padding)."""
+    select = sql.SQL("SELECT {} FROM {}").format(
+        sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(table.schema, table.name)
+    )
+    with conn.cursor() as cur:
+        cur.execute(select + sql.SQL(" LIMIT 0"))
+        oids = tuple({column.type_code for column in cur.description})
+        as_text = psycopg2.extensions.new_type(oids, "AS_TEXT", lambda value, _cur: value)
+        psycopg2.extensions.register_type(as_text, conn)
+        cur.execute(select)
+        return [tuple(r) for r in cur.fetchall()]
+
+
 def rows_as_text(dsn: str, table: Table) -> list[dict[str, str | None]]:
     """Every row of `table` with every column as PostgreSQL prints it (its output function, under
     fixed session settings), ordered by the key (compared as text, so both servers sort alike)."""
@@ -293,18 +309,7 @@ def rows_as_text(dsn: str, table: Table) -> list[dict[str, str | None]]:
     try:
         columns = column_names(conn, name)
         key = key_columns(conn, name)
-        select = sql.SQL("SELECT {} FROM {}").format(
-            sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(name.schema, name.name)
-        )
-        with conn.cursor() as cur:
-            # each value exactly as the type's output function printed it (a `::text` cast is not
-            # always that: xml::text is the stored text, bpchar::text drops the padding)
-            cur.execute(select + sql.SQL(" LIMIT 0"))
-            oids = tuple({column.type_code for column in cur.description})
-            as_text = psycopg2.extensions.new_type(oids, "AS_TEXT", lambda value, _cur: value)
-            psycopg2.extensions.register_type(as_text, conn)
-            cur.execute(select)
-            rows = [dict(zip(columns, r, strict=True)) for r in cur.fetchall()]
+        rows = [dict(zip(columns, r, strict=True)) for r in select_as_text(conn, name, columns)]
     finally:
         conn.close()
     return sorted(rows, key=lambda r: tuple(r[k] or "" for k in key))

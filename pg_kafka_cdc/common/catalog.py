@@ -196,22 +196,30 @@ def estimated_rows(cur: Any, table: TableName) -> int | None:
     return int(row[0]) if row and row[0] >= 0 else None
 
 
-def read_table(conn: Any, table: TableName) -> TableDef | None:
-    """The table's definition, or None when it does not exist."""
+def _read(conn: Any, table: TableName, columns: str) -> tuple[tuple[Any, ...], list[Any], Any] | None:
+    """The table's pg_class row (oid, replica identity, relfilenode), its rows of the `columns` query
+    and its key row; None when it does not exist."""
     with conn.cursor() as cur:
         cur.execute(_TABLE, (table.schema, table.name))
         found = cur.fetchone()
         if found is None:
             return None
-        oid, replident, relfilenode = found
-        cur.execute(_COLUMNS, (oid,))
-        columns = tuple(Column(*row) for row in cur.fetchall())
-        cur.execute(_KEY, (oid,))
-        key_row = cur.fetchone()
+        cur.execute(columns, (found[0],))
+        rows = cur.fetchall()
+        cur.execute(_KEY, (found[0],))
+        return tuple(found), rows, cur.fetchone()
+
+
+def read_table(conn: Any, table: TableName) -> TableDef | None:
+    """The table's definition, or None when it does not exist."""
+    read = _read(conn, table, _COLUMNS)
+    if read is None:
+        return None
+    (oid, replident, relfilenode), rows, key_row = read
     return TableDef(
         name=table,
         oid=oid,
-        columns=columns,
+        columns=tuple(Column(*row) for row in rows),
         key=tuple(key_row[1]) if key_row else (),
         has_pk=bool(key_row and key_row[0]),
         replica_identity=replident,
@@ -258,16 +266,10 @@ class TableNow:
 
 def table_now(conn: Any, table: TableName) -> TableNow | None:
     """The table's attributes by attnum (dropped ones included), key and storage; None when it does not exist."""
-    with conn.cursor() as cur:
-        cur.execute(_TABLE, (table.schema, table.name))
-        found = cur.fetchone()
-        if found is None:
-            return None
-        oid, replident, relfilenode = found
-        cur.execute(_ATTRIBUTES, (oid,))
-        rows = cur.fetchall()
-        cur.execute(_KEY, (oid,))
-        key_row = cur.fetchone()
+    read = _read(conn, table, _ATTRIBUTES)
+    if read is None:
+        return None
+    (oid, replident, relfilenode), rows, key_row = read
     attributes = {
         attnum: Attribute(
             attnum,

@@ -33,6 +33,7 @@ from tests.pipeline import (
     key_columns,
     reaped_on_failure,
     run_sink,
+    select_as_text,
     start_sink,
     start_source,
     start_writer,
@@ -139,16 +140,7 @@ def _rows_by_key(
     rows_as_text reads them), by the key's text."""
     conn = connect_as_text(dsn)
     try:
-        select = sql.SQL("SELECT {} FROM {}").format(
-            sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(table.schema, table.name)
-        )
-        with conn.cursor() as cur:
-            cur.execute(select + sql.SQL(" LIMIT 0"))
-            oids = tuple({column.type_code for column in cur.description})
-            as_text = psycopg2.extensions.new_type(oids, "AS_TEXT", lambda value, _cur: value)
-            psycopg2.extensions.register_type(as_text, conn)
-            cur.execute(select)
-            rows = cur.fetchall()
+        rows = select_as_text(conn, table, columns)
     finally:
         conn.close()
     at = [columns.index(k) for k in key]
