@@ -271,11 +271,12 @@ def decode_tombstone(headers: Headers | None) -> TombstoneSource | None:
 Position = tuple[int, int, int]  # (commit LSN, seq, rank): see envelope.py
 RANKS = {"s": -1, "d": 0, "c": 2, "u": 2, "r": 2, "t": 2}
 TOMBSTONE_RANK = 1
+TRANSACTION_RANKS = {"BEGIN": 0, "END": 0}  # a transaction record's status (schemas/transactions.py)
 
 
 def position(value: bytes | None, headers: Headers | None) -> Position | None:
-    """Where a message stands in its partition (None for a message without a full position: another
-    producer's, or a tombstone written before tombstones carried their delete's seq)."""
+    """Where a message (a change message, or a record of the transaction topic) stands in its
+    partition (None for a message without a full position: another producer's, or a tombstone written before tombstones carried their delete's seq)."""
     try:
         if value is None:
             tombstone = decode_tombstone(headers)
@@ -284,7 +285,9 @@ def position(value: bytes | None, headers: Headers | None) -> Position | None:
             commit_lsn, seq, rank = tombstone["commit_lsn"], tombstone.get("seq"), TOMBSTONE_RANK
         else:
             doc = orjson.loads(value)
-            commit_lsn, seq, rank = doc["source"]["commit_lsn"], doc["source"]["seq"], RANKS[doc["op"]]
+            # a transaction record (schemas/transactions.py) stands at rank 0 of its seq
+            rank = RANKS[doc["op"]] if "op" in doc else TRANSACTION_RANKS[doc["status"]]
+            commit_lsn, seq = doc["source"]["commit_lsn"], doc["source"]["seq"]
     except (BadMessage, orjson.JSONDecodeError, KeyError, TypeError):
         return None
     if type(commit_lsn) is not int or type(seq) is not int:
