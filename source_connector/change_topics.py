@@ -21,11 +21,14 @@ class ChangeTopics:
         self.replication_factor = replication_factor
         self.config = {**HISTORY_TOPIC_CONFIG, "max.message.bytes": str(MAX_MESSAGE_BYTES), **dict(config)}
         self.counts: dict[str, int] = {}
+        self.transactions: str | None = None  # the transaction topic, with transaction metadata
 
     def ensure(self, infos: list[TableInfo]) -> None:
         """The tables' topics, created when missing."""
         existing = self.admin.list_topics(timeout=10).topics
-        wanted = {i.topic: i.name for i in infos}
+        wanted = {i.topic: str(i.name) for i in infos}
+        if self.transactions is not None:
+            wanted[self.transactions] = "the transaction records"
         for a, b in collisions([*existing, *wanted]):
             if a in wanted or b in wanted:
                 raise ConfigError(
@@ -33,6 +36,18 @@ class ChangeTopics:
                     "Rename one of the tables, or replicate them with separate --topic-prefix values"
                 )
         self._create([i.topic for i in infos])
+        if self.transactions is not None:
+            self._create_transactions(self.transactions)
+
+    def _create_transactions(self, topic: str) -> None:
+        """The transaction topic: one partition (its records in commit order), the topics' settings."""
+        count = ensure_topics(self.admin, [topic], 1, self.replication_factor, self.config)[topic]
+        if count != 1:
+            raise ConfigError(
+                f"topic {topic} has {count} partitions: transaction records need a topic of one partition, "
+                "in commit order. Delete it (cdc-source creates it again) or use another --topic-prefix"
+            )
+        self.counts[topic] = count
 
     def ensure_one(self, info: TableInfo) -> None:
         """A table first met in the stream: its topic, unless already known."""

@@ -72,6 +72,14 @@ RUN_OPTIONS = [
         "Messages waiting for Kafka before WAL reading pauses.",
         click.IntRange(min=1000),
     ),
+    option(
+        "--transaction-metadata",
+        "SOURCE_TRANSACTION_METADATA",
+        False,
+        "Publish a BEGIN and an END record (its messages per topic) for every source transaction, on "
+        "<prefix>.transaction (one partition), so a consumer can tell when it holds all of one.",
+        is_flag=True,
+    ),
     METRICS_PORT,
 ]
 
@@ -97,6 +105,7 @@ def run(**kwargs: Any) -> None:
             heartbeat_interval=kwargs["heartbeat_interval"],
             max_in_flight=kwargs["max_in_flight"],
             metrics_port=kwargs["metrics_port"],
+            transaction_metadata=kwargs["transaction_metadata"],
         )
         SourceConnector(settings, options, StopFlag().install()).run()
 

@@ -23,12 +23,13 @@ from pg_kafka_cdc.common.tables import TableName
 from schemas.envelope import SchemaChange, stream_id
 from schemas.signals import snapshot_request
 from schemas.topics import state_topic
+from schemas.transactions import transaction_topic
 from source_connector.catalog import Catalog
 from source_connector.change_topics import MAX_MESSAGE_BYTES, ChangeTopics
 from source_connector.confirm import Confirmer
 from source_connector.events import EventBuilder
 from source_connector.heartbeat import Heartbeat, emit_heartbeat
-from source_connector.held import replay_of, topics_holding
+from source_connector.held import held_transactions, replay_of, topics_holding
 from source_connector.incremental import Incremental, Request, emit
 from source_connector.losses import NanLosses
 from source_connector.metrics import collect
@@ -47,6 +48,7 @@ from source_connector.start import Adopt, Create, Refuse, Restart, Resume, decid
 from source_connector.state import STATE_TOPIC_CONFIG, SourceState, clear_state, read_state, state_key, write_state
 from source_connector.stream import Stream
 from source_connector.table_info import TableInfo
+from source_connector.transactions import TransactionRecords
 
 log = logging.getLogger("source")
 
@@ -62,6 +64,7 @@ class SourceOptions:
     heartbeat_interval: float = 0.0
     max_in_flight: int = 100_000
     metrics_port: int = 0
+    transaction_metadata: bool = False  # BEGIN and END records on <prefix>.transaction
 
 
 # How cdc-source produces (bench/kafka_transactions.py measures the same settings).
@@ -152,6 +155,7 @@ class SourceConnector:
         self.producer: Any = None
         self.publisher: Publisher | None = None
         self.incremental: Incremental | None = None
+        self.records: TransactionRecords | None = None
         self.created_slot = False
         self.snapshotted: set[TableName] = set()  # tables whose topics hold their snapshot (or all changes)
 
@@ -178,6 +182,10 @@ class SourceConnector:
         topics = ChangeTopics(
             admin, self.options.partitions, self.options.replication_factor, self.options.topic_config
         )
+        if self.options.transaction_metadata:
+            records_topic = transaction_topic(self.settings.topic_prefix)
+            topics.transactions = records_topic
+            self.records = TransactionRecords(self.settings.topic_prefix, records_topic)
         builder = self.builder = self._builder(source, topics)
         state = self._start(source, builder, publisher, topics, topic)
         topics.ensure(source.infos)
@@ -253,6 +261,17 @@ class SourceConnector:
             incremental.request(request)
         confirmer.record()  # the scope as it is now, before anything is streamed
         return incremental
+
+    def _held_transactions(
+        self, topics: ChangeTopics, builder: EventBuilder
+    ) -> Callable[[int], dict[int, Counter[str]]]:
+        """What the change topics hold of each transaction committed from a position on."""
+
+        def read(since: int) -> dict[int, Counter[str]]:
+            changes = {t: n for t, n in topics.counts.items() if t != topics.transactions}
+            return held_transactions(self.settings, changes, builder.stream, since)
+
+        return read
 
     def _held(self, topics: ChangeTopics) -> Callable[[], Replay]:
         """What the topics hold, read before each start of streaming; the first time, on a slot an
@@ -460,7 +479,11 @@ class SourceConnector:
             self._held(topics),
             catalog.forget_unrouted,
             self.incremental,
+            self.records,
+            self._held_transactions(topics, builder) if self.records is not None else None,
         )
+        if self.records is not None:
+            self.records.stream = builder.stream
         self.stream.periodic = self.watch.check
         self.stream.run()
 

@@ -13,6 +13,11 @@ One message per row change, keyed by the primary key:
   with the new shape;
 - a change wal2json reports under a partition's name is published as the table the lookup returns
   (the root); a TRUNCATE of a partition only as part of its root's (see truncate()).
+
+Every message of a change carries its transaction (`source.txId`, `source.commit_lsn`,
+`source.stream`; a tombstone in its header); with transaction metadata, the END record of the
+transaction counts each of them in its topic: the row events, the tombstones, and the `t` and `s`
+events on every partition (see transactions.py). Snapshot reads (`r`) belong to no transaction.
 """
 
 import time

@@ -3,6 +3,7 @@ Kafka when the connector starts on an existing slot (see replay.py)."""
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -13,10 +14,15 @@ from pg_kafka_cdc.common.lsn import int_to_lsn
 from pg_kafka_cdc.common.settings import Settings
 from schemas.codec import Position, position
 from source_connector.replay import Replay
+from source_connector.transactions import tally
 
 log = logging.getLogger("source")
 
 READ_TIMEOUT = 10.0
+# Messages read back first from a partition's end for the transaction counts, then 8 times more
+# each time, up to TAIL_MOST at a time.
+TAIL_FIRST = 16
+TAIL_MOST = 65_536
 SETTLE_FOR = 2.0  # seconds the end offsets must stay still before the last positions are read
 SETTLE_MAX = 60.0
 SETTLE_POLL = 0.5
@@ -72,6 +78,9 @@ def _reader(settings: Settings) -> Any:
                 "enable.auto.commit": False,
                 "enable.partition.eof": False,
                 "isolation.level": "read_committed",
+                # Each read is short and ends at a partition's end: a fetch left waiting there for
+                # more data would hold up the next assignment for as long.
+                "fetch.wait.max.ms": 10,
             }
         )
     )
@@ -159,3 +168,72 @@ def replay_of(
             int_to_lsn(replay.high[0]),
         )
     return replay
+
+
+def _count_between(
+    consumer: Any, topic: str, partition: int, first: int, end: int, stream: str, since: int
+) -> tuple[Counter[int], bool]:
+    """tally() of the messages at offsets [first, end), which exist; not read (no progress for
+    READ_TIMEOUT seconds), the END records' counts would be guesses."""
+    consumer.assign([TopicPartition(topic, partition, first)])
+    counts: Counter[int] = Counter()
+    reached = False
+    deadline = time.monotonic() + READ_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(min(10_000, end - first), timeout=1.0):
+                if msg.error() is not None:
+                    continue
+                deadline = time.monotonic() + READ_TIMEOUT
+                offset = msg.offset()
+                if offset < end:
+                    reached = tally(counts, msg.value(), msg.headers(), stream, since) or reached
+                if offset >= end - 1:
+                    return counts, reached
+    finally:
+        consumer.unassign()
+    raise ConnectError(
+        f"cannot read the last messages of {topic}[{partition}] from Kafka within {READ_TIMEOUT:.0f} s "
+        "(needed to count the transactions' messages in the topics)"
+    )
+
+
+def partition_transactions(consumer: Any, topic: str, partition: int, stream: str, since: int) -> Counter[int]:
+    """Messages of each transaction of `stream` committed at or after `since` that the partition
+    holds (by commit LSN), read back from its end in growing chunks until an older message."""
+    low, high = watermarks(consumer, topic, partition)
+    end, step = high, TAIL_FIRST
+    counts: Counter[int] = Counter()
+    while end > low:
+        first = max(low, end - step)
+        found, reached = _count_between(consumer, topic, partition, first, end, stream, since)
+        counts.update(found)
+        if reached:
+            break
+        end, step = first, min(step * 8, TAIL_MOST)
+    return counts
+
+
+def held_transactions(
+    settings: Settings, partitions: Mapping[str, int], stream: str, since: int
+) -> dict[int, Counter[str]]:
+    """What the topics of `partitions` hold of the transactions of `stream` committed at or after
+    `since`: commit LSN -> topic -> messages (see transactions.py)."""
+    consumer = _reader(settings)
+    held: dict[int, Counter[str]] = {}
+    try:
+        for topic, count in partitions.items():
+            for p in range(count):
+                for commit_lsn, n in partition_transactions(consumer, topic, p, stream, since).items():
+                    held.setdefault(commit_lsn, Counter())[topic] += n
+    finally:
+        consumer.close()
+    total = sum(sum(c.values()) for c in held.values())
+    if total:
+        log.info(
+            "the topics hold %d messages of %d transactions from %s on: their END records count them",
+            total,
+            len(held),
+            int_to_lsn(since),
+        )
+    return held

@@ -143,6 +143,12 @@ def _stream(connector: "SourceConnector", stream: "Stream") -> Iterator[Any]:
         ),
     ):
         yield single_counter(name, doc, value)
+    if stream.records is not None:
+        yield single_counter(
+            "cdc_source_transactions_published_total",
+            "END records published on the transaction topic (--transaction-metadata).",
+            stream.records.published,
+        )
     yield gauge(
         "cdc_source_confirmed_lsn",
         "The position confirmed to the slot (flushed to Kafka).",

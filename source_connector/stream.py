@@ -4,13 +4,19 @@ what Kafka acknowledged.
 Reading pauses while the producer's queue is full (backpressure: the walsender then waits on the
 socket), the connection is re-established with backoff when it drops, and SIGTERM stops reading,
 waits for Kafka to acknowledge what was sent, confirms that position and returns.
+
+With transaction metadata (`records`, see transactions.py), each transaction that has messages in
+the change topics also gets a BEGIN record, published just before its first message, and an END
+record, published at its `C` with its messages per topic; both go through the publisher like the
+changes (the slot is confirmed only past acknowledged records), and after a restart neither is
+published again when the transaction topic holds it already.
 """
 
 import contextlib
 import logging
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +40,7 @@ from source_connector.ports import ReplicationCursor, ReplicationMessage
 from source_connector.publisher import Publisher, raise_delivery_failure
 from source_connector.reconnect import Reconnect
 from source_connector.replay import Replay
+from source_connector.transactions import TRANSACTION_PARTITION, TransactionRecords
 from source_connector.wal2json import (
     NUMBERS_AS_STRING_OPTION,
     WAL2JSON_OPTIONS,
@@ -64,6 +71,10 @@ class Stream:
     empty_commit: Callable[[], None] | None = None
     # Snapshots taken while streaming (tables added to the scope, `cdc-source snapshot`).
     incremental: Incremental | None = None
+    # Transaction metadata (--transaction-metadata): BEGIN and END records around each transaction.
+    records: TransactionRecords | None = None
+    # What the topics hold of each transaction committed at or after a position (see held.py).
+    held_transactions: Callable[[int], Mapping[int, Mapping[str, int]]] | None = None
 
     def __post_init__(self) -> None:
         self.producer = self.publisher.producer
@@ -93,8 +104,8 @@ class Stream:
 
     def _open(self, conn: Any | None) -> tuple[Any, Any]:
         """A replication connection streaming from the confirmed position."""
-        self._read_held()
         start_lsn = self.confirmer.tracker.flushed_lsn
+        self._read_held(start_lsn)
         for attempt in (True, False):
             if attempt and self.numbers_as_strings is False:
                 continue
@@ -173,7 +184,10 @@ class Stream:
         read = cur.read_message
         decode = self.decoder.decode
         row = self.builder.row
+        records = self.records
         publish = self.publisher.publish
+        if records is not None:  # each change message is counted, and follows its transaction's BEGIN
+            records.send, publish = publish, records.publish
         confirmer = self.confirmer
         stop = self.stop
         tx: Transaction | None = None
@@ -209,9 +223,15 @@ class Stream:
                 doc = decode(payload)
                 ctx = begin_context(doc)
                 tx = confirmer.tracker.begin(doc["xid"], lsn_to_int(doc["nextlsn"]))
+                if records is not None:
+                    records.start(tx, ctx)
             elif kind == b"C":
                 if tx is None or ctx is None:
                     raise outside_transaction(payload)
+                if records is not None:
+                    if records.begun and confirmer.tracker.failures:  # lost, a message would be miscounted
+                        raise_delivery_failure(confirmer.tracker)
+                    records.end(tx)
                 self._committed(tx, ctx, changed)
                 tx, changed = None, False
             elif kind == b"M":
@@ -235,13 +255,26 @@ class Stream:
         self.transactions += 1
         self.last_commit_us = ctx.ts_us
 
-    def _read_held(self) -> None:
+    def _read_held(self, start_lsn: int) -> None:
         """Before streaming from the confirmed position: what the topics hold of what comes after it
-        (everything sent is acknowledged by now), so that none of it is published twice."""
+        (everything sent is acknowledged by now), so that none of it is published twice; with
+        transaction records, how many messages of each transaction from there on, for their ENDs."""
         try:
             self.replay = None if self.held is None else self.held()
+            if self.records is not None:
+                self._read_held_transactions(self.records, start_lsn)
         except KafkaException as exc:
             raise ConnectError(f"cannot read the topics' last positions from Kafka: {kafka_reason(exc)}") from None
+
+    def _read_held_transactions(self, records: TransactionRecords, start_lsn: int) -> None:
+        """While the stream reads again what the topics hold: the messages they hold of each
+        transaction from `start_lsn` on, and the transaction topic's last position."""
+        replay = self.replay
+        if replay is None or replay.done:
+            records.held({}, None, None)
+            return
+        held = self.held_transactions(start_lsn) if self.held_transactions is not None else {}
+        records.held(held, start_lsn, replay.held.get((records.topic, TRANSACTION_PARTITION)))
 
     def _replayed(self, replay: Replay) -> Replay | None:
         """The stream is past what the topics held: from here on every message is new (None)."""
