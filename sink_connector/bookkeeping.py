@@ -78,7 +78,29 @@ _TABLES = [
         parked_at   timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (group_id, topic, key))""",
     SCHEMA_CHANGES_DDL,
+    # --consistency transaction: the last source transaction whose effect is complete on the target
+    """CREATE TABLE IF NOT EXISTS {schema}.consistency (
+        group_id     text PRIMARY KEY,
+        stream       text NOT NULL,
+        txid         bigint,
+        commit_lsn   bigint NOT NULL,
+        committed_at timestamptz,
+        transactions bigint NOT NULL DEFAULT 0,
+        reached      boolean NOT NULL,
+        updated_at   timestamptz NOT NULL DEFAULT now())""",
 ]
+
+
+class ConsistentPoint(NamedTuple):
+    """The last source transaction applied whole (--consistency transaction); `reached`: the target
+    is consistent as of its commit (false while bulk copies taken at later snapshots are caught up with)."""
+
+    stream: str
+    txid: int | None
+    commit_lsn: int
+    ts_us: int | None
+    transactions: int  # applied so far by the group
+    reached: bool
 
 
 def installed(cur: Any, schema: str) -> bool:
@@ -234,6 +256,31 @@ class Bookkeeping:
             (self.group, topics),
         )
         cur.execute(sql.SQL("DELETE FROM {} WHERE topic = ANY(%s)").format(self._t("positions")), (topics,))
+
+    # --- the consistent point ------------------------------------------------------------------
+
+    def consistency(self, cur: Any) -> ConsistentPoint | None:
+        cur.execute(
+            sql.SQL(
+                "SELECT stream, txid, commit_lsn, (extract(epoch FROM committed_at) * 1e6)::bigint, transactions, "
+                "reached FROM {} WHERE group_id = %s"
+            ).format(self._t("consistency")),
+            (self.group,),
+        )
+        row = cur.fetchone()
+        return None if row is None else ConsistentPoint(*row)
+
+    def store_consistency(self, cur: Any, point: ConsistentPoint) -> None:
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {} (group_id, stream, txid, commit_lsn, committed_at, transactions, reached) "
+                "VALUES (%s, %s, %s, %s, to_timestamp(%s / 1e6), %s, %s) ON CONFLICT (group_id) DO UPDATE SET "
+                "stream = EXCLUDED.stream, txid = EXCLUDED.txid, commit_lsn = EXCLUDED.commit_lsn, "
+                "committed_at = EXCLUDED.committed_at, transactions = EXCLUDED.transactions, "
+                "reached = EXCLUDED.reached, updated_at = now()"
+            ).format(self._t("consistency")),
+            (self.group, *point),
+        )
 
     # --- per-table progress ---------------------------------------------------------------------
 

@@ -2,13 +2,15 @@
 
 import dataclasses
 import logging
+import sys
 from typing import Any
 
 import click
 
-from pg_kafka_cdc.common.cli import DefaultGroup, program
+from pg_kafka_cdc.common.cli import DefaultGroup, fail, program
 from pg_kafka_cdc.common.errors import ConfigError, SinkError
 from pg_kafka_cdc.common.kafka import admin_client, wait_for_kafka
+from pg_kafka_cdc.common.logs import use_json
 from pg_kafka_cdc.common.options import KAFKA_TIMEOUT, METRICS_PORT, option, with_options
 from pg_kafka_cdc.common.pg import connect_target
 from pg_kafka_cdc.common.settings import Settings, common_options
@@ -29,6 +31,8 @@ from sink_connector.replica_role import apply_as_replica
 from sink_connector.sink import Sink, SinkOptions
 
 log = logging.getLogger("sink.rebuild")
+
+USAGE_EXIT = 2  # as click's own option errors
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -96,6 +100,7 @@ sink_options = with_options(SINK_OPTIONS)
 
 def build_options(kwargs: dict[str, Any], snapshot: str, rebuild: tuple[Any, ...] = ()) -> SinkOptions:
     return SinkOptions(
+        consistency=kwargs.get("consistency") or "row",
         group=kwargs["group"],
         snapshot=snapshot,
         on_error=kwargs["on_error"],
@@ -128,8 +133,25 @@ def main() -> None:
     default="copy",
     help="First fill of a table: bulk COPY from the source, replay of its topic, or nothing.",
 )
+@click.option(
+    "--consistency",
+    envvar="SINK_CONSISTENCY",
+    type=click.Choice(["row", "transaction"]),
+    default="row",
+    help="What one target transaction holds: batches of changes (row), or whole source transactions in "
+    "commit order, so that readers never see part of one (transaction: needs cdc-source "
+    "--transaction-metadata and a single cdc-sink in the group).",
+)
 def run(**kwargs: Any) -> None:
     """Consume and apply until stopped (SIGTERM/SIGINT: finish the batch, exit 0)."""
+    if kwargs["consistency"] == "transaction" and kwargs["on_error"] == "dlq":
+        fail(
+            "cdc-sink",
+            "--on-error dlq cannot be used with --consistency transaction: a dead letter would apply part of a "
+            "source transaction; use --on-error fail",
+            use_json(kwargs.get("log_format") or "auto"),
+        )
+        sys.exit(USAGE_EXIT)
     with program("cdc-sink", kwargs) as settings:
         Sink(settings, build_options(kwargs, kwargs["snapshot"]), StopFlag().install()).run()
 

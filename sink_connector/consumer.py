@@ -42,6 +42,7 @@ class KafkaLog:
     expected: dict[TP, int | None] = field(default_factory=dict)
     down_since: float | None = None  # monotonic time Kafka became unreachable
     consumer: Any = None
+    generation: int = 0  # counts the assignments and revocations (a loop that buffers starts over)
 
     def config(self) -> dict[str, Any]:
         static = {"group.instance.id": self.instance_id} if self.instance_id else {}
@@ -76,6 +77,7 @@ class KafkaLog:
         self.consumer.subscribe(subscription, on_assign=self.on_assign, on_revoke=self.on_revoke)
 
     def on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        self.generation += 1
         stored = self.claim([(p.topic, p.partition) for p in partitions])
         for p in partitions:
             offset = stored.get((p.topic, p.partition))
@@ -89,6 +91,7 @@ class KafkaLog:
             )
 
     def on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        self.generation += 1
         for p in partitions:
             self.expected.pop((p.topic, p.partition), None)
         consumer.unassign()
@@ -133,6 +136,16 @@ class KafkaLog:
             log.debug("seek of %s[%d] refused: %s", tp[0], tp[1], exc)
             return False
         return True
+
+    def pause(self, partitions: list[TP], resume: bool = False) -> None:
+        """Stop (or go on) fetching these partitions; a partition no longer assigned is left alone."""
+        if not partitions:
+            return
+        parts = [TopicPartition(t, p) for t, p in partitions]
+        try:
+            (self.consumer.resume if resume else self.consumer.pause)(parts)
+        except KafkaException as exc:
+            log.debug("%s refused: %s", "resume" if resume else "pause", exc)
 
     def lag(self) -> dict[TP, int]:
         """Messages not applied yet, per assigned partition; and whether Kafka is back."""

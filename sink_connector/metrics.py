@@ -15,7 +15,7 @@ from pg_kafka_cdc.common.service import (
     samples,
     single_counter,
 )
-from sink_connector.bookkeeping import TopicPartition
+from sink_connector.bookkeeping import ConsistentPoint, TopicPartition
 from sink_connector.plan import BatchPlan
 
 if TYPE_CHECKING:
@@ -40,6 +40,10 @@ class SinkStats:
     batch_sizes: FastHistogram = field(default_factory=lambda: FastHistogram(SIZE_BUCKETS))
     apply_seconds: FastHistogram = field(default_factory=lambda: FastHistogram(LATENCY_BUCKETS))
     target_down_since: float | None = None  # monotonic time the target connection was lost
+    # --consistency transaction: the last source transaction applied whole, and how many were
+    consistency_mode: bool = False
+    consistency: ConsistentPoint | None = None
+    transactions_applied: int = 0
 
     def committed(self, plan: BatchPlan, started: float) -> None:
         """A batch plan committed to the target; `started` is when its commit step began (monotonic)."""
@@ -77,6 +81,29 @@ def _timings(stats: SinkStats) -> Iterator[Any]:
     )
     yield stats.batch_sizes.family("cdc_sink_batch_size_messages", "Messages per applied batch.")
     yield stats.apply_seconds.family("cdc_sink_apply_seconds", "Time to apply and commit one batch.")
+
+
+def _consistency(stats: SinkStats) -> Iterator[Any]:
+    """--consistency transaction: the target is consistent as of the source commit these name."""
+    yield single_counter(
+        "cdc_sink_source_transactions_applied_total",
+        "Source transactions applied whole (--consistency transaction).",
+        stats.transactions_applied,
+    )
+    point = stats.consistency
+    if point is None or not point.reached:
+        return
+    yield gauge(
+        "cdc_sink_consistent_commit_lsn",
+        "The target is consistent as of the source commit at this LSN (--consistency transaction).",
+        float(point.commit_lsn),
+    )
+    if point.ts_us is not None:
+        yield gauge(
+            "cdc_sink_consistent_commit_timestamp_seconds",
+            "Commit time of the source transaction the target is consistent as of (--consistency transaction).",
+            point.ts_us / 1e6,
+        )
 
 
 def collect(sink: "Sink") -> Iterator[Any]:
@@ -134,4 +161,6 @@ def collect(sink: "Sink") -> Iterator[Any]:
             "Source commit time of the newest change applied.",
             stats.last_applied_ts_us / 1e6,
         )
+    if stats.consistency_mode:
+        yield from _consistency(stats)
     yield gauge("cdc_sink_up", "1 while the sink can make progress.", 1.0 if sink.health()[0] else 0.0)

@@ -16,7 +16,7 @@ from schemas.codec import Position
 from sink_connector import schema_history
 from sink_connector.added_columns import SourceAccess, asked_line, refused_line, snapshot_command
 from sink_connector.apply import apply_table
-from sink_connector.bookkeeping import Bookkeeping, StreamPartition, TopicPartition
+from sink_connector.bookkeeping import Bookkeeping, ConsistentPoint, StreamPartition, TopicPartition
 from sink_connector.net_effect import TableBatch
 from sink_connector.preparation import TableState
 from sink_connector.refusals import explain_error
@@ -163,6 +163,17 @@ class TargetSession:
 
     def all_offsets(self) -> dict[TopicPartition, int | None]:
         return self.book.all_offsets(self.conn)
+
+    def consistent_point(self) -> ConsistentPoint | None:
+        """--consistency transaction: the last source transaction the group applied whole."""
+        with self.conn.cursor() as cur:
+            point = self.book.consistency(cur)
+        self.conn.commit()
+        return point
+
+    def store_consistency(self, point: ConsistentPoint) -> None:
+        """In the batch's transaction."""
+        self.book.store_consistency(self.cur, point)
 
     # --- one batch transaction ----------------------------------------------------------------
 

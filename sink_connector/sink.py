@@ -6,6 +6,10 @@ partitions while frozen cannot write behind its successor's back). Offsets are c
 afterwards, for the tools that show a group's lag. A batch goes through batch.py, which decodes it
 (changes.py), prepares the tables first seen (preparation.py), plans it (plan.py) and commits it
 (commit.py).
+
+With `--consistency transaction` the loop of consistent.py takes over: it also consumes the
+transaction topic and commits whole source transactions in commit order (transaction_gate.py), with
+a single member holding every partition (sole_member.py).
 """
 
 import logging
@@ -13,15 +17,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pg_kafka_cdc.common.errors import SinkError
 from pg_kafka_cdc.common.kafka import admin_client, wait_for_kafka
 from pg_kafka_cdc.common.service import serving
 from pg_kafka_cdc.common.settings import Settings
 from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
+from schemas.transactions import transaction_topic
 from sink_connector.added_columns import SourceAccess
 from sink_connector.batch import BatchProcessor
 from sink_connector.bookkeeping import Bookkeeping, TopicPartition
 from sink_connector.commit import BatchCommit
+from sink_connector.consistent import TransactionLoop
 from sink_connector.consumer import EndOffsets, KafkaLog, batch_count, end_offsets
 from sink_connector.dlq import DeadLetters
 from sink_connector.metrics import SinkStats, collect
@@ -30,9 +37,33 @@ from sink_connector.poison import ErrorPolicy
 from sink_connector.preparation import TablePreparer, TableState
 from sink_connector.rebuild import check_not_rebuilding
 from sink_connector.session import TargetSession
+from sink_connector.sole_member import check_alone_before_joining, check_assignment
 from sink_connector.subscription import in_subscription, subscription_for
+from sink_connector.transaction_gate import TransactionGate, consumed
 
 log = logging.getLogger("sink")
+
+
+@dataclass
+class TopicWatch:
+    """--consistency transaction: how long change topics have stood without the transaction topic."""
+
+    topic: str
+    timeout: float
+    since: float | None = None
+
+    def missing(self, now: float) -> bool:
+        """Noted missing now; True once it has been for the timeout."""
+        if self.since is None:
+            self.since = now
+            log.info("waiting for topic %s to exist (cdc-source --transaction-metadata creates it)", self.topic)
+        return now - self.since >= self.timeout
+
+    def refusal(self) -> str:
+        return (
+            f"topic {self.topic} does not exist: run cdc-source with --transaction-metadata (needed by "
+            "--consistency transaction)"
+        )
 
 
 @dataclass(frozen=True)
@@ -51,6 +82,11 @@ class SinkOptions:
     metrics_port: int = 0
     instance_id: str | None = None  # static group membership (group.instance.id)
     schema_changes: str = "keep"  # keep | drop | none (schema_changes.py)
+    consistency: str = "row"  # row | transaction (consistent.py)
+
+    @property
+    def transactional(self) -> bool:
+        return self.consistency == "transaction"
 
 
 class Sink:
@@ -73,6 +109,10 @@ class Sink:
         # the messages is known.
         self.batch_count = min(options.batch_size, 500)
         self.next_lag_check = 0.0
+        self.admin: Any = None
+        self.tx_topic = transaction_topic(settings.topic_prefix)
+        self.tx_topic_watch = TopicWatch(self.tx_topic, options.kafka_timeout)
+        self.stats.consistency_mode = options.transactional
 
     def run(self) -> None:
         with serving(self.options.metrics_port, lambda: collect(self), self.health):
@@ -92,8 +132,11 @@ class Sink:
     def _run(self) -> None:
         self.target.connect()
         self.target.install()
-        admin = admin_client(self.settings)
+        admin = self.admin = admin_client(self.settings)
         wait_for_kafka(self.settings, self.options.kafka_timeout, self.stop)
+        if self.options.transactional:
+            self._wait_for_transaction_topic(admin)
+            check_alone_before_joining(admin, self.options.group, self.options.instance_id)
         policy = ErrorPolicy(self.options.on_error, self.target.parked(), self.target.explain)
         if policy.dead_letters:
             self.dead_letters = DeadLetters(self.settings, admin)
@@ -101,9 +144,17 @@ class Sink:
         self._copy_before_consuming(topics)
         once = None
         if self.options.once:
-            ends = end_offsets(self.settings, self.options.group, topics)
+            ends_of = [*topics, self.tx_topic] if self.options.transactional else topics
+            ends = end_offsets(self.settings, self.options.group, ends_of)
             once = EndOffsets(ends, self.kafka.expected, self.target.all_offsets)
         self._subscribe()
+        if self.options.transactional:
+            try:
+                self.transaction_loop().run(self.stop, once)
+            finally:
+                self.kafka.close()
+                self.target.close()
+            return
         commit = BatchCommit(self.target, self.kafka, self.kafka.consumer, self.dead_letters, self.kafka.expected)
         processor = BatchProcessor(
             self.target,
@@ -123,6 +174,39 @@ class Sink:
             if self.dead_letters is not None:
                 self.dead_letters.flush()
             self.target.close()
+
+    def transaction_loop(self) -> TransactionLoop:
+        subscription = subscription_for(self.settings.topic_prefix, self.settings.selection)
+        gate = TransactionGate(
+            (self.tx_topic, 0), consumed(subscription), self.options.batch_size, self.options.batch_bytes
+        )
+        return TransactionLoop(
+            self.target,
+            self.preparer,
+            self.kafka,
+            self.topic_tables,
+            self.stats,
+            gate,
+            self._reconnect,
+            self._watch,
+            self.options.batch_size,
+            self.options.batch_bytes,
+            self.options.batch_wait,
+            schema=self.target.history,
+            refresh_schema=self.target.refresh_schema,
+        )
+
+    def _wait_for_transaction_topic(self, admin: Any) -> None:
+        """--consistency transaction: the change topics come with the transaction topic. Refused
+        when change topics exist without it for --kafka-timeout (a source without
+        --transaction-metadata); without either, the source has not created its topics yet."""
+        while not self.stop:
+            existing = admin.list_topics(timeout=10).topics
+            if self.tx_topic in existing or not self._topics_in_scope(admin):
+                return
+            if self.tx_topic_watch.missing(time.monotonic()):
+                raise SinkError(self.tx_topic_watch.refusal())
+            self.stop.wait(1.0)
 
     def _topics_in_scope(self, admin: Any) -> list[str]:
         """Change topics that exist now and belong to the configured tables (all, by default)."""
@@ -144,10 +228,21 @@ class Sink:
         check_not_rebuilding(
             self.target.conn, self.settings.topic_prefix, {t for t, _ in partitions}, self.options.rebuild
         )
+        if self.options.transactional:
+            subscription = [*subscription_for(self.settings.topic_prefix, self.settings.selection), self.tx_topic]
+            check_assignment(
+                self.admin,
+                self.kafka.consumer,
+                self.options.group,
+                partitions,
+                lambda topics: in_subscription(subscription, topics),
+            )
         return self.target.claim(partitions)
 
     def _subscribe(self) -> None:
         subscription = subscription_for(self.settings.topic_prefix, self.settings.selection)
+        if self.options.transactional:
+            subscription.append(self.tx_topic)
         self.kafka.subscribe(subscription)
         log.info(
             "consuming %s as group %s",
@@ -179,6 +274,20 @@ class Sink:
         if now >= self.next_lag_check:
             self.next_lag_check = now + 2.0
             self.stats.lag = self.kafka.lag()
+            if self.options.transactional and (self.tx_topic, 0) not in self.kafka.expected:
+                self._check_transaction_topic(now)
+
+    def _check_transaction_topic(self, now: float) -> None:
+        """Change topics created by a source that publishes no transaction records: refused once
+        they have stood without the transaction topic for --kafka-timeout."""
+        try:
+            existing = self.admin.list_topics(timeout=5).topics
+        except Exception:  # Kafka unreachable: the consumer says so
+            return
+        if self.tx_topic in existing or not self._topics_in_scope(self.admin):
+            self.tx_topic_watch.since = None
+        elif self.tx_topic_watch.missing(now):
+            raise SinkError(self.tx_topic_watch.refusal())
 
     def _reconnect(self, exc: BaseException, delay: float) -> None:
         self.stats.errors["target_connection"] += 1

@@ -62,6 +62,9 @@ def render(status: Status) -> None:
             t.last_applied_commit or "-",
         )
     console.print(table)
+    if status.consistency is not None:
+        style = "green" if status.consistency.reached else "yellow"
+        console.print(f"[bold]sink group {status.group}[/] [{style}]{status.consistency.line()}[/]")
     if status.ok:
         console.print("[green]status: OK[/]")
     else:

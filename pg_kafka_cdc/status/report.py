@@ -3,17 +3,20 @@ Kafka, the sink's applied offsets and progress on the target."""
 
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+from psycopg2 import sql
 
 from pg_kafka_cdc.common.errors import ConnectError
 from pg_kafka_cdc.common.kafka import kafka_reason, wait_for_kafka
+from pg_kafka_cdc.common.lsn import int_to_lsn
 from pg_kafka_cdc.common.settings import Settings
 from pg_kafka_cdc.common.tables import TableName
 from schemas.topics import table_for, topic_for
-from sink_connector.bookkeeping import Bookkeeping, TableProgress, installed
+from sink_connector.bookkeeping import Bookkeeping, ConsistentPoint, TableProgress, installed
 from source_connector.plugin_allowlist import allows, refused
 from source_connector.slot import plugin_setting
 
@@ -60,11 +63,41 @@ class TableStatus:
 
 
 @dataclass
+class ConsistencyStatus:
+    """`cdc-sink --consistency transaction`: the last source transaction applied whole."""
+
+    stream: str
+    txid: int | None
+    commit_lsn: str
+    committed_at: str | None
+    transactions: int
+    reached: bool  # false while bulk copies taken at later snapshots are caught up with
+
+    def line(self) -> str:
+        at = f"source commit {self.commit_lsn} at {self.committed_at or 'an unknown time'}"
+        if self.reached:
+            return f"consistent as of {at}"
+        return f"catching up with the bulk copies (applied up to {at}): not consistent yet"
+
+
+def consistency_status(point: ConsistentPoint | None) -> ConsistencyStatus | None:
+    if point is None:
+        return None
+    committed = None
+    if point.ts_us is not None:
+        committed = datetime.fromtimestamp(point.ts_us / 1e6, UTC).isoformat().replace("+00:00", "Z")
+    return ConsistencyStatus(
+        point.stream, point.txid, int_to_lsn(point.commit_lsn), committed, int(point.transactions), point.reached
+    )
+
+
+@dataclass
 class Status:
     slot: SlotStatus
     group: str
     tables: list[TableStatus]
     problems: list[str]
+    consistency: ConsistencyStatus | None = None
 
     @property
     def ok(self) -> bool:
@@ -79,6 +112,9 @@ class Status:
                 "group": self.group,
                 "lag_messages": sum(t.lag_messages for t in self.tables),
                 "lag_seconds": max((t.lag_seconds for t in self.tables), default=0.0),
+                "consistency": None
+                if self.consistency is None
+                else {**vars(self.consistency), "line": self.consistency.line()},
             },
             "tables": [
                 {
@@ -126,6 +162,17 @@ def sink_progress(
         offsets = book.applied_offsets(cur)
         tables = {f"{t.schema}.{t.name}": p for t, p in book.table_progress(cur).items()}
     return offsets, tables
+
+
+def sink_consistency(target: Any, schema: str, group: str) -> ConsistencyStatus | None:
+    """The consistent point of a sink run with --consistency transaction (None: never run so)."""
+    with target.cursor() as cur:
+        if not installed(cur, schema):
+            return None
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema, "consistency").as_string(cur),))
+        if not cur.fetchone()[0]:
+            return None
+        return consistency_status(Bookkeeping(schema, group).consistency(cur))
 
 
 def message_time(consumer: Any, topic: str, partition: int, offset: int) -> float | None:
@@ -243,4 +290,4 @@ def gather(
                 f"sink group {group} is behind on {t.table}: {t.lag_messages} messages, {t.lag_seconds:.0f} s "
                 "(is cdc-sink running?)"
             )
-    return Status(slot_state, group, tables, problems)
+    return Status(slot_state, group, tables, problems, sink_consistency(target, schema, group))

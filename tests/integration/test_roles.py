@@ -277,6 +277,7 @@ def test_pipeline_end_to_end_with_the_roles(stack: Stack, roles: Roles, topic_pr
     assert {t: o for t, o in owners} == {
         "public.orders": roles.target,
         "public.person": roles.target,
+        "cdc_sink.consistency": roles.target,
         "cdc_sink.offsets": roles.target,
         "cdc_sink.parked": roles.target,
         "cdc_sink.positions": roles.target,
