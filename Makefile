@@ -5,14 +5,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STACK := bash stack/stack.sh
 
-.PHONY: help up down clean venv lint test unit integration demo status bench bench-full bench-debezium faults soak docs
+.PHONY: help up down clean venv lint test unit integration demo status bench bench-full bench-debezium bench-transactions faults soak docs
 
 help:
 	@echo "make demo        stack up, writer + source + sink running, live counts (Ctrl-C stops)"
 	@echo "make test        stack up, ruff, mypy --strict, the whole test suite"
 	@echo "make up|down     start|stop the local PostgreSQL x2 + Kafka stack (make clean: also delete data)"
-	@echo "make bench       quick benchmark against in-run baselines (bench-full: the whole grid and Debezium)"
+	@echo "make bench       quick benchmark against in-run baselines (bench-full: the whole grid, Debezium, transactions)"
 	@echo "make bench-debezium  Debezium's PostgreSQL source and JDBC sink beside ours (jars from Maven Central)"
+	@echo "make bench-transactions  --consistency transaction against row, on pgbench's TPC-B-like transactions"
 	@echo "make faults      the fault-injection suite, long version (make soak: 10-minute soak)"
 
 venv: $(BIN)/.installed
@@ -52,13 +53,18 @@ demo: up
 bench: up
 	$(BIN)/python -m bench.run --quick
 
-# --full includes scenario 7, the Debezium baseline (bench/debezium.py)
+# --full includes scenario 7, the Debezium baseline (bench/debezium.py), and scenario 8, source
+# transactions applied whole against row by row (bench/scenarios/transactions.py)
 bench-full: up
 	$(BIN)/python -m bench.run --full
 
 # e.g. make bench-debezium BENCH_ARGS='--changes 20000' for a short run
 bench-debezium: up
 	$(BIN)/python -m bench.run --only debezium $(BENCH_ARGS)
+
+# e.g. make bench-transactions BENCH_ARGS='--changes 20000 --tpcb-partitions 3' for a short run
+bench-transactions: up
+	$(BIN)/python -m bench.run --only transactions $(BENCH_ARGS)
 
 faults: up
 	$(BIN)/pytest -q tests/faults --long

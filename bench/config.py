@@ -57,6 +57,28 @@ class Workload:
         return -(-self.changes // self.tx_size)
 
 
+TPCB_CHANGES_PER_TRANSACTION = 4  # an account, a teller and a branch updated, a history row inserted
+
+
+@dataclass(frozen=True)
+class TpcbWorkload:
+    """`transactions` of pgbench's TPC-B-like kind (bench/tpcb.py: 4 row changes each, on 4 tables)
+    on pgbench's tables at `scale`, their topics made with `partitions` partitions."""
+
+    transactions: int
+    scale: int = 1
+    partitions: int = 1
+
+    @property
+    def changes(self) -> int:
+        return self.transactions * TPCB_CHANGES_PER_TRANSACTION
+
+    @classmethod
+    def of_changes(cls, changes: int, scale: int = 1, partitions: int = 1) -> "TpcbWorkload":
+        """About `changes` row changes: a whole number of transactions, at least one."""
+        return cls(max(1, -(-changes // TPCB_CHANGES_PER_TRANSACTION)), scale, partitions)
+
+
 @dataclass(frozen=True)
 class GrowthCell:
     tx_size: int
@@ -77,6 +99,7 @@ class Plan:
     probe_interval: float = 0.050
     poll_interval: float = 0.005
     growth: tuple[GrowthCell, ...] = ()
+    tpcb: TpcbWorkload = TpcbWorkload(250_000)  # 1,000,000 changes
     scenarios: frozenset[str] = field(
         default_factory=lambda: frozenset({"changes", "snapshot", "latency", "growth"})
     )
@@ -121,6 +144,7 @@ def full_plan() -> Plan:
         snapshot_rows=1_000_000,
         latency_seconds=60.0,
         growth=growth_grid(),
+        scenarios=frozenset({"changes", "snapshot", "latency", "growth", "transactions"}),
     )
 
 

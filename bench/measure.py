@@ -126,9 +126,22 @@ def recvlogical(ctx: Context, dsn: str, slot: str, end_lsn: int, n: int) -> dict
     }
 
 
-def source(ctx: Context, dsn: str, prefix: str, slot: str, start_lsn: int, end_lsn: int, n: int) -> dict[str, Any]:
+def source(
+    ctx: Context,
+    dsn: str,
+    prefix: str,
+    slot: str,
+    start_lsn: int,
+    end_lsn: int,
+    n: int,
+    tables: str = QUALIFIED,
+    extra_args: tuple[str, ...] = (),
+    progress_topic: str | None = None,
+) -> dict[str, Any]:
     """cdc-source from process start until its slot confirms end_lsn (it confirms only what Kafka
-    acknowledged), adopting the slot created before the workload."""
+    acknowledged), adopting the slot created before the workload; `n` events in that WAL.
+    `progress_topic` (default: the person table's) is the topic whose first partition the
+    progress points count."""
     args = [
         script("cdc-source"),
         "run",
@@ -143,13 +156,15 @@ def source(ctx: Context, dsn: str, prefix: str, slot: str, start_lsn: int, end_l
         "--snapshot",
         "never",
         "--tables",
-        QUALIFIED,
+        tables,
         "--log-format",
         "text",
+        *extra_args,
     ]
     with contextlib.closing(connect(dsn)) as monitor:
         proc = Proc(f"cdc-source-{slot}", args, ctx.log_dir, sample_rss=True)
-        progress = Progress(ctx.bootstrap, f"{prefix}.public.{TABLE}", start_lsn, proc.started)
+        topic = progress_topic or f"{prefix}.public.{TABLE}"
+        progress = Progress(ctx.bootstrap, topic, start_lsn, proc.started)
         try:
             reached = _wait_for_slot(monitor, slot, end_lsn, _timeout(n), proc.running, "cdc-source", progress)
         except (RuntimeError, TimeoutError) as exc:
@@ -176,17 +191,20 @@ def native_lr(
     slot: str,
     end_lsn: int,
     n: int,
-    expected: tuple[int, int, str],
+    expected: Any,
+    prepare: Callable[[Any], None] = create_table_only,
+    fingerprint: Callable[[Any], Any] = fingerprint,
 ) -> dict[str, Any]:
     """A disabled subscription on the slot created before the workload, enabled and timed until the
-    slot confirms end_lsn and the target holds the same rows. The caller drops the subscription."""
+    slot confirms end_lsn and the target holds the same rows (`fingerprint` equal to `expected`);
+    `prepare` makes the target's tables first. The caller drops the subscription."""
     subscription = slot
     conninfo = ctx.endpoints.source(source_db)
     with (
         contextlib.closing(connect(target_dsn)) as target,
         contextlib.closing(connect(ctx.endpoints.source(source_db))) as monitor,
     ):
-        create_table_only(target)
+        prepare(target)
         execute(
             target,
             sql.SQL(
@@ -223,16 +241,21 @@ def sink_once(
     group: str,
     slot: str,
     n: int,
-    expected: tuple[int, int, str],
+    expected: Any,
+    tables: str = QUALIFIED,
+    snapshot: str = "topic",
+    extra_args: tuple[str, ...] = (),
+    fingerprint: Callable[[Any], Any] = fingerprint,
 ) -> dict[str, Any]:
-    """cdc-sink --snapshot topic --once from process start to exit, into an empty target database."""
-    args = sink_args(ctx.bootstrap, source_dsn, target_dsn, prefix, QUALIFIED, group, slot, "topic")
+    """cdc-sink --snapshot <snapshot> --once from process start to exit (by default into an empty
+    target database), the target's `fingerprint` then checked against `expected`."""
+    args = [*sink_args(ctx.bootstrap, source_dsn, target_dsn, prefix, tables, group, slot, snapshot), *extra_args]
     proc = Proc(f"cdc-sink-{group}", args, ctx.log_dir, sample_rss=True)
     seconds = _run_to_exit(proc, "cdc-sink", n)
     with contextlib.closing(connect(target_dsn)) as target:
         got = fingerprint(target)
     if got != expected:
-        raise RuntimeError(f"cdc-sink left the target at (count, sum id, sum balance) {got}, expected {expected}")
+        raise RuntimeError(f"cdc-sink left the target at {got} (fingerprint), expected {expected}")
     return {
         "seconds": round(seconds, 3),
         "events_per_s": round(n / seconds, 1),

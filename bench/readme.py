@@ -36,6 +36,14 @@ def section(results: dict[str, Any]) -> str:
             "",
             *report.debezium_table(results),
         ]
+    if report.dig(results, "scenarios", "transactions"):
+        lines += [
+            "",
+            "Source transactions applied whole (`--consistency transaction`) against row by row, on "
+            "pgbench's TPC-B-like transactions, measured in the same run (scenario 8):",
+            "",
+            *report.transactions_table(results),
+        ]
     if results.get("latency_plot"):
         lines += ["", f"![end-to-end latency over time and its histogram]({results['latency_plot']})"]
     lines += [

@@ -116,8 +116,28 @@ def assemble(
     if results["debezium"] and results["debezium"].get("ratios"):
         results["ratios"]["source_vs_debezium_source"] = results["debezium"]["ratios"].get("source_events_per_s")
         results["ratios"]["sink_vs_debezium_jdbc_sink"] = results["debezium"]["ratios"].get("sink_events_per_s")
+    results["transactions"] = transactions_summary(scenarios.get("transactions"))
+    txn_ratios = dig(results, "transactions", "ratios") or {}
+    for key in ("source_metadata_vs_plain", "sink_transaction_vs_row", "sink_transaction_vs_native_lr"):
+        if key in txn_ratios:
+            results["ratios"][key] = txn_ratios[key]
+    results["workload"]["transactions"] = {
+        "kind": "pgbench tpcb-like",
+        "transactions": plan.tpcb.transactions,
+        "changes": plan.tpcb.changes,
+        "scale": plan.tpcb.scale,
+        "partitions": plan.tpcb.partitions,
+        "wal_bytes": dig(scenarios.get("transactions"), "generated", "wal_bytes"),
+    }
     results["machine"] = machine
-    results["errors"] = errors
+    # a scenario that records failed measurements of its own (and returns the others) names them
+    inner = {
+        f"{name}.{part}": text
+        for name, doc in scenarios.items()
+        if isinstance(doc, dict)
+        for part, text in (doc.get("errors") or {}).items()
+    }
+    results["errors"] = {**errors, **inner}
     results["logs"] = str(log_dir)
     results["scenarios"] = {k: v for k, v in scenarios.items() if k != "growth"}
     return results
@@ -162,6 +182,33 @@ def debezium_summary(dbz: Any) -> dict[str, Any] | None:
         "java": dbz.get("java"),
         "maven_fetch_seconds": dig(dbz, "maven", "fetch_seconds"),
         "maven_cached": dig(dbz, "maven", "cached"),
+    }
+
+
+# The measurements of scenario 8 (bench/scenarios/transactions.py): key, label, and the baseline
+# each is compared with (key, label), None for a baseline itself.
+TRANSACTION_SYSTEMS: tuple[tuple[str, str, tuple[str, str] | None], ...] = (
+    ("source", "cdc-source", None),
+    ("source_metadata", "cdc-source --transaction-metadata", ("source", "cdc-source")),
+    ("native_lr", "native logical replication", None),
+    ("sink_row", "cdc-sink --consistency row (the default)", ("native_lr", "native logical replication")),
+    ("sink_transaction", "cdc-sink --consistency transaction", ("sink_row", "cdc-sink --consistency row")),
+)
+TRANSACTION_FIGURES = ("events_per_s", "rows_per_s", "transactions_per_s", "seconds", "peak_rss_mb", "cpu_seconds")
+
+
+def transactions_summary(txn: Any) -> dict[str, Any] | None:
+    """The headline figures of scenario 8 (its details stay under scenarios.transactions)."""
+    if not txn:
+        return None
+    return {
+        "systems": {
+            key: {f: txn[key][f] for f in TRANSACTION_FIGURES if f in txn[key]}
+            for key, _, _ in TRANSACTION_SYSTEMS
+            if key in txn
+        },
+        "ratios": txn.get("ratios"),
+        "workload": txn.get("workload"),
     }
 
 
@@ -422,6 +469,78 @@ def debezium_settings(dbz: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _rate(part: dict[str, Any]) -> float | None:
+    """Changes applied or published per second (native replication's are rows)."""
+    value = part.get("events_per_s", part.get("rows_per_s"))
+    return None if value is None else float(value)
+
+
+def _plural(count: Any, noun: str) -> str:
+    if count is None:
+        return f"n/a {noun}s"
+    plural = noun + ("es" if noun.endswith("ch") else "s")
+    return f"{count:,} {noun if count == 1 else plural}"
+
+
+def transactions_table(results: dict[str, Any]) -> list[str]:
+    """Scenario 8: both sources and both sink modes side by side, with native replication."""
+    txn = dig(results, "scenarios", "transactions")
+    if not txn:
+        return []
+    lines = [
+        "| system | events/s | source transactions/s | against | peak RSS (MB) | CPU s |",
+        "| --- | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for key, label, baseline in TRANSACTION_SYSTEMS:
+        part = txn.get(key)
+        if not part:
+            lines.append(
+                f"| {label} | failed | | | | |"
+                if key in (txn.get("errors") or {})
+                else f"| {label} | n/a | | | | |"
+            )
+            continue
+        against = "baseline"
+        if baseline is not None:
+            against = f"{_x(ratio(_rate(part), _rate(txn.get(baseline[0]) or {})))} {baseline[1]}"
+        if key == "sink_transaction":
+            against += f", {_x(dig(txn, 'ratios', 'sink_transaction_vs_native_lr'))} native logical replication"
+        lines.append(
+            f"| {label} | {_num(_rate(part))} | {_num(part.get('transactions_per_s'))} | {against} "
+            f"| {_num(part.get('peak_rss_mb'), digits=1) if 'peak_rss_mb' in part else '-'} "
+            f"| {_num(part.get('cpu_seconds'), digits=1) if 'cpu_seconds' in part else '-'} |"
+        )
+    w, g = txn.get("workload") or {}, txn.get("generated") or {}
+    lines += [
+        "",
+        f"- Workload: {_num(w.get('transactions'))} transactions of pgbench's built-in tpcb-like script "
+        f"(each adds one delta to an account, a teller and a branch and inserts a history row: "
+        f"{w.get('changes_per_transaction')} changes on 4 tables), scale {w.get('scale')} "
+        f"({_num(w.get('accounts'))} accounts, {_num(w.get('tellers'))} tellers, "
+        f"{_plural(w.get('branches'), 'branch')}), "
+        f"{_num(w.get('changes'))} changes, {_num((g.get('wal_bytes') or 0) / 1e6)} MB of WAL, in the WAL before "
+        f"any consumer starts; topics of {_plural(w.get('partitions'), 'partition')}.",
+        "- Measured as in scenarios 1-2: a source from process start until its slot confirms the end of the "
+        "workload, a sink from process start to exit (`--once`, `--snapshot never`: every target starts "
+        "with pgbench -i's rows, the source's before the workload), native logical replication from "
+        "enabling its subscription until the target equals the source; each has its own slot or group and "
+        "target database, one at a time. Both sinks read the topics of the source with "
+        "--transaction-metadata; events/s count changes (native replication's are rows), not the "
+        "transaction topic's records.",
+    ]
+    point = dig(txn, "sink_transaction", "consistent_point")
+    if point:
+        state = "consistent" if point.get("reached") else "not yet consistent"
+        lines.append(
+            f"- cdc-sink --consistency transaction ended {state} as of source commit {point.get('commit_lsn')} "
+            f"at {point.get('committed_at')} ({_num(point.get('transactions_applied'))} source transactions "
+            "applied, as it reports them)."
+        )
+    for key, text in (txn.get("errors") or {}).items():
+        lines.append(f"- {key} failed: {text.splitlines()[0] if text else '?'}")
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     lines = [
         f"# Benchmark: {results['mode']} run of {results['date']} (commit {results['commit']})",
@@ -438,6 +557,8 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", "## Growth", "", *growth_table(results)]
     if dig(results, "scenarios", "debezium"):
         lines += ["", "## Debezium baseline (scenario 7)", "", *debezium_table(results)]
+    if dig(results, "scenarios", "transactions"):
+        lines += ["", "## Source transactions applied whole (scenario 8)", "", *transactions_table(results)]
     if results.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()]
     lines += ["", "Latency over time and its histogram: bench/results/latency.png", ""]

@@ -2,8 +2,11 @@
 bench/results/latest.json, bench/results/<YYYYmmdd-HHMMSS>-<commit>.json and latest.md, print the table.
 
 --quick: scenarios 1-5 (changes, snapshot, latency; memory is measured during 1 and 2), under
-10 minutes on a 2-core machine. --full: the same plus the growth grid (scenario 6) and the Debezium
-baseline (scenario 7, bench/debezium.py; alone: --only debezium, or `make bench-debezium`).
+10 minutes on a 2-core machine. --full: the same plus the growth grid (scenario 6), the Debezium
+baseline (scenario 7, bench/debezium.py; alone: --only debezium, or `make bench-debezium`) and
+source transactions applied whole against row by row on pgbench's TPC-B-like transactions
+(scenario 8, bench/scenarios/transactions.py; alone: --only transactions, or
+`make bench-transactions`).
 """
 
 import argparse
@@ -24,17 +27,27 @@ from typing import Any
 import psycopg2
 
 from bench import debezium, report
-from bench.config import RESULTS_DIR, Endpoints, Plan, Workload, full_plan, growth_grid, quick_plan
+from bench.config import (
+    RESULTS_DIR,
+    Endpoints,
+    Plan,
+    TpcbWorkload,
+    Workload,
+    full_plan,
+    growth_grid,
+    quick_plan,
+)
 from bench.context import Context
 from bench.kafka import admin
 from bench.machine import describe
 from bench.pg import connect
 from bench.plot import latency_png
-from bench.scenarios import changes, growth, latency, snapshot
+from bench.scenarios import changes, growth, latency, snapshot, transactions
 
 log = logging.getLogger("bench")
 
-SCENARIOS = ("changes", "snapshot", "latency", "growth", "debezium")
+SCENARIOS = ("changes", "snapshot", "latency", "growth", "debezium", "transactions")
+OPT_IN = frozenset({"debezium", "transactions"})  # not part of --quick; --only runs them too
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,12 +57,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="scenarios 1-5 (the default)")
     mode.add_argument(
-        "--full", action="store_true", help="scenarios 1-5, the growth grid and the Debezium baseline"
+        "--full",
+        action="store_true",
+        help="scenarios 1-5, the growth grid, the Debezium baseline and transactions applied whole (8)",
     )
-    parser.add_argument("--changes", type=int, help="N of scenarios 1-2 (default 1,000,000)")
+    parser.add_argument(
+        "--changes", type=int, help="N of scenarios 1-2, 7 and 8 (default 1,000,000; 8 runs N/4 transactions)"
+    )
     parser.add_argument("--snapshot-rows", type=int, help="rows of scenario 3 (default 1,000,000)")
     parser.add_argument("--latency-seconds", type=float, help="length of scenario 4 (default 60)")
     parser.add_argument("--growth-scale", type=float, default=1.0, help="multiply every growth cell's N")
+    parser.add_argument("--tpcb-scale", type=int, default=1, help="pgbench scale of scenario 8 (default 1)")
+    parser.add_argument(
+        "--tpcb-partitions", type=int, default=1, help="partitions of scenario 8's topics (default 1)"
+    )
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)} (for development)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -63,6 +84,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
         plan = dataclasses.replace(plan, growth=growth_grid(args.growth_scale))
     if args.changes:
         plan = dataclasses.replace(plan, changes=Workload(args.changes, plan.changes.tx_size))
+    if args.tpcb_scale < 1 or args.tpcb_partitions < 1:
+        raise SystemExit("--tpcb-scale and --tpcb-partitions take a whole number of at least 1")
+    plan = dataclasses.replace(
+        plan, tpcb=TpcbWorkload.of_changes(plan.changes.changes, args.tpcb_scale, args.tpcb_partitions)
+    )
     if args.snapshot_rows:
         plan = dataclasses.replace(plan, snapshot_rows=args.snapshot_rows)
     if args.latency_seconds:
@@ -72,7 +98,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         unknown = wanted - set(SCENARIOS)
         if unknown:
             raise SystemExit(f"--only: unknown scenarios {', '.join(sorted(unknown))} (choose from {SCENARIOS})")
-        plan = dataclasses.replace(plan, scenarios=wanted & (plan.scenarios | {"debezium"}))
+        plan = dataclasses.replace(plan, scenarios=wanted & (plan.scenarios | OPT_IN))
     return plan
 
 
@@ -111,6 +137,7 @@ def execute(plan: Plan, endpoints: Endpoints) -> dict[str, Any]:
         ("snapshot", lambda: snapshot.run(ctx, plan.snapshot_rows)),
         ("latency", lambda: latency.run(ctx, plan.latency_seconds)),
         ("growth", lambda: growth.run(ctx, plan.growth)),
+        ("transactions", lambda: transactions.run(ctx, plan.tpcb)),
         ("debezium", lambda: debezium.run(ctx, plan.changes)),
     ]
     for name, step in steps:
