@@ -98,9 +98,13 @@ class TransactionLoop:
     paused: set[TopicPartition] = field(default_factory=set)
     generation: int = -1
     refreshed: bool = False
+    schema_stale: bool = False  # a rollback undid schema changes the history and tables still show
     point_log: Every = field(default_factory=lambda: Every(5.0))
     logged: ConsistentPoint | None = None
     waiting_since: float | None = None  # messages buffered, no transaction record to apply them by
+    head_tx: Transaction | None = None  # the head transaction, waiting since head_since
+    head_since: float = 0.0
+    outside: dict[str, int] = field(default_factory=dict)  # applied without this mode, per stream (done())
     waiting_log: Every = field(default_factory=lambda: Every(30.0))
     duplicates_log: Every = field(default_factory=lambda: Every(10.0))
     duplicates_unlogged: int = 0
@@ -110,7 +114,24 @@ class TransactionLoop:
         return self.gate.tx_topic
 
     def done(self) -> dict[str, int]:
-        return {} if self.point is None else {self.point.stream: self.point.commit_lsn}
+        """The last source transaction applied, per stream. A group that never committed in this
+        mode (it applied in row mode before) counts as done up to the newest change it applied:
+        what comes of the transactions up to there is applied as it comes, consistent from the next."""
+        if self.point is not None:
+            return {self.point.stream: self.point.commit_lsn}
+        found: dict[str, int] = {}
+        for (_, _, stream), (commit_lsn, _, _) in self.target.applied.items():
+            found[stream] = max(found.get(stream, commit_lsn), commit_lsn)
+        if found and found != self.outside:
+            self.outside = dict(found)
+            log.warning(
+                "group %s applied changes up to source commit %s without --consistency transaction: the "
+                "transactions up to it are applied as their messages come, and the target is consistent from the "
+                "first transaction after it",
+                self.kafka.group,
+                ", ".join(int_to_lsn(lsn) for lsn in found.values()),
+            )
+        return found
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -145,6 +166,8 @@ class TransactionLoop:
         read since, are sought back to them."""
         self.rollback()
         self.generation = self.kafka.generation
+        # Kafka keeps a partition paused through a rebalance: every partition assigned now goes on
+        self.kafka.pause(sorted(self.kafka.expected), resume=True)
         self.paused.clear()
         self.restart(seek=False)
         expected = self.kafka.expected
@@ -185,10 +208,25 @@ class TransactionLoop:
             except SinkError:
                 self.rollback()
                 raise
+            if self.gate.dropped:
+                self.dropped()
             if cut is None:
                 return True
             if not self.apply(cut, stop):
                 return False
+
+    def dropped(self) -> None:
+        """Transactions whose messages lie before the offsets the group started from: not held back."""
+        found, self.gate.dropped = self.gate.dropped, []
+        log.warning(
+            "%s%s: part of %s lies before the offsets this group started from (applied before in row mode or by "
+            "cdc-sink rebuild, or deleted by retention); what the topics hold of %s is applied without "
+            "waiting for the rest",
+            found[0].describe(),
+            f" and {len(found) - 1} later" if len(found) > 1 else "",
+            "it" if len(found) == 1 else "them",
+            "it" if len(found) == 1 else "them",
+        )
 
     def flow(self) -> None:
         """Pause the partitions whose head waits for a later transaction while the gate holds many
@@ -199,6 +237,8 @@ class TransactionLoop:
             wanted = set(gate.blocked())
         elif gate.buffered > self.batch_size:
             wanted = self.paused & set(gate.blocked())
+        # a partition far ahead of the head transaction holds all it needs of it already
+        wanted.update(gate.ahead(self.batch_size))
         head = gate.head
         if head is not None and head.end_offset is not None and len(gate.records) > 4 * self.batch_size:
             wanted.add(self.tx_topic)
@@ -257,6 +297,8 @@ class TransactionLoop:
         return self.target.explain(exc) or error_reason(exc)
 
     def apply_cut(self, cut: Cut) -> None:
+        if self.schema_stale and self.open is None:
+            self.reload_schema()
         found = new_tables(cut.changes, self.topic_tables, self.target.tables, self.schema.applies)
         if found:
             if self.open is not None:
@@ -340,8 +382,26 @@ class TransactionLoop:
             self.log_point(now)
 
     def check_waiting(self, now: float) -> None:
-        """Messages that have waited long for their transaction's records: said every 30 s."""
-        if not self.gate.buffered or self.gate.head is not None:
+        """Messages that have waited long for their transaction's records, or a transaction that has
+        waited long for its messages: said every 30 s."""
+        head = self.gate.head
+        if head is not None:
+            if head.tx is not self.head_tx:
+                self.head_tx, self.head_since = head.tx, now
+            elif now - self.head_since >= 30 and self.waiting_log.due(now):
+                lacking = self.gate.lacking()
+                what = (
+                    "its END record is not read yet"
+                    if lacking is None
+                    else "it still lacks " + ", ".join(f"{n} messages in {t}" for t, n in sorted(lacking.items()))
+                )
+                log.warning(
+                    "%s has waited %.0f s to be applied whole: %s (is cdc-source running, with --transaction-metadata?)",
+                    head.tx.describe(),
+                    now - self.head_since,
+                    what,
+                )
+        if not self.gate.buffered or head is not None:
             self.waiting_since = None
             return
         if self.waiting_since is None:
@@ -385,9 +445,17 @@ class TransactionLoop:
         self.open = None
         with contextlib.suppress(psycopg2.Error):
             self.target.rollback()
-        if was is not None and was.schema_changed and self.refresh_schema is not None:
+        if was is not None and was.schema_changed:
+            self.schema_stale = True
+            self.reload_schema()
+
+    def reload_schema(self) -> None:
+        """The schema changes recorded and the tables as they are on the target, after a rollback
+        undid some: read again now, or (the connection lost) before the next cut."""
+        if self.refresh_schema is not None:
             with contextlib.suppress(psycopg2.Error):
                 self.refresh_schema(RuntimeError("rolled back"), ())
+        self.schema_stale = self.target.closed
 
     def restart(self, seek: bool) -> None:
         """Forget what the gate holds; read every assigned partition again from its expected offset."""

@@ -180,6 +180,8 @@ class Sink:
         gate = TransactionGate(
             (self.tx_topic, 0), consumed(subscription), self.options.batch_size, self.options.batch_bytes
         )
+        expected = self.kafka.expected
+        gate.assigned = lambda topic: [p for t, p in expected if t == topic]
         return TransactionLoop(
             self.target,
             self.preparer,
@@ -236,6 +238,8 @@ class Sink:
                 self.options.group,
                 partitions,
                 lambda topics: in_subscription(subscription, topics),
+                self.options.instance_id,
+                self.tx_topic,
             )
         return self.target.claim(partitions)
 

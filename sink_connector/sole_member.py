@@ -91,6 +91,8 @@ def check_assignment(
     group: str,
     assigned: list[TopicPartition],
     wanted: Callable[[Iterable[str]], list[str]],
+    instance_id: str | None = None,
+    tx_topic: str | None = None,
 ) -> None:
     """At an assignment: every partition of the subscribed topics (`wanted` of the broker's topics)
     is this member's. When some are not and the group has another member, refused (whether or not
@@ -105,6 +107,14 @@ def check_assignment(
     if holders:
         holding = [m for m in holders if set(m.partitions) & set(missing)]
         raise SinkError(refusal(group, holding or holders, missing))
+    if instance_id and any(t == tx_topic for t, _ in missing):
+        # Kafka hands a static member restarted within its session timeout the assignment of its
+        # previous run, made for that run's subscription: no rebalance follows
+        raise SinkError(
+            f"Kafka gave instance {instance_id} of group {group} the assignment of its previous run, without "
+            f"{tx_topic}: start it again with --consistency transaction once its session timeout "
+            f"({SESSION_TIMEOUT_MS // 1000} s) has passed, or with another --instance-id"
+        )
     log.info(
         "not assigned %s yet (no other member holds them): waiting for the next assignment",
         ", ".join(f"{t}[{p}]" for t, p in missing[:8]),

@@ -97,6 +97,10 @@ class TransactionGate:
     released: Counter[str] = field(default_factory=Counter)  # of the head transaction, per topic
     buffered: int = 0
     buffered_bytes: int = 0
+    # the assigned partitions of a topic: with it, a head transaction whose missing messages lie
+    # before the offsets the sink started from is given up (stale()) and named in `dropped`
+    assigned: Callable[[str], list[int]] | None = None
+    dropped: list[Transaction] = field(default_factory=list)
 
     # --- input ------------------------------------------------------------------------------------
 
@@ -123,6 +127,12 @@ class TransactionGate:
         tx = Transaction(source["stream"], source["txId"], source["commit_lsn"], source["ts_us"])
         if tx.stream not in self.streams:
             self.streams.append(tx.stream)
+        elif tx.stream != self.streams[-1]:
+            raise SinkError(
+                f"the transaction topic holds records of stream {tx.stream} after records of stream "
+                f"{self.streams[-1]}: two cdc-source processes (two slots, or two servers) write to the same topics; "
+                "run one cdc-source per --topic-prefix"
+            )
         last = self.done.get(tx.stream)
         if last is not None and tx.commit_lsn <= last:  # applied already (the topic holds it twice)
             self._skip_record(offset)
@@ -224,6 +234,55 @@ class TransactionGate:
         head = None if pending is None else pending.tx
         return [tp for tp, q in self.queues.items() if q and self.state(q[0][0], head) == WAIT]
 
+    def ahead(self, most: int) -> list[TopicPartition]:
+        """The partitions holding more than `most` messages, the newest of them of a later transaction
+        than the head one: whatever they bring next is not needed to complete it."""
+        pending = self.head
+        head = None if pending is None else pending.tx
+        return [tp for tp, q in self.queues.items() if len(q) > most and self.state(q[-1][0], head) == WAIT]
+
+    def stale(self, assigned: Callable[[str], list[int]]) -> bool:
+        """The head transaction can never complete from what comes: its END is read, and every
+        assigned partition of each topic it still lacks messages in holds a later transaction at its
+        queue head, so its missing messages lie before the offsets the sink started from (applied
+        by the group in row mode, or by `cdc-sink rebuild`, or deleted by retention)."""
+        pending = self.head
+        lacking = self.lacking()
+        if pending is None or not lacking:
+            return False
+        for topic in lacking:
+            partitions = assigned(topic)
+            if not partitions:
+                return False
+            for p in partitions:
+                queue = self.queues.get((topic, p))
+                if not queue or self.state(queue[0][0], pending.tx) != WAIT:
+                    return False
+        return True
+
+    def lacking(self) -> dict[str, int] | None:
+        """What the head transaction still lacks: messages per consumed topic (None: its END not read)."""
+        pending = self.head
+        if pending is None or pending.counts is None:
+            return None
+        have: Counter[str] = Counter(self.released)
+        for (topic, _), n in self.received.get(pending.tx.identity, {}).items():
+            have[topic] += n
+        return {t: n - have[t] for t, n in pending.counts.items() if self.consumes(t) and have[t] < n}
+
+    def drop_head(self) -> Transaction:
+        """Give up the stale head transaction (see stale()): its received messages go with the next
+        cut as changes of an earlier transaction, and the cut moves the transaction topic past it."""
+        pending = self.records.popleft()
+        self.received.pop(pending.tx.identity, None)
+        self.released.clear()
+        self.done[pending.tx.stream] = pending.tx.commit_lsn
+        offset = pending.end_offset if pending.end_offset is not None else pending.begin_offset
+        if not self.records:
+            self.skipped_records = max(self.skipped_records, offset + 1)
+        self.dropped.append(pending.tx)
+        return pending.tx
+
     def reset(self, done: dict[str, int]) -> None:
         """Forget everything consumed; `done`: the last transaction applied per stream (committed)."""
         self.done = dict(done)
@@ -268,6 +327,10 @@ class TransactionGate:
             room = self.limit - len(out)
             if done:
                 break  # the next cut starts it
+            if not whole and self.assigned is not None and not self.released and self.stale(self.assigned):
+                self.drop_head()
+                heads = list(self.queues)
+                continue
             if whole or self.at_heads(head, self.limit) >= self.limit or self.buffered_bytes >= self.byte_limit:
                 self._release(out, positions, head, HEAD, room, list(self.received.get(head.identity, {})))
             partial = bool(self.released)

@@ -40,12 +40,14 @@ from tests.pgbench import TABLES as PGBENCH_TABLES
 from tests.pipeline import (
     assert_running,
     assert_same_rows,
+    error_lines,
     execute,
     read_all,
     start_sink,
     start_source,
     stop_cleanly,
     stored_offsets,
+    wait_for_output,
     wait_identical,
     wait_while_running,
 )
@@ -596,3 +598,47 @@ def peak_rss_mb(process: CliProcess) -> float:
     match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
     assert match, status
     return int(match.group(1)) / 1024
+
+
+def test_a_group_that_applied_in_row_mode_goes_on_in_transaction_mode(
+    dbs: Databases, stack: Stack, topic_prefix: str
+) -> None:
+    """The group applies under load in row mode, then its sink is started again in transaction mode:
+    restarted at once with the same --instance-id it is refused with the fix (Kafka hands it the
+    assignment of its previous run); started again after the session timeout, the transactions its
+    stored offsets are in the middle of (their first messages applied in row mode) are not waited
+    for, the rest are applied whole, and the target ends identical with nothing
+    written twice."""
+    started = time.monotonic()
+    prepare(dbs)
+    pipe = Pipe(dbs, topic_prefix, "row", batch_size=20)
+    pipe.start()
+    with Load(dbs.source_dsn, seconds=36, rate=250) as load:
+        wanted = pipe.applied() + 500
+        wait_while_running(lambda: pipe.applied() > wanted, pipe.processes, timeout=60)
+        assert pipe.sink is not None
+        kill9(pipe.sink)
+        pipe.consistency = "transaction"
+        # restarted at once with the same --instance-id, Kafka hands it the row mode's assignment
+        restarted = pipe.start_sink()
+        assert restarted.wait(timeout=60) == 1
+        assert any(
+            "once its session timeout (10 s) has passed" in line for line in error_lines(restarted.stderr_text())
+        )
+        time.sleep(11)
+        pipe.start_sink()
+        assert pipe.sink is not None
+        # the transactions the row mode applied part of go first, then the first whole ones
+        wait_for_output(pipe.sink, "consistent as of", timeout=60)
+        with reading(dbs.target_dsn, witness=bulk_witness()) as reader:
+            settle(6, pipe.processes)
+            done = load.result()
+            wait_identical(dbs, TABLES, timeout=120, processes=pipe.processes)
+            observed = reader.stop()
+    assert done.transactions > 0 and done.failed == 0, done.output
+    assert_same_rows(dbs, TABLES)
+    check_sums(dbs)
+    writes = check_writes(dbs)
+    pipe.stop()
+    report("row mode, then transaction mode", observed, done, started, writes)
+    assert_never_broken(observed)

@@ -349,3 +349,61 @@ def test_a_stream_the_topic_did_not_show_since_the_start_compares_by_its_slots_c
     cut = g.cut()
     assert cut is not None and keys(cut) == [(A, 0, 1)]
     assert g.blocked() == [(A, 1)]
+
+
+def test_a_transaction_whose_missing_messages_lie_before_the_start_is_given_up() -> None:
+    # the group applied its messages in A before (row mode, or cdc-sink rebuild): A's partition starts
+    # with a later transaction, so they can never come
+    g = gate()
+    g.assigned = lambda topic: [0]
+    f = Feed(g)
+    f.begin(10)
+    f.change(B, 0, 1, 10)
+    f.end(10, {A: 1, B: 1})
+    f.begin(20)
+    f.change(A, 0, 2, 20)
+    f.change(B, 0, 3, 20)
+    f.end(20, {A: 1, B: 1})
+    cut = g.cut()
+    assert cut is not None
+    assert [t.commit_lsn for t in g.dropped] == [10]
+    assert sorted(keys(cut)) == [(A, 0, 2), (B, 0, 1), (B, 0, 3)]
+    assert lsns(cut) == [20]
+    assert cut.positions[TX] == 4
+
+
+def test_a_transaction_is_not_given_up_while_a_partition_may_still_bring_its_messages() -> None:
+    g = gate()
+    g.assigned = lambda topic: [0, 1]
+    f = Feed(g)
+    f.begin(10)
+    f.end(10, {A: 1})
+    f.begin(20)
+    f.change(A, 0, 2, 20)  # partition 0 is past it; partition 1 has brought nothing yet
+    f.end(20, {A: 1})
+    assert g.cut() is None
+    assert g.dropped == []
+
+
+def test_records_of_an_earlier_stream_after_a_later_ones_stop_the_sink() -> None:
+    g = gate()
+    f = Feed(g)
+    f.begin(10, stream=S1)
+    f.end(10, {A: 1}, stream=S1)
+    f.begin(5, stream=S2)
+    with pytest.raises(SinkError, match="two cdc-source processes"):
+        f.begin(11, stream=S1)
+
+
+def test_a_partition_far_ahead_of_the_head_transaction_is_one_to_pause() -> None:
+    g = gate(limit=2)
+    f = Feed(g)
+    f.begin(10)
+    f.change(A, 0, 1, 10)
+    for key, lsn in ((2, 20), (3, 30), (4, 40)):
+        f.change(A, 0, key, lsn)
+    f.change(B, 0, 5, 10)
+    assert g.ahead(2) == [(A, 0)]  # B's queue is short; A holds all it has of transaction 10
+    assert g.lacking() is None
+    f.end(10, {A: 1, B: 2})
+    assert g.lacking() == {B: 1}
