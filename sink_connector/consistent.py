@@ -47,6 +47,7 @@ from sink_connector.transaction_gate import Cut, Transaction, TransactionGate
 log = logging.getLogger("sink")
 
 UNSYNCED = -2  # an expected offset no stored offset equals
+PAUSE_AT = 20_000  # messages the gate holds before partitions waiting for later transactions pause
 
 
 class NewTables(Exception):
@@ -98,6 +99,7 @@ class TransactionLoop:
     paused: set[TopicPartition] = field(default_factory=set)
     generation: int = -1
     refreshed: bool = False
+    pause_at: int = PAUSE_AT
     schema_stale: bool = False  # a rollback undid schema changes the history and tables still show
     point_log: Every = field(default_factory=lambda: Every(5.0))
     logged: ConsistentPoint | None = None
@@ -233,12 +235,11 @@ class TransactionLoop:
         messages; go on with them once they can be applied (or the gate holds few)."""
         gate = self.gate
         wanted: set[TopicPartition] = set()
-        if gate.buffered > 2 * self.batch_size:
+        # not below PAUSE_AT: a resumed partition waits for a fetch from the broker
+        if gate.buffered > max(2 * self.batch_size, self.pause_at):
             wanted = set(gate.blocked())
-        elif gate.buffered > self.batch_size:
+        elif gate.buffered > max(self.batch_size, self.pause_at // 2):
             wanted = self.paused & set(gate.blocked())
-        # a partition far ahead of the head transaction holds all it needs of it already
-        wanted.update(gate.ahead(self.batch_size))
         head = gate.head
         if head is not None and head.end_offset is not None and len(gate.records) > 4 * self.batch_size:
             wanted.add(self.tx_topic)

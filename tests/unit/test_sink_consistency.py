@@ -138,6 +138,7 @@ class Loop:
             batch_size,
             1 << 30,
             0.0,
+            pause_at=0,
         )
         self.kafka.expected.update(self.target.claim([P0, P1, TX]))
 
