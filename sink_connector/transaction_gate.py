@@ -234,13 +234,6 @@ class TransactionGate:
         head = None if pending is None else pending.tx
         return [tp for tp, q in self.queues.items() if q and self.state(q[0][0], head) == WAIT]
 
-    def ahead(self, most: int) -> list[TopicPartition]:
-        """The partitions holding more than `most` messages, the newest of them of a later transaction
-        than the head one: whatever they bring next is not needed to complete it."""
-        pending = self.head
-        head = None if pending is None else pending.tx
-        return [tp for tp, q in self.queues.items() if len(q) > most and self.state(q[-1][0], head) == WAIT]
-
     def stale(self, assigned: Callable[[str], list[int]]) -> bool:
         """The head transaction can never complete from what comes: its END is read, and every
         assigned partition of each topic it still lacks messages in holds a later transaction at its
