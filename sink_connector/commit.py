@@ -76,8 +76,13 @@ class BatchCommit:
                 self.target.park(r.message.topic(), key, r.message.offset(), r.reason)
 
     def commit_to_kafka(self, plan: BatchPlan) -> None:
-        try:
-            offsets = [KafkaPartition(t, p, o) for (t, p), o in plan.positions.items()]
-            self.group.commit(offsets=offsets, asynchronous=True)
-        except Exception as exc:  # the target holds the truth; Kafka's copy is for tools
-            log.debug("Kafka offset commit failed: %s", exc)
+        commit_to_kafka(self.group, plan.positions)
+
+
+def commit_to_kafka(group: GroupOffsets, positions: dict[TopicPartition, int]) -> None:
+    """The offsets a committed target transaction stored, committed to Kafka too (asynchronously)."""
+    try:
+        offsets = [KafkaPartition(t, p, o) for (t, p), o in positions.items()]
+        group.commit(offsets=offsets, asynchronous=True)
+    except Exception as exc:  # the target holds the truth; Kafka's copy is for tools
+        log.debug("Kafka offset commit failed: %s", exc)

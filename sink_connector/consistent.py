@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import psycopg2
-from confluent_kafka import TopicPartition as KafkaPartition
 
 from pg_kafka_cdc.common.errors import SinkError
 from pg_kafka_cdc.common.logs import Every
@@ -33,9 +32,10 @@ from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
 from schemas import transactions
 from schemas.codec import BadMessage, Position
+from sink_connector.batch import UNSYNCED
 from sink_connector.bookkeeping import ConsistentPoint, StreamPartition, TopicPartition
 from sink_connector.changes import decode_batch
-from sink_connector.commit import Fenced
+from sink_connector.commit import Fenced, commit_to_kafka
 from sink_connector.consumer import EndOffsets, KafkaLog, batch_count
 from sink_connector.metrics import SinkStats
 from sink_connector.plan import Progress, TopicTables, merge_progress, new_tables, plan_batch
@@ -46,7 +46,6 @@ from sink_connector.transaction_gate import Cut, Transaction, TransactionGate
 
 log = logging.getLogger("sink")
 
-UNSYNCED = -2  # an expected offset no stored offset equals
 PAUSE_AT = 20_000  # messages the gate holds before partitions waiting for later transactions pause
 
 
@@ -346,7 +345,7 @@ class TransactionLoop:
         self.unsaved_progress = [] if saved else progress
         self.kafka.expected.update(is_open.positions)
         self.committed(point, len(cut.transactions))
-        self.commit_to_kafka(is_open.positions)
+        commit_to_kafka(self.kafka.consumer, is_open.positions)
 
     def fence(self) -> None:
         """At the first piece: every assigned partition's stored offset is still the one expected."""
@@ -430,13 +429,6 @@ class TransactionLoop:
                 "transactions)",
                 point_text(point),
             )
-
-    def commit_to_kafka(self, positions: dict[TopicPartition, int]) -> None:
-        try:
-            offsets = [KafkaPartition(t, p, o) for (t, p), o in positions.items()]
-            self.kafka.consumer.commit(offsets=offsets, asynchronous=True)
-        except Exception as exc:  # the target holds the truth; Kafka's copy is for tools
-            log.debug("Kafka offset commit failed: %s", exc)
 
     # --- starting over ------------------------------------------------------------------------
 
