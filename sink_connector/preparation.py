@@ -5,6 +5,7 @@ One sink process at a time does it per table (an advisory lock), recorded in cdc
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,11 +20,12 @@ from pg_kafka_cdc.common.settings import Settings
 from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
 from schemas.topics import topic_for
+from sink_connector.added_columns import SourceAccess
 from sink_connector.bookkeeping import Bookkeeping
 from sink_connector.bulk_copy import CopyResult, copy_table
 from sink_connector.handover import CopySnapshot
 from sink_connector.net_effect import TableBatch
-from sink_connector.target import TargetTable, create_from_event, create_from_source, load
+from sink_connector.target import TargetTable, create_from_event, create_from_source, load, plain_type_name
 
 log = logging.getLogger("sink.prepare")
 
@@ -56,6 +58,7 @@ class TablePreparer:
     session: Connected  # the target connection (session.TargetSession), current after reconnects
     tables: dict[TableName, TableState] = field(default_factory=dict)
     copied_rows: Counter[str] = field(default_factory=Counter)
+    source: SourceAccess | None = None  # for the user-defined types of a table created from events
 
     def prepare(self, table: TableName, batch: TableBatch | None) -> TableState | None:
         """The target table ready to take changes, in a transaction of its own: bulk-copied, created
@@ -79,7 +82,7 @@ class TablePreparer:
                         if batch is None or not batch.columns:
                             conn.rollback()
                             return None
-                        target = create_from_event(conn, table, batch.columns, batch.key_columns)
+                        target = self._create_from_event(conn, cur, table, batch)
                     self.book.record_initialized(cur, table, mode, None, None, 0, self.topic(table))
             else:
                 self._check_filled_from(cur, table)
@@ -88,11 +91,37 @@ class TablePreparer:
                     if batch is None or not batch.columns:
                         conn.rollback()
                         return None
-                    target = create_from_event(conn, table, batch.columns, batch.key_columns)
+                    target = self._create_from_event(conn, cur, table, batch)
         conn.commit()
         state = TableState(target, mode, snapshot)
         self.tables[table] = state
         return state
+
+    def _create_from_event(self, conn: Any, cur: Any, table: TableName, batch: TableBatch) -> TargetTable:
+        """The table created from the columns its events carry; the user-defined types they name that
+        the target lacks are created first from the source's catalog, when the sink can read it."""
+        if self.source is not None and self._unknown_types(cur, batch.columns.values()):
+            refused = self.source.create_types(cur, table, batch.columns)
+            if refused is not None:
+                log.warning(
+                    "could not read the source's catalog for the types of %s's columns (%s): types the target "
+                    "lacks are not created",
+                    table,
+                    refused,
+                    extra={"table": str(table)},
+                )
+        return create_from_event(conn, table, batch.columns, batch.key_columns)
+
+    @staticmethod
+    def _unknown_types(cur: Any, types: Iterable[str]) -> bool:
+        """Whether a type name is not one the target knows (to_regtype of a name it lacks is NULL)."""
+        for name in set(types):
+            if not plain_type_name(name):
+                continue  # create_from_event refuses it with its own line
+            cur.execute("SELECT to_regtype(%s) IS NULL", (name,))
+            if cur.fetchone()[0]:
+                return True
+        return False
 
     def topic(self, table: TableName) -> str:
         return topic_for(self.settings.topic_prefix, table)

@@ -100,7 +100,15 @@ class Sink:
         source = SourceAccess(settings.source_dsn, options.slot) if settings.source_dsn and options.slot else None
         self.target = TargetSession(settings.target_dsn, book, tables, source, options.schema_changes)
         self.preparer = TablePreparer(
-            settings, book, options.snapshot, options.rebuild, options.slot, stop, self.target, tables
+            settings,
+            book,
+            options.snapshot,
+            options.rebuild,
+            options.slot,
+            stop,
+            self.target,
+            tables,
+            source=source,
         )
         self.topic_tables = TopicTables(settings.topic_prefix)
         self.kafka = KafkaLog(settings, options.group, options.instance_id, self._claim, self.stats)

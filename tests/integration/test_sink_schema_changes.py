@@ -377,6 +377,28 @@ def test_mode_none_skips_the_events_and_adds_the_columns_events_carry(
     assert "ALTER TABLE public.t ALTER COLUMN name TYPE integer USING name::integer" in line
 
 
+def test_a_table_created_from_events_gets_its_user_defined_types_created_from_the_source(
+    stack: Stack, dbs: Databases, topic_prefix: str
+) -> None:
+    """The first event the sink reads of a table already names a user-defined type (a row of the new
+    shape, or the schema-change event on a partition with no older row): the type comes from the
+    source's catalog before the table is created from the event."""
+    execute(
+        dbs.source_dsn,
+        "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')",
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text, m mood, ms mood[])",
+    )
+    topic = Topic(stack, topic_prefix)
+    columns = {"id": "bigint", "v": "text", "m": "mood", "ms": "mood[]"}
+    [i] = ids_in(0, 1)
+    topic.upsert({"id": i, "v": "x", "m": "ok", "ms": "{sad,happy}"}, columns, lsn=100, seq=0)
+    topic.flush()
+    stderr = sink_ok(dbs, topic_prefix, "keep")
+    assert "created enum public.mood on the target (for column m of public.t)" in stderr, stderr
+    assert target_columns(dbs)["ms"][0] == "mood[]"
+    assert {int(r["id"] or 0): (r["m"], r["ms"]) for r in target_rows(dbs)} == {i: ("ok", "{sad,happy}")}
+
+
 def test_a_column_added_with_a_user_defined_type_gets_the_type_created_from_the_source(
     stack: Stack, dbs: Databases, topic_prefix: str
 ) -> None:
