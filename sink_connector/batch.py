@@ -17,7 +17,7 @@ from pg_kafka_cdc.common.retry import Backoff
 from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
 from sink_connector.bookkeeping import TopicPartition
-from sink_connector.changes import Change, Rejected, decode_batch
+from sink_connector.changes import Change, Decoded, Rejected, decode_batch
 from sink_connector.commit import BatchCommit, Fenced
 from sink_connector.metrics import SinkStats
 from sink_connector.net_effect import TableBatch
@@ -83,8 +83,17 @@ class BatchProcessor:
                 if stop:
                     return False
 
+    def decode(self, messages: Sequence[Message]) -> Decoded:
+        """The batch's changes (pure: nothing of the target is read)."""
+        return decode_batch(messages, self.topic_tables.table_of, self.policy.parked, self.policy.dead_letters)
+
+    def planned(self, decoded: Decoded, messages: Sequence[Message]) -> BatchPlan:
+        """The plan of a decoded batch without a bad message, its new tables prepared."""
+        self.prepare(decoded.changes)
+        return self.plan(decoded.changes, decoded.rejected, positions_of(messages))
+
     def process(self, messages: Sequence[Message]) -> None:
-        decoded = decode_batch(messages, self.topic_tables.table_of, self.policy.parked, self.policy.dead_letters)
+        decoded = self.decode(messages)
         if decoded.bad is not None:
             bad = decoded.bad
             self.commit_prefix(before(decoded.changes, bad.topic(), bad.partition(), bad.offset()))
@@ -125,9 +134,9 @@ class BatchProcessor:
     def plan_one(self, change: Change) -> list[TableBatch]:
         return plan_batch([change], [], {}, self.topic_tables, self.target.tables, {}, self.schema).tables
 
-    def apply(self, plan: BatchPlan) -> None:
+    def apply(self, plan: BatchPlan, to_kafka: bool = True) -> None:
         started = time.monotonic()
-        self.commit.run(plan)
+        self.commit.run(plan, to_kafka)
         for batch in plan.tables:
             state = self.target.tables.get(batch.table)
             if batch.schema_changes and state is not None:

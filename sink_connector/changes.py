@@ -137,6 +137,9 @@ def decode_batch(
     """Decode the messages in order. A message of a parked key is rejected; an undecodable one is
     rejected (and its key parked) with `dead_letters`, else it ends the batch as `bad`."""
     decoded = Decoded()
+    # The column types and key of the topic's previous change: an equal one shares them (a batch's
+    # changes mostly have their table's one shape, held once instead of once per change).
+    shapes: dict[str, tuple[dict[str, str] | None, list[str] | None]] = {}
     for m in messages:
         topic, key = m.topic(), m.key()
         if parked and key is not None and (topic, key) in parked:
@@ -146,7 +149,13 @@ def decode_batch(
             table_of(topic)
             value = m.value()
             headers = None if value is not None else m.headers()
-            decoded.changes.append(decode(topic, m.partition(), m.offset(), key, value, headers))
+            change = decode(topic, m.partition(), m.offset(), key, value, headers)
+            decoded.changes.append(change)
+            columns, key_columns = shapes.get(topic, (None, None))
+            if change.columns == columns and change.key_columns == key_columns:
+                change.columns, change.key_columns = columns, key_columns
+            else:
+                shapes[topic] = (change.columns, change.key_columns)
         except BadMessage as exc:
             if not dead_letters:
                 decoded.bad, decoded.error = m, str(exc)

@@ -40,7 +40,9 @@ class BatchCommit:
     expected: MutableMapping[TopicPartition, int | None]
     unsaved_progress: list[Progress] = field(default_factory=list)
 
-    def run(self, plan: BatchPlan) -> None:
+    def run(self, plan: BatchPlan, to_kafka: bool = True) -> None:
+        """Steps 1-6, and 7 unless `to_kafka` is false (the caller commits to Kafka from the thread
+        that consumes: librdkafka's commit waits for a rebalance that thread is in)."""
         self.send_dead_letters(plan)
         self.target.begin()
         self.fence(plan)
@@ -55,7 +57,8 @@ class BatchCommit:
         self.target.commit()
         self.unsaved_progress = [] if saved else progress
         self.expected.update(plan.positions)
-        self.commit_to_kafka(plan)
+        if to_kafka:
+            self.commit_to_kafka(plan)
 
     def send_dead_letters(self, plan: BatchPlan) -> None:
         if plan.rejected and self.dead_letters is not None:

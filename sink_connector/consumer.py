@@ -43,6 +43,8 @@ class KafkaLog:
     down_since: float | None = None  # monotonic time Kafka became unreachable
     consumer: Any = None
     generation: int = 0  # counts the assignments and revocations (a loop that buffers starts over)
+    # called first in both rebalance callbacks: the batch whose commit is under way ends first
+    before_rebalance: Callable[[], None] = lambda: None
 
     def config(self) -> dict[str, Any]:
         static = {"group.instance.id": self.instance_id} if self.instance_id else {}
@@ -77,6 +79,7 @@ class KafkaLog:
         self.consumer.subscribe(subscription, on_assign=self.on_assign, on_revoke=self.on_revoke)
 
     def on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        self.before_rebalance()
         self.generation += 1
         stored = self.claim([(p.topic, p.partition) for p in partitions])
         for p in partitions:
@@ -91,6 +94,7 @@ class KafkaLog:
             )
 
     def on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        self.before_rebalance()
         self.generation += 1
         for p in partitions:
             self.expected.pop((p.topic, p.partition), None)
@@ -196,6 +200,16 @@ class EndOffsets:
         self.expected = expected
         self.stored = stored
         self.next_check = 0.0
+
+    def reached_here(self, ahead: Mapping[TP, int]) -> bool:
+        """Whether our own partitions reach their ends once the offsets `ahead` (a batch being
+        committed) are applied, and no other member's partition is needed (nothing read from the
+        target)."""
+        return all(
+            tp in self.expected and max(self.expected.get(tp) or 0, ahead.get(tp, 0)) >= high
+            for tp, high in self.ends.items()
+            if high
+        )
 
     def reached(self) -> bool:
         pending = [tp for tp, high in self.ends.items() if high and (self.expected.get(tp) or 0) < high]

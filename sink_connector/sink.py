@@ -32,6 +32,7 @@ from sink_connector.consistent import TransactionLoop
 from sink_connector.consumer import EndOffsets, KafkaLog, batch_count, end_offsets
 from sink_connector.dlq import DeadLetters
 from sink_connector.metrics import SinkStats, collect
+from sink_connector.overlap import OverlappedBatches
 from sink_connector.plan import TopicTables
 from sink_connector.poison import ErrorPolicy
 from sink_connector.preparation import TablePreparer, TableState
@@ -175,9 +176,12 @@ class Sink:
             schema=self.target.history,
             refresh_schema=self.target.refresh_schema,
         )
+        overlapped = OverlappedBatches(processor)
+        self.kafka.before_rebalance = lambda: self._settle(overlapped)
         try:
-            self.loop(processor, once)
+            self.loop(overlapped, once)
         finally:
+            overlapped.close()
             self.kafka.close()
             if self.dead_letters is not None:
                 self.dead_letters.flush()
@@ -265,20 +269,33 @@ class Sink:
 
     # --- the loop -----------------------------------------------------------------------------
 
-    def loop(self, processor: BatchProcessor, once: EndOffsets | None) -> None:
+    def loop(self, batches: OverlappedBatches, once: EndOffsets | None) -> None:
         """Consume and apply batches until stopped (or caught up, with --once)."""
         while not self.stop:
-            if once is not None and once.reached():
+            if once is not None and self._caught_up(batches, once):
                 log.info("caught up with the end offsets seen at start-up; exiting (--once)")
                 return
             messages = self.kafka.consume(self.batch_count, self.options.batch_wait)
             self._watch()
             if not messages:
+                if not batches.settle(self.stop):
+                    return
                 continue
             self.batch_count = batch_count(messages, self.options.batch_size, self.options.batch_bytes)
             batch = self.kafka.usable(messages)
-            if batch and not processor.run(batch, self.stop):
+            if batch and not batches.run(batch, self.stop):
                 return
+
+    def _caught_up(self, batches: OverlappedBatches, once: EndOffsets) -> bool:
+        """--once: whether every partition reached its end, the batch being committed included
+        (once it has committed; the target is read only when nothing is being committed)."""
+        if batches.in_flight is not None and not once.reached_here(batches.pending()):
+            return False
+        return batches.settle(self.stop) and once.reached()
+
+    def _settle(self, batches: OverlappedBatches) -> None:
+        """Before a rebalance: the batch being committed ends (or is applied again) first."""
+        batches.settle(self.stop)
 
     def _watch(self) -> None:
         """Every few seconds: consumer lag per partition, and whether Kafka is back."""

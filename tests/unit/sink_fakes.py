@@ -342,3 +342,13 @@ class FakeConsumer:
 
     def list_topics(self, timeout: float) -> None:
         return None
+
+
+class FakeRebalancingConsumer:
+    """The consumer a rebalance callback is handed."""
+
+    def assign(self, partitions: list[Any]) -> None:
+        pass
+
+    def unassign(self) -> None:
+        pass

@@ -14,6 +14,7 @@ from sink_connector.commit import BatchCommit
 from sink_connector.consumer import EndOffsets
 from sink_connector.handover import CopySnapshot
 from sink_connector.metrics import SinkStats
+from sink_connector.overlap import OverlappedBatches
 from sink_connector.plan import TopicTables, plan_batch, positions_of
 from sink_connector.poison import ErrorPolicy
 from sink_connector.sink import Sink, SinkOptions
@@ -24,6 +25,7 @@ from tests.unit.sink_fakes import (
     FakeDeadLetters,
     FakeError,
     FakeLog,
+    FakeRebalancingConsumer,
     FakeTarget,
     Partitions,
     topic_of,
@@ -327,7 +329,9 @@ def test_the_loop_applies_what_it_consumes_until_caught_up_with_once() -> None:
     sink.kafka.expected = loop.expected
     sink.kafka.consumer = FakeConsumer(batches, {PERSON_0: 3})
     once = EndOffsets({PERSON_0: 3}, loop.expected, lambda: loop.target.db.offsets)
-    sink.loop(loop.processor, once)
+    batches_ = OverlappedBatches(loop.processor)
+    sink.loop(batches_, once)
+    batches_.close()
     assert loop.rows(PERSON) == {2: "b"}
     assert loop.target.db.offsets == {PERSON_0: 3}
     assert loop.stats.batches == 3
@@ -399,3 +403,85 @@ def test_a_position_repeated_within_a_batch_is_applied_once() -> None:
     assert loop.processor.run(batch, StopFlag())
     assert loop.rows(PERSON) == {1: "a", 2: "b"}
     assert loop.stats.duplicates == 1
+
+
+# --- one batch committing while the next is decoded (overlap.py) ------------------------------------
+
+
+def test_overlapped_batches_apply_as_one_batch_after_another() -> None:
+    loop = Loop()
+    loop.assign(PERSON_0, ORDERS_0)
+    s = loop.stream
+    batches = OverlappedBatches(loop.processor)
+    first = [s.upsert("person", 1, "a", seq=1), s.upsert("orders", 7, "x", seq=2)]
+    assert batches.run(first, StopFlag())
+    assert batches.pending() == {PERSON_0: 1, ORDERS_0: 1}
+    # the same change again (a topic holding it twice) in the next batch: planned only once the
+    # batch before has committed, so it is skipped, not written again
+    second = [s.upsert("person", 1, "a", seq=1), s.upsert("person", 1, "b", seq=3), s.delete("orders", 7)]
+    assert batches.run(second, StopFlag())
+    # the first batch's offsets go to Kafka from this thread, once it has committed
+    assert loop.log.committed == {PERSON_0: 1, ORDERS_0: 1}
+    assert batches.settle(StopFlag())
+    assert loop.log.committed == {PERSON_0: 3, ORDERS_0: 2}
+    assert batches.pending() == {}
+    assert loop.rows(PERSON) == {1: "b"} and loop.rows(ORDERS) == {}
+    assert loop.stats.duplicates == 1 and loop.stats.batches == 2
+    assert loop.target.db.offsets == {PERSON_0: 3, ORDERS_0: 2}
+    assert loop.expected == {PERSON_0: 3, ORDERS_0: 2}
+    batches.close()
+
+
+def test_a_commit_that_failed_on_the_commit_thread_is_applied_again_before_the_next_batch() -> None:
+    loop = Loop()
+    loop.assign(PERSON_0)
+    loop.target.lose_connection = 1
+    s = loop.stream
+    batches = OverlappedBatches(loop.processor)
+    assert batches.run([s.upsert("person", 1, "a")], StopFlag())
+    assert batches.run([s.upsert("person", 2, "b")], StopFlag())  # settles the first: retried there
+    assert len(loop.reconnects) == 1
+    batches.close()
+    assert loop.rows(PERSON) == {1: "a", 2: "b"}
+    assert loop.target.db.offsets[PERSON_0] == 2 and loop.stats.batches == 2
+
+
+def test_after_a_fenced_commit_the_batch_decoded_meanwhile_is_read_again_from_the_stored_offsets() -> None:
+    loop = Loop()
+    loop.assign(PERSON_0, PERSON_1)
+    s = loop.stream
+    batches = OverlappedBatches(loop.processor)
+    loop.target.db.offsets[PERSON_0] = 5  # another member applied up to 5 meanwhile
+    assert batches.run([s.upsert("person", 1, "a")], StopFlag())
+    # the next batch also holds a partition the fenced batch did not: it is read again too
+    assert batches.run([s.upsert("person", 3, "c"), s.upsert("person", 2, "b", partition=1)], StopFlag())
+    assert batches.pending() == {}
+    assert loop.stats.fenced == 1 and loop.rows(PERSON) == {}
+    assert sorted(loop.log.seeks) == [(PERSON_0, 5), (PERSON_0, 5), (PERSON_1, None)]
+    assert loop.expected == {PERSON_0: 5, PERSON_1: None}
+    batches.close()
+
+
+def test_a_rebalance_waits_for_the_commit_under_way() -> None:
+    loop = Loop()
+    loop.assign(PERSON_0)
+    settings = Settings("", "", "", PREFIX, ())
+    sink = Sink(settings, SinkOptions(), StopFlag())
+    batches = OverlappedBatches(loop.processor)
+
+    def settle() -> None:
+        batches.settle(StopFlag())
+
+    sink.kafka.before_rebalance = settle
+    assert batches.run([loop.stream.upsert("person", 1, "a")], StopFlag())
+    sink.kafka.on_revoke(FakeRebalancingConsumer(), [])
+    assert batches.in_flight is None and loop.target.db.offsets[PERSON_0] == 1
+    batches.close()
+
+
+def test_once_counts_the_batch_being_committed_without_reading_the_target() -> None:
+    expected: dict[tuple[str, int], int | None] = {PERSON_0: 1}
+    once = EndOffsets({PERSON_0: 3, PERSON_1: 0}, expected, lambda: {})
+    assert not once.reached_here({})
+    assert once.reached_here({PERSON_0: 3})
+    assert not EndOffsets({PERSON_0: 3, PERSON_1: 2}, expected, lambda: {}).reached_here({PERSON_0: 3})
