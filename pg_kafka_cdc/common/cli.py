@@ -14,6 +14,7 @@ import psycopg2.errors
 from pg_kafka_cdc.common.dsn import mask
 from pg_kafka_cdc.common.errors import CdcError
 from pg_kafka_cdc.common.logs import setup_logging, use_json
+from pg_kafka_cdc.common.memory import tune_collector
 from pg_kafka_cdc.common.pg import error_reason
 from pg_kafka_cdc.common.settings import Settings, settings_from
 
@@ -36,6 +37,7 @@ def program(name: str, kwargs: dict[str, Any], error_exit: int = EXIT_ERROR) -> 
     """Run a command body: yields the shared settings; turns CdcError into one line and an exit code."""
     log_format = kwargs.get("log_format", "auto")
     setup_logging(name, log_format, kwargs.get("log_level", "info"))
+    tune_collector()
     try:
         yield settings_from(kwargs)
     except CdcError as exc:

@@ -15,7 +15,9 @@ from source_connector.wal2json import (
     WAL2JSON_OPTIONS,
     Decoder,
     escape_table_pattern,
+    quote_decimals,
     timestamp_to_us,
+    unquote_integers,
 )
 from tests.unit.wal2json_messages import (
     Column,
@@ -543,3 +545,26 @@ def test_a_message_that_is_not_json_names_the_table_and_the_fix() -> None:
         Decoder().decode(payload)
     line = str(raised.value)
     assert "of table public.odd that is not valid JSON" in line and "ALTER TYPE" in line, line
+
+
+def test_bare_decimals_are_quoted_and_nothing_else_changes() -> None:
+    plain = b'{"columns":[{"name":"id","type":"bigint","value":1},{"name":"e","type":"text","value":"12.5"}]}'
+    assert quote_decimals(plain) is plain
+    payload = (
+        b'[{"type":"numeric(10,2)","value":-123.45},{"type":"real","value":1e-07},'
+        b'{"type":"double precision","value":71.5},{"type":"numeric","value":"NaN"},{"type":"numeric(5,-2)","value":12300}]'
+    )
+    assert quote_decimals(payload) == (
+        b'[{"type":"numeric(10,2)","value":"-123.45"},{"type":"real","value":"1e-07"},'
+        b'{"type":"double precision","value":"71.5"},{"type":"numeric","value":"NaN"},'
+        b'{"type":"numeric(5,-2)","value":"12300"}]'
+    )
+
+
+def test_quoted_integers_lose_their_quotes_and_nothing_else_changes() -> None:
+    payload = b'[{"type":"bigint","value":"-12"},{"type":"text","value":"7"},{"type":"integer","value":"3"}]'
+    assert (
+        unquote_integers(payload)
+        == b'[{"type":"bigint","value":-12},{"type":"text","value":"7"},{"type":"integer","value":3}]'
+    )
+    assert unquote_integers(b'{"type":"text","value":"7"}') == b'{"type":"text","value":"7"}'
