@@ -60,6 +60,7 @@ def assemble(
         "snapshot_wall_rows_per_s": dig(snap, "sink", "wall_rows_per_s"),
         "copy_pipe_rows_per_s": dig(snap, "copy_pipe", "rows_per_s"),
         "e2e_latency_ms": dig(lat, "latency_ms") or {"p50": None, "p99": None, "max": None},
+        "native_lr_latency_ms": dig(lat, "native_lr", "latency_ms") or {"p50": None, "p99": None, "max": None},
         "source_peak_rss_mb": dig(chg, "source", "peak_rss_mb"),
         "sink_peak_rss_mb": dig(chg, "sink", "peak_rss_mb"),
     }
@@ -233,6 +234,14 @@ def main_table(results: dict[str, Any]) -> list[str]:
     r = results
     lat = r["e2e_latency_ms"]
 
+    lr = r.get("native_lr_latency_ms") or {}
+
+    def lr_lat(figure: str) -> str:
+        return "" if lr.get(figure) is None else f"native logical replication {_num(lr[figure], 'ms', 1)}"
+
+    def lat_ratio(figure: str) -> str:
+        return _num(ratio(lat[figure], lr.get(figure)), digits=2) if lr.get(figure) else ""
+
     def targeted(key: str) -> tuple[str, str, str]:
         target = by_key[key]
         return _limit(target, target.must), _limit(target, target.aim), verdict(target, dig(r, *key.split(".")))
@@ -268,9 +277,15 @@ def main_table(results: dict[str, Any]) -> list[str]:
             "",
             "info",
         ),
-        ("end-to-end latency p50", _num(lat["p50"], "ms", 1), "", "", "", "", "info"),
-        ("end-to-end latency p99", _num(lat["p99"], "ms", 1), "", "", *targeted("e2e_latency_ms.p99")),
-        ("end-to-end latency max", _num(lat["max"], "ms", 1), "", "", "", "", "info"),
+        ("end-to-end latency p50", _num(lat["p50"], "ms", 1), lr_lat("p50"), lat_ratio("p50"), "", "", "info"),
+        (
+            "end-to-end latency p99",
+            _num(lat["p99"], "ms", 1),
+            lr_lat("p99"),
+            lat_ratio("p99"),
+            *targeted("e2e_latency_ms.p99"),
+        ),
+        ("end-to-end latency max", _num(lat["max"], "ms", 1), lr_lat("max"), lat_ratio("max"), "", "", "info"),
         (
             "cdc-source peak RSS (scenario 1)",
             _num(r["source_peak_rss_mb"], "MB", 1),

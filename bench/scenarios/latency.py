@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg2
+from psycopg2 import sql
 
 from bench.config import scenario_tag
 from bench.context import Context
@@ -95,13 +96,111 @@ def _target_has(dsn: str, probe_id: int) -> bool:
         return False
 
 
+def _probe(
+    ctx: Context,
+    tag: str,
+    source_dsn: str,
+    target_dsn: str,
+    seconds: float,
+    watched: tuple[Proc, ...],
+    procs: list[Proc],
+) -> dict[str, Any]:
+    """cdc-writer at the plan's rate on the source for `seconds`, a probe row every probe interval,
+    the target polled for their arrival: the latency figures and samples. `watched`: the programs
+    that must keep running (the last one's log tail is given when no probe arrives)."""
+    plan = ctx.plan
+    writer = Proc(
+        f"cdc-writer-{tag}",
+        [
+            script("cdc-writer"),
+            "--source-dsn",
+            source_dsn,
+            "--rate",
+            f"{plan.writer_rate:g}",
+            "--batch",
+            "1",
+            "--seed",
+            "1",
+            "--log-format",
+            "text",
+        ],
+        ctx.log_dir,
+    )
+    procs.append(writer)
+    stop_probes, stop_poll = threading.Event(), threading.Event()
+    try:
+        return _probes(ctx, source_dsn, target_dsn, seconds, watched, writer, stop_probes, stop_poll)
+    finally:
+        stop_probes.set()
+        stop_poll.set()
+
+
+def _probes(
+    ctx: Context,
+    source_dsn: str,
+    target_dsn: str,
+    seconds: float,
+    watched: tuple[Proc, ...],
+    writer: Proc,
+    stop_probes: threading.Event,
+    stop_poll: threading.Event,
+) -> dict[str, Any]:
+    plan = ctx.plan
+    time.sleep(2.0)  # the writer connects and reaches its rate
+    probes = Probes()
+    threads = [
+        threading.Thread(
+            target=_arrival_poller, args=(target_dsn, probes, 1, plan.poll_interval, stop_poll), daemon=True
+        ),
+        threading.Thread(
+            target=_probe_writer, args=(source_dsn, probes, 1, plan.probe_interval, stop_probes), daemon=True
+        ),
+    ]
+    started_wall = time.time()
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop_probes.set()
+    threads[1].join()
+    writer_code = writer.stop()
+    last = max(probes.committed, default=0)
+    with contextlib.suppress(TimeoutError, RuntimeError):
+        _wait_for(lambda: last in probes.arrived, 30, "the last probes", watched)
+    stop_poll.set()
+    threads[0].join()
+    if probes.errors:
+        raise RuntimeError("; ".join(probes.errors))
+
+    samples = sorted(
+        (probes.committed[i] - started_wall, (probes.arrived[i] - probes.committed[i]) * 1000.0)
+        for i in probes.committed
+        if i in probes.arrived
+    )
+    latencies = [ms for _, ms in samples]
+    if not latencies:
+        raise RuntimeError(f"no probe reached the target; {watched[-1].tail(5)}")
+    wrote = WROTE.search(writer.stdout_text())
+    return {
+        "seconds": seconds,
+        "writer_rate_requested": plan.writer_rate,
+        "writer_batch": 1,
+        "writer_exit_code": writer_code,
+        "writer_rate_achieved": round(int(wrote[1]) / float(wrote[2]), 1) if wrote else None,
+        "probe_interval_ms": plan.probe_interval * 1000,
+        "poll_interval_ms": plan.poll_interval * 1000,
+        "probes_sent": len(probes.committed),
+        "probes_arrived": len(latencies),
+        "latency_ms": summarize(latencies),
+        "samples": [[round(t, 3), round(ms, 2)] for t, ms in samples],
+    }
+
+
 def run(ctx: Context, seconds: float) -> dict[str, Any]:
     plan = ctx.plan
     tag = scenario_tag("lat")
     prefix, slot, group = tag, f"{tag}_src", f"{tag}_sink"
     scratch = Scratch(ctx.endpoints)
     procs: list[Proc] = []
-    stop_probes, stop_poll = threading.Event(), threading.Event()
     try:
         source_dsn = scratch.source_db(tag)
         target_dsn = scratch.target_db(tag)
@@ -142,87 +241,72 @@ def run(ctx: Context, seconds: float) -> dict[str, Any]:
         _wait_for(lambda: _target_has(target_dsn, 0), 180, "a first probe row to reach the target", (source, sink))
         log.info("%s: pipeline up; writer at %g/s, probing for %.0f s", tag, plan.writer_rate, seconds)
 
-        writer = Proc(
-            f"cdc-writer-{tag}",
-            [
-                script("cdc-writer"),
-                "--source-dsn",
-                source_dsn,
-                "--rate",
-                f"{plan.writer_rate:g}",
-                "--batch",
-                "1",
-                "--seed",
-                "1",
-                "--log-format",
-                "text",
-            ],
-            ctx.log_dir,
-        )
-        procs.append(writer)
-        time.sleep(2.0)  # the writer connects and reaches its rate
-        probes = Probes()
-        threads = [
-            threading.Thread(
-                target=_arrival_poller, args=(target_dsn, probes, 1, plan.poll_interval, stop_poll), daemon=True
-            ),
-            threading.Thread(
-                target=_probe_writer, args=(source_dsn, probes, 1, plan.probe_interval, stop_probes), daemon=True
-            ),
-        ]
-        started_wall = time.time()
-        for thread in threads:
-            thread.start()
-        time.sleep(seconds)
-        stop_probes.set()
-        threads[1].join()
-        writer_code = writer.stop()
-        last = max(probes.committed, default=0)
-        with contextlib.suppress(TimeoutError, RuntimeError):
-            _wait_for(lambda: last in probes.arrived, 30, "the last probes", (source, sink))
-        stop_poll.set()
-        threads[0].join()
-        if probes.errors:
-            raise RuntimeError("; ".join(probes.errors))
-
-        samples = sorted(
-            (probes.committed[i] - started_wall, (probes.arrived[i] - probes.committed[i]) * 1000.0)
-            for i in probes.committed
-            if i in probes.arrived
-        )
-        latencies = [ms for _, ms in samples]
-        if not latencies:
-            raise RuntimeError(f"no probe reached the target; {sink.tail(5)}")
-        wrote = WROTE.search(writer.stdout_text())
-        result: dict[str, Any] = {
-            "tag": tag,
-            "seconds": seconds,
-            "writer_rate_requested": plan.writer_rate,
-            "writer_batch": 1,
-            "writer_exit_code": writer_code,
-            "writer_rate_achieved": round(int(wrote[1]) / float(wrote[2]), 1) if wrote else None,
-            "probe_interval_ms": plan.probe_interval * 1000,
-            "poll_interval_ms": plan.poll_interval * 1000,
-            "probes_sent": len(probes.committed),
-            "probes_arrived": len(latencies),
-            "latency_ms": summarize(latencies),
-            "source": source.resources(),
-            "sink": sink.resources(),
-            "samples": [[round(t, 3), round(ms, 2)] for t, ms in samples],
-        }
+        result = {"tag": tag, **_probe(ctx, tag, source_dsn, target_dsn, seconds, (source, sink), procs)}
+        result["source"], result["sink"] = source.resources(), sink.resources()
         log.info(
             "%s: latency p50 %.1f ms, p99 %.1f ms, max %.1f ms (%d probes)",
             tag,
             result["latency_ms"]["p50"],
             result["latency_ms"]["p99"],
             result["latency_ms"]["max"],
-            len(latencies),
+            result["probes_arrived"],
         )
+        result["native_lr"] = native_lr(ctx, seconds)
         return result
     finally:
-        stop_probes.set()
-        stop_poll.set()
         for proc in reversed(procs):
             proc.stop()
         scratch.cleanup()
         delete_prefix(ctx.bootstrap, prefix, (group,))
+
+
+def native_lr(ctx: Context, seconds: float) -> dict[str, Any]:
+    """The baseline: the same writer and probes through PostgreSQL's own logical replication (a
+    subscription on the target to a publication of the same tables, apply worker defaults)."""
+    tag = scenario_tag("latlr")
+    scratch = Scratch(ctx.endpoints)
+    procs: list[Proc] = []
+    subscribed = None
+    try:
+        source_dsn = scratch.source_db(tag)
+        target_dsn = scratch.target_db(tag)
+        for dsn in (source_dsn, target_dsn):
+            with contextlib.closing(connect(dsn)) as conn:
+                execute(conn, PROBE_DDL)
+                with conn.cursor() as cur:
+                    create_tables(cur)
+        with contextlib.closing(connect(source_dsn)) as conn:
+            execute(
+                conn,
+                sql.SQL("CREATE PUBLICATION {} FOR TABLE public.probe, public.person, public.orders").format(
+                    sql.Identifier(tag)
+                ),
+            )
+        subscribed = connect(target_dsn)
+        execute(
+            subscribed,
+            sql.SQL("CREATE SUBSCRIPTION {} CONNECTION %s PUBLICATION {} WITH (copy_data = false)").format(
+                sql.Identifier(tag), sql.Identifier(tag)
+            ),
+            (source_dsn,),
+        )
+        with contextlib.closing(connect(source_dsn)) as conn:
+            execute(conn, "INSERT INTO public.probe (id) VALUES (0)")
+        _wait_for(lambda: _target_has(target_dsn, 0), 120, "a first probe row to reach the subscriber", ())
+        result = {"tag": tag, **_probe(ctx, tag, source_dsn, target_dsn, seconds, (), procs)}
+        log.info(
+            "%s: native logical replication latency p50 %.1f ms, p99 %.1f ms, max %.1f ms",
+            tag,
+            result["latency_ms"]["p50"],
+            result["latency_ms"]["p99"],
+            result["latency_ms"]["max"],
+        )
+        return result
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        if subscribed is not None:
+            with contextlib.suppress(psycopg2.Error):
+                execute(subscribed, sql.SQL("DROP SUBSCRIPTION IF EXISTS {}").format(sql.Identifier(tag)))
+            subscribed.close()
+        scratch.cleanup()
