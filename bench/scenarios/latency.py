@@ -178,7 +178,7 @@ def _probes(
     )
     latencies = [ms for _, ms in samples]
     if not latencies:
-        raise RuntimeError(f"no probe reached the target; {watched[-1].tail(5)}")
+        raise RuntimeError("no probe reached the target" + "".join(f"; {p.tail(5)}" for p in watched))
     wrote = WROTE.search(writer.stdout_text())
     return {
         "seconds": seconds,
@@ -195,7 +195,25 @@ def _probes(
     }
 
 
+def _log_latency(tag: str, system: str, result: dict[str, Any]) -> None:
+    figures = result["latency_ms"]
+    log.info(
+        "%s: %s latency p50 %.1f ms, p99 %.1f ms, max %.1f ms (%d probes)",
+        tag,
+        system,
+        figures["p50"],
+        figures["p99"],
+        figures["max"],
+        result["probes_arrived"],
+    )
+
+
 def run(ctx: Context, seconds: float) -> dict[str, Any]:
+    """The pipeline's latency, then native logical replication's under the same load (each alone)."""
+    return {**pipeline(ctx, seconds), "native_lr": native_lr(ctx, seconds)}
+
+
+def pipeline(ctx: Context, seconds: float) -> dict[str, Any]:
     plan = ctx.plan
     tag = scenario_tag("lat")
     prefix, slot, group = tag, f"{tag}_src", f"{tag}_sink"
@@ -243,15 +261,7 @@ def run(ctx: Context, seconds: float) -> dict[str, Any]:
 
         result = {"tag": tag, **_probe(ctx, tag, source_dsn, target_dsn, seconds, (source, sink), procs)}
         result["source"], result["sink"] = source.resources(), sink.resources()
-        log.info(
-            "%s: latency p50 %.1f ms, p99 %.1f ms, max %.1f ms (%d probes)",
-            tag,
-            result["latency_ms"]["p50"],
-            result["latency_ms"]["p99"],
-            result["latency_ms"]["max"],
-            result["probes_arrived"],
-        )
-        result["native_lr"] = native_lr(ctx, seconds)
+        _log_latency(tag, "cdc-source and cdc-sink", result)
         return result
     finally:
         for proc in reversed(procs):
@@ -294,13 +304,7 @@ def native_lr(ctx: Context, seconds: float) -> dict[str, Any]:
             execute(conn, "INSERT INTO public.probe (id) VALUES (0)")
         _wait_for(lambda: _target_has(target_dsn, 0), 120, "a first probe row to reach the subscriber", ())
         result = {"tag": tag, **_probe(ctx, tag, source_dsn, target_dsn, seconds, (), procs)}
-        log.info(
-            "%s: native logical replication latency p50 %.1f ms, p99 %.1f ms, max %.1f ms",
-            tag,
-            result["latency_ms"]["p50"],
-            result["latency_ms"]["p99"],
-            result["latency_ms"]["max"],
-        )
+        _log_latency(tag, "native logical replication", result)
         return result
     finally:
         for proc in reversed(procs):
