@@ -29,7 +29,7 @@ from typing import Any
 import psycopg2
 
 from pg_kafka_cdc.common.catalog import ColumnFill, column_fills, read_table
-from pg_kafka_cdc.common.errors import CdcError
+from pg_kafka_cdc.common.errors import CdcError, SinkError
 from pg_kafka_cdc.common.pg import connect_source, error_reason
 from pg_kafka_cdc.common.tables import TableName
 from schemas.signals import SNAPSHOT_PREFIX, snapshot_request
@@ -175,3 +175,38 @@ class SourceAccess:
             self.down_until = time.monotonic() + RETRY_AFTER
             self.reason = str(exc)
             return None
+
+
+_TYPE_CHECK = "SAVEPOINT cdc_type"
+_TYPE_CHECK_UNDO = "ROLLBACK TO SAVEPOINT cdc_type"
+_TYPE_CHECK_DONE = "RELEASE SAVEPOINT cdc_type"
+
+
+def known_type(cur: Any, type_name: str) -> bool:
+    """Whether the target knows the type (a name it cannot read counts as known: the DDL that uses
+    it says why)."""
+    cur.execute(_TYPE_CHECK)
+    try:
+        cur.execute("SELECT to_regtype(%s) IS NOT NULL", (type_name,))
+        known = bool(cur.fetchone()[0])
+    except psycopg2.Error:
+        known = True
+        cur.execute(_TYPE_CHECK_UNDO)
+    cur.execute(_TYPE_CHECK_DONE)
+    return known
+
+
+def ensure_types(cur: Any, source: SourceAccess | None, table: TableName, columns: dict[str, str]) -> None:
+    """The user-defined types of these columns (name -> type) that the target lacks, created in
+    `cur`'s transaction from the source's catalog; one line naming the columns and the fix when
+    they cannot be."""
+    lacking = [name for name, type_name in columns.items() if not known_type(cur, type_name)]
+    if not lacking:
+        return
+    why = "the sink was given no source access" if source is None else source.create_types(cur, table, lacking)
+    if why is not None:
+        raise SinkError(
+            f"column {', '.join(lacking)} of {table} has a type that does not exist on the target, and the sink "
+            f"cannot create it from the source's catalog ({why}): create it there first (e.g. from pg_dump "
+            "--schema-only of the source), then restart the sink"
+        )

@@ -121,4 +121,6 @@ class OverlappedBatches:
                 log.debug("the last batch did not commit (%s): it is read again at the next start", exc)
                 with contextlib.suppress(psycopg2.Error):
                     self.processor.target.rollback()
+            else:
+                self.processor.commit.commit_to_kafka(flight.plan)
         self.executor.shutdown(wait=True)

@@ -5,7 +5,6 @@ One sink process at a time does it per table (an advisory lock), recorded in cdc
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,12 +19,12 @@ from pg_kafka_cdc.common.settings import Settings
 from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
 from schemas.topics import topic_for
-from sink_connector.added_columns import SourceAccess
+from sink_connector.added_columns import SourceAccess, ensure_types
 from sink_connector.bookkeeping import Bookkeeping
 from sink_connector.bulk_copy import CopyResult, copy_table
 from sink_connector.handover import CopySnapshot
 from sink_connector.net_effect import TableBatch
-from sink_connector.target import TargetTable, create_from_event, create_from_source, load, plain_type_name
+from sink_connector.target import TargetTable, create_from_event, create_from_source, load
 
 log = logging.getLogger("sink.prepare")
 
@@ -99,29 +98,9 @@ class TablePreparer:
 
     def _create_from_event(self, conn: Any, cur: Any, table: TableName, batch: TableBatch) -> TargetTable:
         """The table created from the columns its events carry; the user-defined types they name that
-        the target lacks are created first from the source's catalog, when the sink can read it."""
-        if self.source is not None and self._unknown_types(cur, batch.columns.values()):
-            refused = self.source.create_types(cur, table, batch.columns)
-            if refused is not None:
-                log.warning(
-                    "could not read the source's catalog for the types of %s's columns (%s): types the target "
-                    "lacks are not created",
-                    table,
-                    refused,
-                    extra={"table": str(table)},
-                )
+        the target lacks are created first from the source's catalog."""
+        ensure_types(cur, self.source, table, batch.columns)
         return create_from_event(conn, table, batch.columns, batch.key_columns)
-
-    @staticmethod
-    def _unknown_types(cur: Any, types: Iterable[str]) -> bool:
-        """Whether a type name is not one the target knows (to_regtype of a name it lacks is NULL)."""
-        for name in set(types):
-            if not plain_type_name(name):
-                continue  # create_from_event refuses it with its own line
-            cur.execute("SELECT to_regtype(%s) IS NULL", (name,))
-            if cur.fetchone()[0]:
-                return True
-        return False
 
     def topic(self, table: TableName) -> str:
         return topic_for(self.settings.topic_prefix, table)

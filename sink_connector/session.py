@@ -14,7 +14,7 @@ from pg_kafka_cdc.common.pg import connect_target, error_reason, is_connection_l
 from pg_kafka_cdc.common.tables import TableName
 from schemas.codec import Position
 from sink_connector import schema_history
-from sink_connector.added_columns import SourceAccess, asked_line, refused_line, snapshot_command
+from sink_connector.added_columns import SourceAccess, asked_line, ensure_types, refused_line, snapshot_command
 from sink_connector.apply import apply_table
 from sink_connector.bookkeeping import Bookkeeping, ConsistentPoint, StreamPartition, TopicPartition
 from sink_connector.net_effect import TableBatch
@@ -39,9 +39,6 @@ _FROZEN_MEMBER_TIMEOUT = sql.SQL("SET LOCAL idle_in_transaction_session_timeout 
 )
 _PROBE = sql.SQL("SAVEPOINT cdc_probe")
 _PROBE_DONE = sql.SQL("RELEASE SAVEPOINT cdc_probe")
-_TYPE_CHECK = sql.SQL("SAVEPOINT cdc_type")
-_TYPE_CHECK_UNDO = sql.SQL("ROLLBACK TO SAVEPOINT cdc_type")
-_TYPE_CHECK_DONE = sql.SQL("RELEASE SAVEPOINT cdc_type")
 _PROGRESS = sql.SQL("SAVEPOINT progress; SET LOCAL lock_timeout = '100ms'")
 _PROGRESS_HELD = sql.SQL("ROLLBACK TO SAVEPOINT progress")
 _PROGRESS_DONE = sql.SQL("RELEASE SAVEPOINT progress; SET LOCAL lock_timeout = DEFAULT")
@@ -208,7 +205,8 @@ class TargetSession:
         for event in events:
             if event.ident in done:
                 continue
-            self.ensure_types(target.name, event)
+            # the user-defined types of the columns it adds, from the source's catalog when missing
+            ensure_types(self.cur, self.source, target.name, {a.name: a.type for a in event.added})
             ddl = ddl_for(event, target.name, target.columns, target.key, mode)
             for step in ddl.steps:
                 self.cur.execute(step.statement)
@@ -220,33 +218,6 @@ class TargetSession:
             if ddl.snapshot:
                 self.ask_for_snapshot(target, ddl.snapshot)
         return target
-
-    def ensure_types(self, table: TableName, event: SchemaEvent) -> None:
-        """The user-defined types of the columns the event adds, created on the target from the
-        source's catalog when it lacks them."""
-        lacking = []
-        for added in event.added:
-            self.cur.execute(_TYPE_CHECK)
-            try:
-                self.cur.execute("SELECT to_regtype(%s) IS NOT NULL", (added.type,))
-                known = bool(self.cur.fetchone()[0])
-            except psycopg2.Error:
-                known = True  # not a type name the target reads: ADD COLUMN says why
-                self.cur.execute(_TYPE_CHECK_UNDO)
-            self.cur.execute(_TYPE_CHECK_DONE)
-            if not known:
-                lacking.append(added.name)
-        if not lacking:
-            return
-        why = "the sink was given no source access" if self.source is None else None
-        if self.source is not None:
-            why = self.source.create_types(self.cur, table, lacking)
-        if why is not None:
-            raise SinkError(
-                f"column {', '.join(lacking)} of {table} has a type that does not exist on the target, and the sink "
-                f"cannot create it from the source's catalog ({why}): create it there first (e.g. from pg_dump "
-                "--schema-only of the source), then restart the sink"
-            )
 
     def refresh_schema(self, failure: BaseException, tables: Collection[TableName]) -> bool:
         """After a batch of `tables` the target refused (outside its transaction): values the source

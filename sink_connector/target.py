@@ -52,14 +52,9 @@ def type_change_line(table: TableName, column: str, old: str, new: str) -> str:
     )
 
 
-def plain_type_name(type_name: str) -> bool:
-    """Whether an event's type name is plainly a type name (see checked_type)."""
-    return _TYPE.match(type_name) is not None
-
-
 def checked_type(type_name: str, table: TableName, column: str) -> sql.Composable:
     """A type name from an event, as SQL, refusing anything that is not plainly a type name."""
-    if not plain_type_name(type_name):
+    if not _TYPE.match(type_name):
         raise SinkError(f"column {column} of {table} has an unusable type name {type_name!r} in its events")
     return sql.SQL(type_name)
 

@@ -444,6 +444,7 @@ def test_a_commit_that_failed_on_the_commit_thread_is_applied_again_before_the_n
     batches.close()
     assert loop.rows(PERSON) == {1: "a", 2: "b"}
     assert loop.target.db.offsets[PERSON_0] == 2 and loop.stats.batches == 2
+    assert loop.log.committed == {PERSON_0: 2}  # the last batch's offsets reach Kafka at close too
 
 
 def test_after_a_fenced_commit_the_batch_decoded_meanwhile_is_read_again_from_the_stored_offsets() -> None:
