@@ -101,6 +101,15 @@ def reconnect(
         return current
 
 
+# Another session changed the rows the batch picked between its read and its write (a key changed
+# or a row deleted under an order being inserted, a deadlock): the batch is dropped, not the writer.
+LOST_RACE = frozenset({"23503", "23505", "40001", "40P01"})
+
+
+def lost_race(exc: psycopg2.Error) -> bool:
+    return getattr(exc, "pgcode", None) in LOST_RACE
+
+
 def operations(done: int, totals: dict[str, int], seconds: float) -> str:
     return (
         f"{done} operations ({totals['insert']} inserts, {totals['update']} updates, "
@@ -135,11 +144,17 @@ def run(
         if stop.wait(pacer.delay(time.monotonic())):
             break
         size = batch if count is None else min(batch, count - done)
+        counted = work.counts.copy()
         try:
             for _ in range(size):
                 work.run(schedule.next())
             conn.commit()
         except psycopg2.Error as exc:
+            if lost_race(exc):
+                log.debug("batch dropped, another session changed its rows: %s", error_reason(exc))
+                conn.rollback()
+                work.counts = counted
+                continue
             conn, work = reconnect(exc, backoff, stop, reopen, (conn, work))
             continue
         done += size

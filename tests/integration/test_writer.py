@@ -1,8 +1,11 @@
 """cdc-writer against a real source database: counts, pacing, and one-line errors."""
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass
+
+import psycopg2.errors
 
 from tests.conftest import Databases
 from tests.helpers import psql_rows, run_cli, start_cli, stop_process, wait_until
@@ -119,3 +122,28 @@ def test_key_changes_and_big_values(dbs: Databases) -> None:
     assert summary(result.stdout).done == 300
     [(big,)] = psql_rows(dbs.source_dsn, "SELECT count(*) FROM public.orders WHERE length(note) > 8000")
     assert big > 0, "--big-ratio 0.3 wrote no large note"
+
+
+def test_keys_changed_and_rows_deleted_by_another_session_do_not_stop_the_writer(dbs: Databases) -> None:
+    # the writer reads a person's id, then inserts an order of it: a key changed or a row deleted in
+    # between fails the insert's foreign key, which drops that batch, not the writer
+    run_cli(writer(dbs, "--count", "300", "--rate", "0", "--seed", "5"))
+    process = start_cli(writer(dbs, "--rate", "1000", "--batch", "5", "--mix", "80,10,10"))
+    wait_until(
+        lambda: "writing to" in process.stderr_text() or process.poll() is not None,
+        timeout=60,
+        message="the writer never started writing",
+    )
+    try:
+        for step in range(30):
+            for statement in (
+                f"UPDATE person SET id = id + 1000000 WHERE id % 3 = {step % 3}",
+                f"DELETE FROM person WHERE id % 7 = {step % 7}",
+            ):
+                with contextlib.suppress(psycopg2.errors.DeadlockDetected):  # this side may lose too
+                    psql_rows(dbs.source_dsn, statement)
+            assert process.poll() is None, f"the writer stopped:\n{process.stderr_text()[-3000:]}"
+    finally:
+        code = stop_process(process)
+    assert code == 0, f"exit code {code}:\n{process.stderr_text()[-3000:]}"
+    assert "Traceback" not in process.stderr_text()
