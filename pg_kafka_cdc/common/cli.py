@@ -17,6 +17,7 @@ from pg_kafka_cdc.common.logs import setup_logging, use_json
 from pg_kafka_cdc.common.memory import tune_collector
 from pg_kafka_cdc.common.pg import error_reason
 from pg_kafka_cdc.common.settings import Settings, settings_from
+from pg_kafka_cdc.common.threads import share_gil
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -38,6 +39,7 @@ def program(name: str, kwargs: dict[str, Any], error_exit: int = EXIT_ERROR) -> 
     log_format = kwargs.get("log_format", "auto")
     setup_logging(name, log_format, kwargs.get("log_level", "info"))
     tune_collector()
+    share_gil()
     try:
         yield settings_from(kwargs)
     except CdcError as exc:
