@@ -48,6 +48,30 @@ def decode(
     """Parse and check one message (schemas.codec); BadMessage says why it is not a change event."""
     if value is None:
         return _tombstone(topic, partition, offset, key, headers)
+    fast = codec.decode_row_change(value)
+    if fast is not None:
+        if not key:
+            raise BadMessage("change event without a key")
+        src = fast.source
+        seq, stream = src.seq, src.stream
+        return Change(
+            topic,
+            partition,
+            offset,
+            key,
+            fast.op,
+            fast.before if fast.op == "d" else fast.after,
+            fast.columns,
+            fast.key,
+            fast.unchanged or None,
+            src.txId,
+            src.lsn,
+            src.commit_lsn,
+            src.ts_us,
+            None,
+            seq,
+            stream,
+        )
     env = codec.decode(value)
     op, source, columns, key_columns = env["op"], env["source"], env["columns"], env["key"]
     if op in WHOLE_TOPIC_OPS:

@@ -21,6 +21,7 @@ from schemas.codec import (
     _valid,
     decode,
     decode_key,
+    decode_row_change,
     decode_tombstone,
     encode,
     encode_key,
@@ -243,36 +244,36 @@ def test_bytes_that_are_not_a_change_message(read: Callable[[Any], object], raw:
         read(raw)
 
 
-@pytest.mark.parametrize(
-    ("changes", "error"),
-    [
-        ({"op": "x"}, "unknown op 'x'"),
-        ({"op": None}, "unknown op None"),
-        ({"columns": None}, "envelope `columns` must be an object and `key` a non-empty list of column names"),
-        ({"key": ["id", 2]}, "`key` a non-empty list of column names"),
-        ({"columns": {"id": 20}}, "envelope `columns` must map each column to its type name"),
-        ({"source": []}, "envelope `source` must be an object"),
-        ({"source": {"lsn": "0/16B3748"}}, "envelope `source` txId, lsn, commit_lsn and ts_us must be integers"),
-        ({"source": {"txId": 1.5}}, "envelope `source` txId, lsn, commit_lsn and ts_us must be integers"),
-        ({"source": {"ts_us": False}}, "envelope `source` txId, lsn, commit_lsn and ts_us must be integers"),
-        ({"after": {"n": "1"}}, "`after` must be an object holding the key columns"),
-        ({"op": "d", "before": [1]}, "`before` must be an object holding the key columns"),
-        ({"before": "old"}, "`before` must be an object or null"),
-        ({"op": "d", "before": {"id": 1}, "after": 7}, "`after` must be an object or null"),
-        ({"after": {"id": 1, "n": 1.5}}, "`after` column 'n' is a JSON number that is not a 64-bit integer"),
-        (
-            {"after": {"id": 1, "n": orjson.Fragment(b"123456789012345678901")}},
-            "`after` column 'n' is a JSON number that is not a 64-bit integer",
-        ),
-        ({"after": {"id": 1, "n": [1]}}, "`after` column 'n' is a JSON array"),
-        ({"op": "u", "before": {"id": 1, "j": {}}}, "`before` column 'j' is a JSON object"),
-        ({"op": "r", "unchanged": ["n"]}, "`unchanged` is only allowed on updates and creates, as a list"),
-        ({"unchanged": [1]}, "`unchanged` is only allowed on updates and creates, as a list"),
-        ({"refetched": "n"}, "`refetched` must be a list of column names"),
-        ({"op": "t", "after": None}, "truncate event without a valid `partitions` count"),
-        ({"op": "t", "after": None, "partitions": -1}, "truncate event without a valid `partitions` count"),
-    ],
-)
+MALFORMED: list[tuple[dict[str, Any], str]] = [
+    ({"op": "x"}, "unknown op 'x'"),
+    ({"op": None}, "unknown op None"),
+    ({"columns": None}, "envelope `columns` must be an object and `key` a non-empty list of column names"),
+    ({"key": ["id", 2]}, "`key` a non-empty list of column names"),
+    ({"columns": {"id": 20}}, "envelope `columns` must map each column to its type name"),
+    ({"source": []}, "envelope `source` must be an object"),
+    ({"source": {"lsn": "0/16B3748"}}, "envelope `source` txId, lsn, commit_lsn and ts_us must be integers"),
+    ({"source": {"txId": 1.5}}, "envelope `source` txId, lsn, commit_lsn and ts_us must be integers"),
+    ({"source": {"ts_us": False}}, "envelope `source` txId, lsn, commit_lsn and ts_us must be integers"),
+    ({"after": {"n": "1"}}, "`after` must be an object holding the key columns"),
+    ({"op": "d", "before": [1]}, "`before` must be an object holding the key columns"),
+    ({"before": "old"}, "`before` must be an object or null"),
+    ({"op": "d", "before": {"id": 1}, "after": 7}, "`after` must be an object or null"),
+    ({"after": {"id": 1, "n": 1.5}}, "`after` column 'n' is a JSON number that is not a 64-bit integer"),
+    (
+        {"after": {"id": 1, "n": orjson.Fragment(b"123456789012345678901")}},
+        "`after` column 'n' is a JSON number that is not a 64-bit integer",
+    ),
+    ({"after": {"id": 1, "n": [1]}}, "`after` column 'n' is a JSON array"),
+    ({"op": "u", "before": {"id": 1, "j": {}}}, "`before` column 'j' is a JSON object"),
+    ({"op": "r", "unchanged": ["n"]}, "`unchanged` is only allowed on updates and creates, as a list"),
+    ({"unchanged": [1]}, "`unchanged` is only allowed on updates and creates, as a list"),
+    ({"refetched": "n"}, "`refetched` must be a list of column names"),
+    ({"op": "t", "after": None}, "truncate event without a valid `partitions` count"),
+    ({"op": "t", "after": None, "partitions": -1}, "truncate event without a valid `partitions` count"),
+]
+
+
+@pytest.mark.parametrize(("changes", "error"), MALFORMED)
 def test_malformed_envelopes(changes: dict[str, Any], error: str) -> None:
     with pytest.raises(BadMessage, match=error):
         decode(orjson.dumps({**GOOD, **changes}))
@@ -426,3 +427,82 @@ def test_the_fast_check_accepts_exactly_what_the_full_check_accepts(
     else:
         accepted = True
     assert _valid(env) is accepted, env
+
+
+# --- the sink's hot path ------------------------------------------------------------------------
+
+
+@given(envelopes())
+def test_the_row_change_path_reads_what_decode_reads(env: Envelope) -> None:
+    fast = decode_row_change(encode(**env))
+    if env["op"] == "t":
+        assert fast is None  # decode's path
+        return
+    assert fast is not None
+    source = env["source"]
+    assert (fast.op, fast.before, fast.after, fast.columns, fast.key) == (
+        env["op"],
+        env["before"],
+        env["after"],
+        env["columns"],
+        env["key"],
+    )
+    assert fast.unchanged == env.get("unchanged")
+    assert (fast.source.txId, fast.source.lsn, fast.source.commit_lsn, fast.source.ts_us, fast.source.seq) == (
+        source["txId"],
+        source["lsn"],
+        source["commit_lsn"],
+        source["ts_us"],
+        source["seq"],
+    )
+
+
+@pytest.mark.parametrize(("changes", "error"), MALFORMED)
+def test_the_row_change_path_takes_nothing_decode_refuses(changes: dict[str, Any], error: str) -> None:
+    assert decode_row_change(orjson.dumps({**GOOD, **changes})) is None
+
+
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["id", "n", "x"]), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from([*GOOD, "unchanged", "refetched", "partitions"]),
+        ANY_JSON | st.sampled_from(["c", "u", "d", "r", "t", "s"]),
+        max_size=4,
+    ),
+    st.sets(st.sampled_from(sorted(GOOD)), max_size=2),
+)
+def test_whatever_the_row_change_path_takes_decode_takes_and_reads_the_same(
+    changes: dict[str, Any], dropped: set[str]
+) -> None:
+    env = {k: v for k, v in {**GOOD, **changes}.items() if k not in dropped}
+    try:
+        raw = orjson.dumps(env)
+    except orjson.JSONEncodeError:  # an integer orjson cannot write
+        return
+    fast = decode_row_change(raw)
+    if fast is None:
+        return
+    slow = decode(raw)  # raises if the hot path took what decode refuses
+    assert (fast.op, fast.before, fast.after, fast.columns, fast.key) == (
+        slow["op"],
+        slow["before"],
+        slow["after"],
+        slow["columns"],
+        slow["key"],
+    )
+    assert fast.unchanged == slow.get("unchanged")
+    assert fast.source.commit_lsn == slow["source"].get("commit_lsn")
+
+
+def test_an_integer_above_the_signed_64_bit_range_takes_decodes_path() -> None:
+    raw = orjson.dumps({**GOOD, "after": {"id": 1, "n": 2**63}})
+    assert decode_row_change(raw) is None
+    assert decode(raw)["after"] == {"id": 1, "n": 2**63}
