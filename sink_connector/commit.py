@@ -82,6 +82,26 @@ class BatchCommit:
         commit_to_kafka(self.group, plan.positions)
 
 
+def fence_warning(
+    stored: dict[TopicPartition, int | None], expected: MutableMapping[TopicPartition, int | None]
+) -> str:
+    """The warning of a fenced batch: offsets stored behind what this member committed are commits
+    the target lost (a crash loses the last ones under synchronous_commit off, as a restore from a
+    backup does), offsets elsewhere were moved by another member."""
+    moved = {tp: offset for tp, offset in stored.items() if offset != expected.get(tp, -1)}
+    names = ", ".join(f"{t}[{p}]" for t, p in sorted(moved or stored))
+    behind = bool(moved) and all(
+        expected.get(tp) is not None and (offset is None or offset < (expected.get(tp) or 0))
+        for tp, offset in moved.items()
+    )
+    if behind:
+        return (
+            f"the target's stored offsets of {names} are behind what this sink committed (the target lost "
+            "its last commits in a crash, or was restored from a backup): re-reading from the stored offsets"
+        )
+    return f"another sink moved the offsets of {names}: re-reading from the stored offsets"
+
+
 def commit_to_kafka(group: GroupOffsets, positions: dict[TopicPartition, int]) -> None:
     """The offsets a committed target transaction stored, committed to Kafka too (asynchronously)."""
     try:

@@ -35,7 +35,7 @@ from schemas.codec import BadMessage, Position
 from sink_connector.batch import UNSYNCED
 from sink_connector.bookkeeping import ConsistentPoint, StreamPartition, TopicPartition
 from sink_connector.changes import decode_batch
-from sink_connector.commit import Fenced, commit_to_kafka
+from sink_connector.commit import Fenced, commit_to_kafka, fence_warning
 from sink_connector.consumer import EndOffsets, KafkaLog, batch_count
 from sink_connector.metrics import SinkStats
 from sink_connector.plan import Progress, TopicTables, merge_progress, new_tables, plan_batch
@@ -468,8 +468,8 @@ class TransactionLoop:
     def resync(self, stored: dict[TopicPartition, int | None]) -> None:
         """After a fencing conflict: continue every partition from what is stored."""
         self.stats.fenced += 1
-        log.warning("another sink moved the stored offsets: re-reading every partition from them")
         expected = self.kafka.expected
+        log.warning("%s", fence_warning(stored, expected))
         with contextlib.suppress(psycopg2.Error):
             self.target.claim(list(expected))
         for tp in list(expected):

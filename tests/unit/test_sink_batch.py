@@ -10,7 +10,7 @@ from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
 from sink_connector.batch import BatchProcessor
 from sink_connector.changes import PARKED, decode_batch
-from sink_connector.commit import BatchCommit
+from sink_connector.commit import BatchCommit, fence_warning
 from sink_connector.consumer import EndOffsets
 from sink_connector.handover import CopySnapshot
 from sink_connector.metrics import SinkStats
@@ -486,3 +486,14 @@ def test_once_counts_the_batch_being_committed_without_reading_the_target() -> N
     assert not once.reached_here({})
     assert once.reached_here({PERSON_0: 3})
     assert not EndOffsets({PERSON_0: 3, PERSON_1: 2}, expected, lambda: {}).reached_here({PERSON_0: 3})
+
+
+def test_offsets_stored_behind_what_this_member_committed_are_named_commits_the_target_lost() -> None:
+    # a crash under synchronous_commit off (or a restore from a backup) takes the last commits back
+    lost = fence_warning({("t", 0): 40, ("t", 1): None}, {("t", 0): 90, ("t", 1): 12, ("t", 2): 5})
+    assert lost.startswith("the target's stored offsets of t[0], t[1] are behind what this sink committed")
+    # another member applied more: the offsets moved ahead
+    moved = fence_warning({("t", 0): 120}, {("t", 0): 90})
+    assert moved == "another sink moved the offsets of t[0]: re-reading from the stored offsets"
+    # a partition this member has applied nothing of yet is not a lost commit
+    assert fence_warning({("t", 0): 3}, {}).startswith("another sink moved the offsets of t[0]")
