@@ -1,11 +1,18 @@
 """Applying a batch's net effect to one target table with set-based statements: one statement for
 the deletes, one per column set for the upserts, whatever the number of rows.
 
-The rows travel as one JSON array; `json_to_recordset` hands PostgreSQL every value as text and the
-cast to the column's own type turns it back into the value it was on the source (PostgreSQL's
-input function reads its own output), so every type arrives equal.
+The deleted keys travel as one JSON array; `json_to_recordset` hands PostgreSQL every value as text
+and the cast to the column's own type turns it back into the value it was on the source
+(PostgreSQL's input function reads its own output), so every type arrives equal. The upserted rows
+go the same way through COPY, whose text format hands each value to the column type's input
+function too: into a temporary staging table of the written columns and their types (emptied by
+the statement that applies them), which one INSERT ... ON CONFLICT then applies. The server reads
+rows from COPY in about half the time it takes to read them from json_to_recordset. A session that
+may not create temporary tables upserts from JSON.
 """
 
+import hashlib
+import io
 from typing import Any
 
 import orjson
@@ -25,26 +32,30 @@ def _cast(target: TargetTable, column: str, alias: str = "x") -> sql.Composable:
     return sql.SQL("{}::{}").format(sql.Identifier(alias, column), target.type_sql(column))
 
 
-def upsert_statement(target: TargetTable, columns: tuple[str, ...], only_changed: bool = False) -> sql.Composed:
-    """INSERT ... ON CONFLICT DO UPDATE of rows with these columns; `only_changed`: a row equal (as
-    text) to the one the target has is left alone, not written again."""
-    cached = target.statements.get(("upsert", columns, only_changed))
-    if cached is not None:
-        return cached
+def _conflict(target: TargetTable, columns: tuple[str, ...], only_changed: bool) -> sql.Composable:
+    """ON CONFLICT's action; `only_changed`: a row equal (as text) to the one the target has is left
+    alone, not written again."""
     updates = [c for c in columns if c not in target.key]
-    conflict = (
-        sql.SQL("DO UPDATE SET {}").format(
-            sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates)
-        )
-        if updates
-        else sql.SQL("DO NOTHING")
+    if not updates:
+        return sql.SQL("DO NOTHING")
+    conflict = sql.SQL("DO UPDATE SET {}").format(
+        sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates)
     )
-    if updates and only_changed:
+    if only_changed:
         conflict = sql.SQL("{} WHERE ({}) IS DISTINCT FROM ({})").format(
             conflict,
             sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("t", c)) for c in updates),
             sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("excluded", c)) for c in updates),
         )
+    return conflict
+
+
+def upsert_statement(target: TargetTable, columns: tuple[str, ...], only_changed: bool = False) -> sql.Composed:
+    """INSERT ... ON CONFLICT DO UPDATE of rows with these columns, read from one JSON array (a
+    session that may not create the staging table)."""
+    cached = target.statements.get(("upsert", columns, only_changed))
+    if cached is not None:
+        return cached
     statement = sql.SQL(
         "INSERT INTO {table} AS t ({columns}) SELECT {values} FROM json_to_recordset(%s::json) AS x({record}) "
         "ON CONFLICT ({key}) {conflict}"
@@ -54,10 +65,101 @@ def upsert_statement(target: TargetTable, columns: tuple[str, ...], only_changed
         values=sql.SQL(", ").join(_cast(target, c) for c in columns),
         record=_record_columns(columns),
         key=sql.SQL(", ").join(map(sql.Identifier, target.key)),
-        conflict=conflict,
+        conflict=_conflict(target, columns, only_changed),
     )
     target.statements[("upsert", columns, only_changed)] = statement
     return statement
+
+
+class Staging:
+    """The statements that upsert rows with one set of columns through a staging table, named after
+    the table, the columns and their types (a retyped column gets a new one)."""
+
+    def __init__(self, target: TargetTable, columns: tuple[str, ...]) -> None:
+        types = [target.columns[c] for c in columns]
+        digest = hashlib.sha256(repr((target.name, columns, types)).encode()).hexdigest()[:24]
+        name = sql.Identifier("pg_temp", f"cdc_staging_{digest}")
+        names = sql.SQL(", ").join(map(sql.Identifier, columns))
+        self.create = sql.SQL("CREATE TEMPORARY TABLE IF NOT EXISTS {} ({})").format(
+            name,
+            sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), target.type_sql(c)) for c in columns),
+        )
+        self.copy = sql.SQL("COPY {} ({}) FROM STDIN").format(name, names)
+        self.upserts = {
+            only_changed: sql.SQL(
+                "INSERT INTO {} AS t ({}) SELECT {} FROM {} AS x ON CONFLICT ({}) {}; TRUNCATE {}"
+            ).format(
+                target.ident,
+                names,
+                sql.SQL(", ").join(sql.Identifier("x", c) for c in columns),
+                name,
+                sql.SQL(", ").join(map(sql.Identifier, target.key)),
+                _conflict(target, columns, only_changed),
+                name,
+            )
+            for only_changed in (False, True)
+        }
+
+
+def staging(target: TargetTable, columns: tuple[str, ...]) -> Staging:
+    cached = target.staging.get(columns)
+    if cached is None:
+        cached = target.staging[columns] = Staging(target, columns)
+    return cached
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_text(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    """The rows in COPY's text format: a value as the text its JSON value stands for (integers as
+    digits, booleans as t and f), backslash, tab, newline and carriage return escaped, NULL as \\N."""
+    lines = []
+    for row in rows:
+        fields = []
+        for column in columns:
+            value = row[column]
+            if type(value) is str:
+                escape = "\\" in value or "\t" in value or "\n" in value or "\r" in value
+                fields.append(value.translate(_COPY_ESCAPES) if escape else value)
+            elif value is None:
+                fields.append("\\N")
+            elif value is True:
+                fields.append("t")
+            elif value is False:
+                fields.append("f")
+            else:
+                fields.append(str(value))
+        lines.append("\t".join(fields))
+    lines.append("")
+    return "\n".join(lines)
+
+
+# Bytes handed to the server at a time: psycopg2's default, 8 KiB, takes the GIL back 128 times as
+# often, each time waiting behind the decoding thread.
+COPY_CHUNK = 1 << 20
+
+
+def upsert_rows(
+    cur: Any, target: TargetTable, columns: tuple[str, ...], rows: list[dict[str, Any]], only_changed: bool
+) -> None:
+    """INSERT ... ON CONFLICT DO UPDATE of rows with these columns, read through COPY into the
+    staging table, which the same statement empties again (a transaction may upsert rows of the
+    same columns more than once)."""
+    stage = staging(target, columns)
+    cur.execute(stage.create)
+    cur.copy_expert(stage.copy, io.BytesIO(copy_text(rows, columns).encode()), size=COPY_CHUNK)
+    cur.execute(stage.upserts[only_changed])
+
+
+def can_stage(conn: Any) -> bool:
+    """Whether the session may create temporary tables (the TEMPORARY privilege on the database,
+    which PostgreSQL grants to everyone by default); without it rows are upserted from JSON."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT has_database_privilege(current_database(), 'TEMPORARY')")
+        allowed = bool(cur.fetchone()[0])
+    conn.commit()
+    return allowed
 
 
 def delete_statement(target: TargetTable) -> sql.Composed:
@@ -137,8 +239,9 @@ def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, 
     return groups
 
 
-def apply_table(cur: Any, target: TargetTable, batch: TableBatch) -> None:
-    """The batch's truncates, then deletes, then upserts (each key has one net change)."""
+def apply_table(cur: Any, target: TargetTable, batch: TableBatch, staged: bool = True) -> None:
+    """The batch's truncates, then deletes, then upserts (each key has one net change); `staged`:
+    the upserts through COPY and the staging table (can_stage), else from JSON."""
     for shape, rows in _groups(batch.replaced).items():
         columns = target.written(shape)
         if columns:
@@ -152,4 +255,7 @@ def apply_table(cur: Any, target: TargetTable, batch: TableBatch) -> None:
             upserts = [u.row for u in batch.upserts.values() if u.snapshot is snapshot]
             for shape, rows in _groups(upserts).items():
                 columns = target.written(shape)
-                cur.execute(upsert_statement(target, columns, snapshot), (_json(rows),))
+                if staged:
+                    upsert_rows(cur, target, columns, rows, snapshot)
+                else:
+                    cur.execute(upsert_statement(target, columns, snapshot), (_json(rows),))

@@ -18,7 +18,7 @@ from pg_kafka_cdc.common.signals import StopFlag
 from pg_kafka_cdc.common.tables import TableName
 from sink_connector.bookkeeping import TopicPartition
 from sink_connector.changes import Change, Decoded, Rejected, decode_batch
-from sink_connector.commit import BatchCommit, Fenced
+from sink_connector.commit import BatchCommit, Fenced, fence_warning
 from sink_connector.metrics import SinkStats
 from sink_connector.net_effect import TableBatch
 from sink_connector.plan import (
@@ -91,6 +91,20 @@ class BatchProcessor:
         """The plan of a decoded batch without a bad message, its new tables prepared."""
         self.prepare(decoded.changes)
         return self.plan(decoded.changes, decoded.rejected, positions_of(messages))
+
+    def planned_after(self, decoded: Decoded, messages: Sequence[Message], earlier: BatchPlan) -> BatchPlan | None:
+        """The plan of a decoded batch as it will be once `earlier`, being committed, has committed:
+        against the source positions that commit stores. None when that cannot be known before:
+        the batch has tables to prepare (which takes the connection), or `earlier` changes schemas."""
+        if decoded.bad is not None or any(b.schema_changes for b in earlier.tables):
+            return None
+        tables, topic_tables = self.target.tables, self.topic_tables
+        if any(topic_tables[topic] not in tables for topic in {c.topic for c in decoded.changes}):
+            return None
+        applied = {**self.target.applied, **earlier.applied}
+        return plan_batch(
+            decoded.changes, decoded.rejected, positions_of(messages), topic_tables, tables, applied, self.schema
+        )
 
     def process(self, messages: Sequence[Message]) -> None:
         decoded = self.decode(messages)
@@ -174,11 +188,8 @@ class BatchProcessor:
     def resync(self, stored: dict[TopicPartition, int | None], messages: Sequence[Message]) -> None:
         """After a fencing conflict: continue every partition of the batch from what is stored."""
         self.stats.fenced += 1
-        log.warning(
-            "another sink moved the offsets of %s: re-reading from the stored offsets",
-            ", ".join(f"{t}[{p}]" for t, p in stored),
-        )
         expected = self.commit.expected
+        log.warning("%s", fence_warning(stored, expected))
         mine = [tp for tp in {(m.topic(), m.partition()) for m in messages} if tp in expected]
         with contextlib.suppress(psycopg2.Error):  # lost connection: the next batch reconnects
             self.target.claim(mine)  # the source positions the other member applied, too

@@ -1,7 +1,11 @@
 """Row mode's batches in two stages: while the target commits one batch (psycopg2 waits for the
-server without holding the GIL), the next is consumed and decoded. The next batch is planned only
-once the one before it has committed, so it is planned against the target as that commit left it:
-the same plan, the same positions checked, as one batch after another.
+server without holding the GIL), the next is consumed, decoded and planned, and its commit queued
+behind it. It is planned against the target as the commit under way will leave it (with the source
+positions that commit stores: BatchProcessor.planned_after), so it gets the same plan, the same
+positions checked, as one batch after another. A queued commit starts only once the one before it
+has committed; if that one did not, the queued one ends unstarted and its batch is planned again
+after the one before has been dealt with. A batch with tables to prepare, or after a batch that
+changes schemas, is planned once the one before has committed.
 
 A commit that fails is not retried here: the batch goes through BatchProcessor.run, the path that
 retries, reconnects, searches for poison and re-reads a fenced batch. After a fenced batch the
@@ -17,7 +21,7 @@ batch before."""
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -43,6 +47,17 @@ class InFlight:
     done: "Future[None]"
 
 
+class Abandoned(Exception):
+    """A queued commit not started: the one before it did not commit."""
+
+
+def _after(earlier: "Future[None]", apply: Callable[[BatchPlan, bool], None], plan: BatchPlan) -> None:
+    """On the commit thread, once `earlier` has ended (one thread: in the order submitted)."""
+    if earlier.exception() is not None:
+        raise Abandoned()
+    apply(plan, False)
+
+
 @dataclass
 class OverlappedBatches:
     processor: BatchProcessor
@@ -59,7 +74,19 @@ class OverlappedBatches:
             return self.settle(stop) and processor.run(messages, stop)
         decoded = processor.decode(messages)
         fenced = processor.stats.fenced
-        if not self.settle(stop):
+        earlier = self.in_flight
+        ahead = None if earlier is None else processor.planned_after(decoded, messages, earlier.plan)
+        if earlier is not None and ahead is not None:
+            queued = InFlight(messages, ahead, self.executor.submit(_after, earlier.done, processor.apply, ahead))
+            settled = self.settle(stop)
+            if earlier.done.exception() is None:  # committed: the queued commit goes on
+                self.in_flight = queued
+                return settled
+            with contextlib.suppress(Abandoned):  # it ends unstarted: the batch is planned again
+                queued.done.result()
+            if not settled:
+                return False
+        elif not self.settle(stop):
             return False
         if processor.stats.fenced != fenced:
             self.read_again(messages)  # the batch before was fenced: this one follows it again

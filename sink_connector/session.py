@@ -15,7 +15,7 @@ from pg_kafka_cdc.common.tables import TableName
 from schemas.codec import Position
 from sink_connector import schema_history
 from sink_connector.added_columns import SourceAccess, asked_line, ensure_types, refused_line, snapshot_command
-from sink_connector.apply import apply_table
+from sink_connector.apply import apply_table, can_stage
 from sink_connector.bookkeeping import Bookkeeping, ConsistentPoint, StreamPartition, TopicPartition
 from sink_connector.net_effect import TableBatch
 from sink_connector.preparation import TableState
@@ -74,6 +74,7 @@ class TargetSession:
         self.conn: Any = None
         self.cur: Any = None
         self.replica = False  # the session applies with session_replication_role = replica
+        self.staged = True  # upserts go through COPY and a staging table (apply.can_stage)
         self.role = ""  # the target role, as SQL (for the fixes errors name)
         self.warned = False
         # The source's catalog and WAL, for the rows of a column added while streaming (reconcile).
@@ -105,6 +106,7 @@ class TargetSession:
         """Once per connection, never per batch: the setting lasts as long as the session."""
         self.replica = apply_as_replica(self.conn)
         self.role = current_role(self.conn)
+        self.staged = can_stage(self.conn)
 
     def writing(self) -> None:
         """Before the first write (a bulk copy or a batch): the one warning of a sink that applies as
@@ -193,7 +195,7 @@ class TargetSession:
             state.target = self.change_schema(state.target, batch.schema_changes)
         if batch.columns:
             state.target = reconcile(self.conn, state.target, batch.columns, self.source)
-        apply_table(self.cur, state.target, batch)
+        apply_table(self.cur, state.target, batch, self.staged)
 
     def change_schema(self, target: TargetTable, events: list[SchemaEvent]) -> TargetTable:
         """The DDL of the table's schema-change events, each recorded in the history, in the batch's

@@ -73,6 +73,7 @@ class TargetTable:
     columns: dict[str, str]  # name -> type as the target's format_type prints it
     key: tuple[str, ...]
     statements: dict[Any, sql.Composed] = field(default_factory=dict)
+    staging: dict[tuple[str, ...], Any] = field(default_factory=dict)  # apply.Staging per column set
     generated: frozenset[str] = frozenset()  # columns the target computes: never written
     oid: int = 0  # the table's pg_class oid (0: not known)
 

@@ -5,6 +5,7 @@ cdc-source, cdc-sink, cdc-verify and cdc-status run end to end with them (the wr
 and the target ends identical; the roles cannot read what is outside the replicated set.
 """
 
+import contextlib
 import subprocess
 import urllib.request
 import uuid
@@ -18,7 +19,7 @@ from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
 from tests.conftest import Databases, Stack
-from tests.helpers import REPO, psql_rows, run_cli, start_cli, wait_until
+from tests.helpers import REPO, CliProcess, psql_rows, run_cli, start_cli, wait_until
 from tests.kafka_broker import free_port
 from tests.pipeline import (
     assert_running,
@@ -310,18 +311,44 @@ def test_sink_without_create_on_the_database(stack: Stack, roles: Roles, topic_p
             sql.Identifier(admin.name), sql.Identifier(roles.target)
         ),
     )
+    with pipeline_as(roles, topic_prefix) as processes:
+        wait_identical(roles.dbs, TABLES, timeout=60, processes=processes)
+
+
+@contextlib.contextmanager
+def pipeline_as(roles: Roles, topic_prefix: str) -> Iterator[list[CliProcess]]:
+    """cdc-source and cdc-sink logged in as the roles, streaming the writer's tables; stopped after."""
     slot, group = f"t_roles_{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
     tables = ("--tables", ",".join(TABLES))
     source = start_cli(source_args(roles.dbs, topic_prefix, slot, *tables))
-    wait_for_output(source, "streaming from slot", timeout=90)
-    sink = start_cli(sink_args(roles.dbs, topic_prefix, slot, group, *tables))
+    processes = [source]
     try:
-        wait_identical(roles.dbs, TABLES, timeout=60, processes=[source, sink])
+        wait_for_output(source, "streaming from slot", timeout=90)
+        processes.append(start_cli(sink_args(roles.dbs, topic_prefix, slot, group, *tables)))
+        yield processes
     finally:
-        for process in (source, sink):
+        for process in processes:
             if process.poll() is None:
                 process.terminate()
                 process.wait(60)
+
+
+def test_sink_without_temporary_on_the_database_applies_changes_all_the_same(
+    stack: Stack, roles: Roles, topic_prefix: str
+) -> None:
+    # upserts go through a temporary staging table; a role that may not create one upserts from JSON
+    admin = roles.admin
+    database = sql.Identifier(admin.name)
+    for grantee in ("PUBLIC", roles.target):
+        who = sql.SQL(grantee) if grantee == "PUBLIC" else sql.Identifier(grantee)
+        psql_rows(admin.target_dsn, sql.SQL("REVOKE TEMPORARY ON DATABASE {} FROM {}").format(database, who))
+    allowed = psql_rows(roles.dbs.target_dsn, "SELECT has_database_privilege(current_database(), 'TEMPORARY')")
+    assert allowed == [(False,)], allowed
+    with pipeline_as(roles, topic_prefix) as processes:
+        wait_identical(roles.dbs, TABLES, timeout=60, processes=processes)
+        run_writer(admin, "--count", "300", "--rate", "0", "--seed", "4")  # inserts, updates, deletes
+        wait_identical(roles.dbs, TABLES, timeout=60, processes=processes)
+        assert "Traceback" not in processes[1].stderr_text()
 
 
 def one_line_error(program: str, result: subprocess.CompletedProcess[str]) -> str:
