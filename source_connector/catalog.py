@@ -156,6 +156,11 @@ class Catalog:
         """The table's shape as the stream showed it last: what its next changes are compared with."""
         self.cache[(info.name.schema, info.name.name)] = info
 
+    def cached(self, schema: str, name: str) -> TableInfo | None:
+        """What `lookup` returns without a refresh, when that needs no catalog read (None otherwise)."""
+        target = self.routes.get((schema, name))
+        return None if target is None else self.cache.get((target.schema, target.name))
+
     def lookup(self, schema: str, name: str, refresh: bool) -> TableInfo | None:
         """For the stream: the definition of the table the named one's changes are published as
         (cached); a table that cannot be replicated is reported once and its changes skipped (at

@@ -308,7 +308,9 @@ class SourceConnector:
 
     def _builder(self, source: Source, topics: ChangeTopics) -> EventBuilder:
         def lookup(schema: str, name: str, refresh: bool) -> TableInfo | None:
-            info = source.session.run(lambda conn: source.catalog.lookup(schema, name, refresh))
+            info = None if refresh else source.catalog.cached(schema, name)
+            if info is None:
+                info = source.session.run(lambda conn: source.catalog.lookup(schema, name, refresh))
             if info is not None:
                 topics.ensure_one(info)
             return info

@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 import schemas
@@ -901,3 +903,64 @@ def test_a_delete_naming_a_renamed_key_takes_the_catalogs_shape() -> None:
         (b'{"ident":1}', None),
     ]
     assert (s["source"]["seq"], envelope(messages[3][2])["source"]["seq"]) == (1, 1)
+
+
+# --- the envelope's template ----------------------------------------------------------------------
+
+names = st.text(alphabet=st.sampled_from('ab%"\\é_ .'), min_size=1, max_size=8)
+row_values = st.dictionaries(
+    names, st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.text())
+)
+
+
+@settings(max_examples=200)
+@given(
+    prefix=names,
+    schema_name=names,
+    table_name=names,
+    slot=st.one_of(st.none(), names),
+    stream=names,
+    op=st.sampled_from(["c", "u", "d", "r"]),
+    before=st.one_of(st.none(), row_values),
+    after=st.one_of(st.none(), row_values),
+    xid=st.one_of(st.none(), st.integers(0, 2**32)),
+    commit_lsn=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+    ts_us=st.one_of(st.none(), st.integers(0, 2**62)),
+    lsn=st.integers(0, 2**64 - 1),
+    seq=st.integers(0, 10**6),
+    snapshot=st.booleans(),
+)
+def test_values_filled_into_the_template_are_the_bytes_the_codec_encodes(
+    prefix: str,
+    schema_name: str,
+    table_name: str,
+    slot: str | None,
+    stream: str,
+    op: Any,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    xid: int | None,
+    commit_lsn: int | None,
+    ts_us: int | None,
+    lsn: int,
+    seq: int,
+    snapshot: bool,
+) -> None:
+    info = TableInfo(
+        TableName(schema_name, table_name),
+        topic_for(prefix, TableName(schema_name, table_name)),
+        ("id", "n%"),
+        {"id": "bigint", "n%": "text"},
+        ("id",),
+        "d",
+    )
+    builder = EventBuilder(prefix, "db%s", slot, lambda s, t, r: info, lambda topic: 1)
+    builder.stream = stream
+    tx = TxContext(xid, commit_lsn, ts_us)
+    tx.seq = seq
+    fast = builder._value(info, op, before, after, tx, lsn, info.columns_json, snapshot)
+    # another Fragment of the same columns takes the codec's path
+    slow = builder._value(info, op, before, after, tx, lsn, orjson.Fragment(orjson.dumps(info.types)), snapshot)
+    assert fast[fast.index(b',"source"') :] == slow[slow.index(b',"source"') :]
+    assert type(orjson.loads(fast)["ts_ms"]) is int  # the time of each call: not compared
+    assert fast[: fast.index(b',"ts_ms"')] == slow[: slow.index(b',"ts_ms"')]

@@ -404,6 +404,27 @@ def test_update_identity_round_trips(s: str, n: str, i: int) -> None:
     assert values(doc) == values(doc, "identity") == {"id": i, "t": s, "n": n}
 
 
+@pytest.mark.parametrize(("printed_zero", "other"), [("-0", "0"), ("0", "-0"), ("-0", "-0.5")])
+def test_minus_zero_keeps_its_sign_beside_other_decimals(printed_zero: str, other: str) -> None:
+    doc = decode(
+        change(
+            "I",
+            columns=[
+                ("id", "bigint", bare(0)),
+                ("d", "double precision", bare(printed_zero)),
+                ("n", "numeric", bare(other)),
+                ("i", "integer", bare(-0)),
+            ],
+        )
+    )
+    assert values(doc) == {"id": 0, "d": printed_zero, "n": other, "i": 0}
+
+
+def test_an_integer_numeric_key_in_the_identity_arrives_as_its_digits() -> None:
+    doc = decode(change("D", identity=[("k", "numeric", bare("123456789012345678901234567890"))]))
+    assert values(doc, "identity") == {"k": "123456789012345678901234567890"}
+
+
 # --- commit timestamps ---------------------------------------------------------------------------
 
 BASE_US = int(dt.datetime(2026, 11, 25, 14, 43, 17, tzinfo=dt.UTC).timestamp()) * 1_000_000
