@@ -107,7 +107,7 @@ class RowChange(msgspec.Struct):
 
     op: Literal["c", "u", "d", "r"]
     source: RowSource
-    columns: dict[str, str]
+    columns: msgspec.Raw  # read once per distinct text (see _columns)
     key: list[str]
     before: dict[str, _Value] | None
     after: dict[str, _Value] | None
@@ -116,12 +116,32 @@ class RowChange(msgspec.Struct):
 
 
 _row_change = msgspec.json.Decoder(RowChange)
+_column_types = msgspec.json.Decoder(dict[str, str])
+# `columns` by its text: a table's events carry one shape, read once; the dicts are shared (and
+# never changed by their readers)
+_shapes: dict[bytes, dict[str, str]] = {}
+SHAPES_KEPT = 1024
 
 
-def decode_row_change(value: bytes) -> RowChange | None:
+def _columns(raw: msgspec.Raw) -> dict[str, str] | None:
+    text = bytes(raw)
+    found = _shapes.get(text)
+    if found is None:
+        try:
+            found = _column_types.decode(text)
+        except msgspec.DecodeError:
+            return None
+        if len(_shapes) >= SHAPES_KEPT:
+            _shapes.clear()
+        _shapes[text] = found
+    return found
+
+
+def decode_row_change(value: bytes) -> tuple[RowChange, dict[str, str]] | None:
     """The sink's hot path: a row change's envelope read and checked in one pass, with no object made
-    for what applying it does not read; None for anything else (`decode` reads it, or says what is
-    wrong). It accepts exactly what `decode` accepts of a row change, and reads the same values."""
+    for what applying it does not read, and its column types; None for anything else (`decode`
+    reads it, or says what is wrong). It accepts exactly what `decode` accepts of a row change, and
+    reads the same values."""
     try:
         env = _row_change.decode(value)
     except msgspec.DecodeError:  # ValidationError included: `decode` decides, and names the problem
@@ -132,7 +152,8 @@ def decode_row_change(value: bytes) -> RowChange | None:
         return None
     if env.unchanged is not None and op not in ("u", "c"):
         return None
-    return env
+    columns = _columns(env.columns)
+    return None if columns is None else (env, columns)
 
 
 def decode(value: bytes) -> Envelope:

@@ -48,8 +48,9 @@ def decode(
     """Parse and check one message (schemas.codec); BadMessage says why it is not a change event."""
     if value is None:
         return _tombstone(topic, partition, offset, key, headers)
-    fast = codec.decode_row_change(value)
-    if fast is not None:
+    read = codec.decode_row_change(value)
+    if read is not None:
+        fast, columns = read
         if not key:
             raise BadMessage("change event without a key")
         src = fast.source
@@ -61,7 +62,7 @@ def decode(
             key,
             fast.op,
             fast.before if fast.op == "d" else fast.after,
-            fast.columns,
+            columns,
             fast.key,
             fast.unchanged or None,
             src.txId,
@@ -176,7 +177,7 @@ def decode_batch(
             change = decode(topic, m.partition(), m.offset(), key, value, headers)
             decoded.changes.append(change)
             columns, key_columns = shapes.get(topic, (None, None))
-            if change.columns == columns and change.key_columns == key_columns:
+            if (change.columns is columns or change.columns == columns) and change.key_columns == key_columns:
                 change.columns, change.key_columns = columns, key_columns
             else:
                 shapes[topic] = (change.columns, change.key_columns)

@@ -50,9 +50,12 @@ class TableBatch:
     def add(self, change: Change) -> None:
         self.changes += 1
         self.ops[change.op] += 1
-        if change.columns is not None and change.columns is not self.columns:
-            if change.columns != self.columns:
-                self.columns = {**self.columns, **change.columns}
+        columns = change.columns
+        if columns is not None and columns is not self.columns:
+            if not self.columns:
+                self.columns = columns  # shared with the changes of that shape, never changed in place
+            elif columns != self.columns:
+                self.columns = {**self.columns, **columns}
             self.key_columns = change.key_columns or self.key_columns
         if change.ts_us is not None and (self.max_ts_us is None or change.ts_us > self.max_ts_us):
             self.max_ts_us = change.ts_us
