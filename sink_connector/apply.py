@@ -13,6 +13,7 @@ may not create temporary tables upserts from JSON.
 
 import hashlib
 import io
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -111,28 +112,60 @@ def staging(target: TargetTable, columns: tuple[str, ...]) -> Staging:
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
+_NONE = type(None)
+_TEXTS = frozenset({str, _NONE})
+_INTEGERS = frozenset({int, _NONE})
+_BOOLEANS = frozenset({bool, _NONE})
+_BOOLEAN_TEXT = {True: "t", False: "f", None: "\\N"}
+
+
 def copy_text(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
     """The rows in COPY's text format: a value as the text its JSON value stands for (integers as
-    digits, booleans as t and f), backslash, tab, newline and carriage return escaped, NULL as \\N."""
-    lines = []
-    for row in rows:
-        fields = []
-        for column in columns:
-            value = row[column]
-            if type(value) is str:
-                escape = "\\" in value or "\t" in value or "\n" in value or "\r" in value
-                fields.append(value.translate(_COPY_ESCAPES) if escape else value)
-            elif value is None:
-                fields.append("\\N")
-            elif value is True:
-                fields.append("t")
-            elif value is False:
-                fields.append("f")
-            else:
-                fields.append(str(value))
-        lines.append("\t".join(fields))
+    digits, booleans as t and f), backslash, tab, newline and carriage return escaped, NULL as \\N.
+    Built column by column: a column's values mostly have one type, and its texts are searched for
+    what needs escaping all at once."""
+    if not rows:
+        return ""
+    values = map(itemgetter(*columns), rows) if len(columns) > 1 else ((row[columns[0]],) for row in rows)
+    fields = [_column_text(list(column)) for column in zip(*values, strict=True)]
+    lines = list(map("\t".join, zip(*fields, strict=True)))
     lines.append("")
     return "\n".join(lines)
+
+
+def _column_text(values: list[Any]) -> list[str]:
+    kinds = set(map(type, values))
+    if kinds <= _TEXTS:
+        nulls = _NONE in kinds
+        texts = [v for v in values if v is not None] if nulls else values
+        if any(_special(texts[i : i + CHECKED_AT_ONCE]) for i in range(0, len(texts), CHECKED_AT_ONCE)):
+            values = [v if v is None else v.translate(_COPY_ESCAPES) for v in values]
+        return ["\\N" if v is None else v for v in values] if nulls else values
+    if kinds <= _INTEGERS:
+        return ["\\N" if v is None else str(v) for v in values] if _NONE in kinds else list(map(str, values))
+    if kinds <= _BOOLEANS:
+        return [_BOOLEAN_TEXT[v] for v in values]
+    return [_field_text(v) for v in values]
+
+
+CHECKED_AT_ONCE = 256  # texts joined to be searched for what needs escaping (bounded: rows may be large)
+
+
+def _special(texts: list[str]) -> bool:
+    joined = "".join(texts)
+    return "\\" in joined or "\t" in joined or "\n" in joined or "\r" in joined
+
+
+def _field_text(value: Any) -> str:
+    if type(value) is str:
+        return value.translate(_COPY_ESCAPES)
+    if value is None:
+        return "\\N"
+    if value is True:
+        return "t"
+    if value is False:
+        return "f"
+    return str(value)
 
 
 # Bytes handed to the server at a time: psycopg2's default, 8 KiB, takes the GIL back 128 times as

@@ -73,14 +73,11 @@ class TxContext:
         self.ts_ms = None if ts_us is None else ts_us // 1000
         self.seq = 0
         # The transaction's fields of `source`, as JSON (see Envelopes): `"commit_lsn":..,"ts_us":..,`
-        self.source_part = b"".join(
-            b'"' + name + b'":' + orjson.dumps(value) + b","
-            for name, value in (
-                (b"commit_lsn", commit_lsn),
-                (b"txId", xid),
-                (b"ts_ms", self.ts_ms),
-                (b"ts_us", ts_us),
-            )
+        self.source_part = b'"commit_lsn":%s,"txId":%s,"ts_ms":%s,"ts_us":%s,' % (
+            orjson.dumps(commit_lsn),
+            orjson.dumps(xid),
+            orjson.dumps(self.ts_ms),
+            orjson.dumps(ts_us),
         )
 
 
