@@ -12,6 +12,7 @@ from psycopg2 import sql
 
 from bench.config import PG_BIN
 from bench.context import Context
+from bench.cpu import CpuShare
 from bench.pg import confirmed_flush, connect, execute
 from bench.procs import Proc, script, sink_args
 from bench.workload import QUALIFIED, TABLE, create_table_only, fingerprint
@@ -116,13 +117,15 @@ def recvlogical(ctx: Context, dsn: str, slot: str, end_lsn: int, n: int) -> dict
     ]
     for key, value in options.items():
         args += ["-o", f"{key}={value}"]
-    proc = Proc(f"pg_recvlogical-{slot}", args, ctx.log_dir)
-    seconds = _run_to_exit(proc, "pg_recvlogical", n)
+    with CpuShare(dsn, slot) as cpu:
+        proc = Proc(f"pg_recvlogical-{slot}", args, ctx.log_dir, sample_rss=True)
+        seconds = _run_to_exit(proc, "pg_recvlogical", n)
     return {
         "seconds": round(seconds, 3),
         "events_per_s": round(n / seconds, 1),
         "options": options,
         "end_lsn": int_to_lsn(end_lsn),
+        "cpu": cpu.figures(n, proc.resources().get("cpu_seconds")),
     }
 
 
@@ -161,7 +164,7 @@ def source(
         "text",
         *extra_args,
     ]
-    with contextlib.closing(connect(dsn)) as monitor:
+    with contextlib.closing(connect(dsn)) as monitor, CpuShare(dsn, slot) as cpu:
         proc = Proc(f"cdc-source-{slot}", args, ctx.log_dir, sample_rss=True)
         topic = progress_topic or f"{prefix}.public.{TABLE}"
         progress = Progress(ctx.bootstrap, topic, start_lsn, proc.started)
@@ -173,10 +176,12 @@ def source(
             progress.close()
             code = proc.stop()
     seconds = reached - proc.started
+    resources = proc.resources()
     return {
         "seconds": round(seconds, 3),
         "events_per_s": round(n / seconds, 1),
-        **proc.resources(),
+        **resources,
+        "cpu": cpu.figures(n, resources.get("cpu_seconds")),
         "exit_code": code,
         "log": str(proc.stderr_path),
         "progress_s_confirmedbytes_topicmessages": progress.points,

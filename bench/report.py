@@ -61,6 +61,11 @@ def assemble(
         "copy_pipe_rows_per_s": dig(snap, "copy_pipe", "rows_per_s"),
         "e2e_latency_ms": dig(lat, "latency_ms") or {"p50": None, "p99": None, "max": None},
         "native_lr_latency_ms": dig(lat, "native_lr", "latency_ms") or {"p50": None, "p99": None, "max": None},
+        "latency_stages_ms": dig(lat, "stages_ms") or {},
+        "wal_read_cpu": {
+            "pg_recvlogical": dig(chg, "recvlogical", "cpu"),
+            "cdc-source": dig(chg, "source", "cpu"),
+        },
         "source_peak_rss_mb": dig(chg, "source", "peak_rss_mb"),
         "sink_peak_rss_mb": dig(chg, "sink", "peak_rss_mb"),
     }
@@ -235,6 +240,7 @@ def main_table(results: dict[str, Any]) -> list[str]:
     lat = r["e2e_latency_ms"]
 
     lr = r.get("native_lr_latency_ms") or {}
+    stages = r.get("latency_stages_ms") or {}
 
     def lr_lat(figure: str) -> str:
         return "" if lr.get(figure) is None else f"native logical replication {_num(lr[figure], 'ms', 1)}"
@@ -286,6 +292,35 @@ def main_table(results: dict[str, Any]) -> list[str]:
             *targeted("e2e_latency_ms.p99"),
         ),
         ("end-to-end latency max", _num(lat["max"], "ms", 1), lr_lat("max"), lat_ratio("max"), "", "", "info"),
+        *(
+            (
+                f"latency p50 / p99, {label}",
+                f"{_num(part['p50'], 'ms', 1)} / {_num(part['p99'], 'ms', 1)}",
+                "",
+                "",
+                "",
+                "",
+                "info",
+            )
+            for label, part in (
+                ("source commit to Kafka (cdc-source)", stages.get("commit_to_kafka")),
+                ("Kafka to target (broker, cdc-sink)", stages.get("kafka_to_target")),
+            )
+            if part
+        ),
+        *(
+            (
+                f"CPU per event while {who} read the WAL",
+                ", ".join(f"{k} {v:.1f} us" for k, v in cpu["cpu_us_per_event"].items()),
+                f"machine {cpu['machine_busy_cores']:.2f} busy cores",
+                "",
+                "",
+                "",
+                "info",
+            )
+            for who, cpu in (r.get("wal_read_cpu") or {}).items()
+            if cpu
+        ),
         (
             "cdc-source peak RSS (scenario 1)",
             _num(r["source_peak_rss_mb"], "MB", 1),

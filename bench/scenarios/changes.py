@@ -66,6 +66,16 @@ def run(ctx: Context, workload: Workload, baselines: bool = True, name: str = "c
             result["source"]["events_per_s"],
             result["source"]["peak_rss_mb"],
         )
+        for what in ("recvlogical", "source"):
+            if what in result:
+                cpu = result[what]["cpu"]
+                log.info(
+                    "%s: while %s read the WAL: machine %.2f busy cores; CPU us per event %s",
+                    tag,
+                    what,
+                    cpu["machine_busy_cores"],
+                    ", ".join(f"{k} {v:.1f}" for k, v in cpu["cpu_us_per_event"].items()),
+                )
 
         if baselines:
             lr_dsn = scratch.target_db(f"{tag}_lr")

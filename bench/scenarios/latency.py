@@ -11,7 +11,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import psycopg2
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from psycopg2 import sql
 
 from bench.config import scenario_tag
@@ -192,7 +194,59 @@ def _probes(
         "probes_arrived": len(latencies),
         "latency_ms": summarize(latencies),
         "samples": [[round(t, 3), round(ms, 2)] for t, ms in samples],
+        "_probes": probes,
     }
+
+
+def stages(bootstrap: str, topic: str, probes: Probes) -> dict[str, Any]:
+    """Each probe's latency split where its event entered Kafka (the message's timestamp, which
+    cdc-source's producer sets when it hands the event over): commit -> Kafka is cdc-source's part
+    (wal2json decoding at commit included), Kafka -> target is the broker's and cdc-sink's."""
+    entered = probe_timestamps(bootstrap, topic)
+    source, sink = [], []
+    for probe_id, committed in probes.committed.items():
+        if probe_id in entered and probe_id in probes.arrived:
+            source.append((entered[probe_id] - committed) * 1000.0)
+            sink.append((probes.arrived[probe_id] - entered[probe_id]) * 1000.0)
+    if not source:
+        return {}
+    return {"commit_to_kafka": summarize(source), "kafka_to_target": summarize(sink)}
+
+
+def probe_timestamps(bootstrap: str, topic: str) -> dict[int, float]:
+    """The timestamp (seconds) of each probe's insert event in the topic, by probe id."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "cdc-bench-stages",
+            "enable.auto.commit": False,
+            "log_level": 3,
+        }
+    )
+    found: dict[int, float] = {}
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.topics[topic].partitions]
+        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in partitions}
+        consumer.assign(partitions)
+        done: set[int] = {p for p, end in ends.items() if end == 0}
+        deadline = time.monotonic() + 60
+        while len(done) < len(ends) and time.monotonic() < deadline:
+            for message in consumer.consume(10_000, 1.0):
+                if message.error() is not None:
+                    continue
+                partition, offset = message.partition() or 0, message.offset() or 0
+                if offset + 1 >= ends[partition]:
+                    done.add(partition)
+                key, value = message.key(), message.value()
+                if key is None or value is None:
+                    continue
+                event = orjson.loads(value)
+                if event.get("op") == "c":
+                    found[int(orjson.loads(key)["id"])] = message.timestamp()[1] / 1000.0
+    finally:
+        consumer.close()
+    return found
 
 
 def _log_latency(tag: str, system: str, result: dict[str, Any]) -> None:
@@ -262,6 +316,9 @@ def pipeline(ctx: Context, seconds: float) -> dict[str, Any]:
         result = {"tag": tag, **_probe(ctx, tag, source_dsn, target_dsn, seconds, (source, sink), procs)}
         result["source"], result["sink"] = source.resources(), sink.resources()
         _log_latency(tag, "cdc-source and cdc-sink", result)
+        result["stages_ms"] = stages(ctx.bootstrap, probe_topic, result.pop("_probes"))
+        for stage, figures in result["stages_ms"].items():
+            log.info("%s: %s p50 %.1f ms, p99 %.1f ms", tag, stage, figures["p50"], figures["p99"])
         return result
     finally:
         for proc in reversed(procs):
@@ -304,6 +361,7 @@ def native_lr(ctx: Context, seconds: float) -> dict[str, Any]:
             execute(conn, "INSERT INTO public.probe (id) VALUES (0)")
         _wait_for(lambda: _target_has(target_dsn, 0), 120, "a first probe row to reach the subscriber", ())
         result = {"tag": tag, **_probe(ctx, tag, source_dsn, target_dsn, seconds, (), procs)}
+        result.pop("_probes")
         _log_latency(tag, "native logical replication", result)
         return result
     finally:
