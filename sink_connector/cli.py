@@ -71,7 +71,7 @@ SINK_OPTIONS = [
         "--batch-wait-ms",
         "SINK_BATCH_WAIT_MS",
         20,
-        "How long to wait for a batch to fill.",
+        "How long to wait for a batch to fill once its first message is there.",
         click.IntRange(min=0),
     ),
     option(

@@ -29,6 +29,9 @@ def batch_count(messages: Sequence[Payload], most: int, budget: int) -> int:
     return max(1, min(most, int(budget // max(size, 1.0))))
 
 
+IDLE_WAIT = 0.1  # seconds an idle sink waits for a message before it looks after other things
+
+
 @dataclass
 class KafkaLog:
     """A consumer of the change topics whose partitions start from the target's stored offsets."""
@@ -108,10 +111,16 @@ class KafkaLog:
             log.info("revoked %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions))
 
     def consume(self, count: int, wait: float) -> list[Message]:
-        messages: list[Message] = self.consumer.consume(count, wait)
-        if messages:
-            self.down_since = None
-        return messages
+        """Up to `count` messages: the first as soon as there is one (None for IDLE_WAIT seconds
+        gives an empty list), then as many more as come within `wait` seconds of it."""
+        first: list[Message] = self.consumer.consume(1, IDLE_WAIT)
+        if not first:
+            return first
+        self.down_since = None
+        if count == 1:
+            return first
+        more: list[Message] = self.consumer.consume(count - 1, wait)
+        return first + more if more else first
 
     def usable(self, messages: list[Message]) -> list[Message]:
         """The messages without errors (the errors are logged, or stop the sink when fatal)."""

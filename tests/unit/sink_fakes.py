@@ -329,13 +329,23 @@ class ErrorMessage(FakeMessage):
 
 @dataclass
 class FakeConsumer:
-    """confluent_kafka.Consumer as KafkaLog uses it: hands out the batches in turn, then nothing."""
+    """confluent_kafka.Consumer as KafkaLog uses it: hands out the batches in turn, then nothing
+    (KafkaLog.consume asks for one message, then for the rest: a batch's first message, then the
+    others of that batch)."""
 
     batches: list[list[FakeMessage]]
     ends: dict[TopicPartition, int] = field(default_factory=dict)
+    rest: list[FakeMessage] | None = None  # the batch whose first message was handed out
 
     def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
-        return self.batches.pop(0) if self.batches else []
+        if self.rest is not None:
+            rest, self.rest = self.rest, None
+            return rest
+        batch = self.batches.pop(0) if self.batches else []
+        if num_messages == 1 and batch:
+            self.rest = batch[1:]
+            return batch[:1]
+        return batch
 
     def get_watermark_offsets(self, partition: Any, cached: bool = False) -> tuple[int, int]:
         return 0, self.ends.get((partition.topic, partition.partition), 0)

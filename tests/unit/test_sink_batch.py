@@ -11,7 +11,7 @@ from pg_kafka_cdc.common.tables import TableName
 from sink_connector.batch import BatchProcessor
 from sink_connector.changes import PARKED, decode_batch
 from sink_connector.commit import BatchCommit, fence_warning
-from sink_connector.consumer import EndOffsets
+from sink_connector.consumer import IDLE_WAIT, EndOffsets, KafkaLog
 from sink_connector.handover import CopySnapshot
 from sink_connector.metrics import SinkStats
 from sink_connector.overlap import OverlappedBatches
@@ -497,3 +497,24 @@ def test_offsets_stored_behind_what_this_member_committed_are_named_commits_the_
     assert moved == "another sink moved the offsets of t[0]: re-reading from the stored offsets"
     # a partition this member has applied nothing of yet is not a lost commit
     assert fence_warning({("t", 0): 3}, {}).startswith("another sink moved the offsets of t[0]")
+
+
+def test_a_batch_waits_for_its_first_message_then_fills_for_the_batch_wait() -> None:
+    asked: list[tuple[int, float]] = []
+
+    class Recording:
+        def __init__(self, handed: list[list[str]]) -> None:
+            self.handed = handed
+
+        def consume(self, num_messages: int, timeout: float) -> list[str]:
+            asked.append((num_messages, timeout))
+            return self.handed.pop(0) if self.handed else []
+
+    kafka = KafkaLog(Settings("", "", "", PREFIX, ()), "g", None, lambda partitions: {}, SinkStats())
+    kafka.consumer = Recording([["m1"], ["m2", "m3"]])
+    handed: list[object] = list(kafka.consume(100, 0.02))
+    assert handed == ["m1", "m2", "m3"]
+    assert asked == [(1, IDLE_WAIT), (99, 0.02)]
+    asked.clear()
+    assert kafka.consume(100, 0.02) == []  # idle: one wait of IDLE_WAIT, no fill
+    assert asked == [(1, IDLE_WAIT)]
