@@ -106,10 +106,11 @@ def _probe(
     seconds: float,
     watched: tuple[Proc, ...],
     procs: list[Proc],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Probes]:
     """cdc-writer at the plan's rate on the source for `seconds`, a probe row every probe interval,
-    the target polled for their arrival: the latency figures and samples. `watched`: the programs
-    that must keep running (the last one's log tail is given when no probe arrives)."""
+    the target polled for their arrival: the latency figures and samples, and the probes' times.
+    `watched`: the programs that must keep running (the last one's log tail is given when no probe
+    arrives)."""
     plan = ctx.plan
     writer = Proc(
         f"cdc-writer-{tag}",
@@ -146,7 +147,7 @@ def _probes(
     writer: Proc,
     stop_probes: threading.Event,
     stop_poll: threading.Event,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Probes]:
     plan = ctx.plan
     time.sleep(2.0)  # the writer connects and reaches its rate
     probes = Probes()
@@ -194,8 +195,7 @@ def _probes(
         "probes_arrived": len(latencies),
         "latency_ms": summarize(latencies),
         "samples": [[round(t, 3), round(ms, 2)] for t, ms in samples],
-        "_probes": probes,
-    }
+    }, probes
 
 
 def stages(bootstrap: str, topic: str, probes: Probes) -> dict[str, Any]:
@@ -313,10 +313,11 @@ def pipeline(ctx: Context, seconds: float) -> dict[str, Any]:
         _wait_for(lambda: _target_has(target_dsn, 0), 180, "a first probe row to reach the target", (source, sink))
         log.info("%s: pipeline up; writer at %g/s, probing for %.0f s", tag, plan.writer_rate, seconds)
 
-        result = {"tag": tag, **_probe(ctx, tag, source_dsn, target_dsn, seconds, (source, sink), procs)}
+        figures, probes = _probe(ctx, tag, source_dsn, target_dsn, seconds, (source, sink), procs)
+        result = {"tag": tag, **figures}
         result["source"], result["sink"] = source.resources(), sink.resources()
         _log_latency(tag, "cdc-source and cdc-sink", result)
-        result["stages_ms"] = stages(ctx.bootstrap, probe_topic, result.pop("_probes"))
+        result["stages_ms"] = stages(ctx.bootstrap, probe_topic, probes)
         for stage, figures in result["stages_ms"].items():
             log.info("%s: %s p50 %.1f ms, p99 %.1f ms", tag, stage, figures["p50"], figures["p99"])
         return result
@@ -360,8 +361,8 @@ def native_lr(ctx: Context, seconds: float) -> dict[str, Any]:
         with contextlib.closing(connect(source_dsn)) as conn:
             execute(conn, "INSERT INTO public.probe (id) VALUES (0)")
         _wait_for(lambda: _target_has(target_dsn, 0), 120, "a first probe row to reach the subscriber", ())
-        result = {"tag": tag, **_probe(ctx, tag, source_dsn, target_dsn, seconds, (), procs)}
-        result.pop("_probes")
+        figures, _ = _probe(ctx, tag, source_dsn, target_dsn, seconds, (), procs)
+        result = {"tag": tag, **figures}
         _log_latency(tag, "native logical replication", result)
         return result
     finally:
