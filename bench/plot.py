@@ -1,12 +1,17 @@
 """bench/results/latency.png: end-to-end latency of each probe over time, and its histogram."""
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+from matplotlib.patches import Rectangle
+
+from bench import report
+from bench.config import RESULTS_DIR
 
 
 def latency_png(samples: list[list[float]], p50: float, p99: float, title: str, path: Path) -> Path:
@@ -33,3 +38,50 @@ def latency_png(samples: list[list[float]], p50: float, p99: float, title: str, 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# A bar: the system's label, its events/s, and what measured it (bars of one measurement share a colour).
+Bar = tuple[str, float, str]
+
+
+def throughput_png(panels: list[tuple[str, list[Bar]]], title: str, path: Path) -> Path:
+    """One horizontal bar chart per panel (reading the WAL, applying to the target), events/s per system."""
+    kinds = sorted({kind for _, bars in panels for _, _, kind in bars})
+    colours = {kind: f"C{i}" for i, kind in enumerate(kinds)}
+    heights = [max(1, len(bars)) for _, bars in panels]
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(10, 1.2 + 0.5 * sum(heights)),
+        constrained_layout=True,
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+    )
+    for ax, (name, bars) in zip(axes[:, 0], panels, strict=True):
+        labels = [b[0] for b in bars][::-1]
+        values = [b[1] for b in bars][::-1]
+        positions = list(range(len(bars)))  # by position: one system can have a bar in two measurements
+        ax.barh(positions, values, color=[colours[b[2]] for b in bars][::-1])
+        ax.set_yticks(positions, labels)
+        for y, value in enumerate(values):
+            ax.annotate(f" {value:,.0f}", (value, y), va="center", fontsize=8)
+        ax.set_title(name, fontsize=10, loc="left")
+        ax.set_xlabel("events/s")
+        ax.set_xlim(0, max(values, default=1) * 1.18)
+        ax.grid(True, axis="x", alpha=0.3)
+    handles = [Rectangle((0, 0), 1, 1, color=colours[k]) for k in kinds]
+    fig.legend(handles, kinds, loc="outside lower center", ncols=max(1, len(kinds)), fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def throughput_of(results: dict[str, Any]) -> Path | None:
+    """bench/results/throughput.png of these results (None when they measured no events/s)."""
+    panels = report.throughput_panels(results)
+    if not panels:
+        return None
+    title = f"events/s per system, {results['mode']} run of {results['date'][:10]}, commit {results['commit']}"
+    return throughput_png(panels, title, RESULTS_DIR / "throughput.png")

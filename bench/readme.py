@@ -5,7 +5,7 @@ exist or has no markers (README.md is never created)."""
 import sys
 from typing import Any
 
-from bench import report
+from bench import plot, report
 from bench.config import REPO
 
 START = "<!-- bench:start -->"
@@ -46,6 +46,8 @@ def section(results: dict[str, Any]) -> str:
         ]
     if results.get("latency_plot"):
         lines += ["", f"![end-to-end latency over time and its histogram]({results['latency_plot']})"]
+    if report.throughput_panels(results):
+        lines += ["", "![events/s of every system measured in the run](bench/results/throughput.png)"]
     lines += [
         "",
         f"Baselines are measured in the same run on the same machine ({m['cores_logical']} cores); "
@@ -69,6 +71,7 @@ def main() -> int:
     except FileNotFoundError:
         print("no results yet: run `python -m bench.run --quick` first", file=sys.stderr)
         return 1
+    plot.throughput_of(results)  # drawn from the figures, so results of older runs get it too
     body = section(results)
     if README.exists():
         updated = replace_between_markers(README.read_text(encoding="utf-8"), body)

@@ -348,28 +348,77 @@ def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def _ratio_text(value: float | None, baseline: float | None) -> str:
+    r = ratio(value, baseline)
+    return "-" if r is None else f"{r:.3f}"
+
+
 def growth_table(results: dict[str, Any]) -> list[str]:
+    """One row per cell, each with its own baselines (cells of runs before they were measured show -)."""
     growth = results.get("growth")
     if not growth:
         return []
     lines = [
-        "| transaction size | row size | changes | avg row (B) | cdc-source events/s | cdc-sink events/s "
-        "| peak RSS source / sink (MB) |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| transaction size | row size | changes | avg row (B) | cdc-source events/s | pg_recvlogical events/s "
+        "| ratio | cdc-sink events/s | native LR rows/s | ratio | peak RSS source / sink (MB) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for cell in growth:
         if "error" in cell:
             lines.append(
                 f"| {cell['tx_size']:,} | {cell['row_size']} | {cell['changes']:,} | "
-                f"failed: {cell['error'][:80]} | | | |"
+                f"failed: {cell['error'][:80]} | | | | | | | |"
             )
             continue
+        recv, lr = cell.get("recvlogical_events_per_s"), cell.get("native_lr_rows_per_s")
         lines.append(
             f"| {cell['tx_size']:,} | {cell['row_size']} | {cell['changes']:,} | {cell['avg_row_bytes']:,.0f} | "
-            f"{_num(cell['source_events_per_s'])} | {_num(cell['sink_events_per_s'])} | "
+            f"{_num(cell['source_events_per_s'])} | {_num(recv) if recv else '-'} | "
+            f"{_ratio_text(cell['source_events_per_s'], recv)} | "
+            f"{_num(cell['sink_events_per_s'])} | {_num(lr) if lr else '-'} | "
+            f"{_ratio_text(cell['sink_events_per_s'], lr)} | "
             f"{_mb(cell.get('source_peak_rss_mb'))} / {_mb(cell.get('sink_peak_rss_mb'))} |"
         )
     return lines
+
+
+CHANGES_KIND = "scenarios 1-2: process start to the end of the WAL or topic"
+DEBEZIUM_KIND = "scenario 7: first to last event"
+
+
+def throughput_panels(results: dict[str, Any]) -> list[tuple[str, list[tuple[str, float, str]]]]:
+    """The bars of bench/results/throughput.png: events/s of every system of the run, readers of the WAL
+    apart from appliers to the target; a system the run did not measure has no bar."""
+    systems = dig(results, "debezium", "systems") or {}
+
+    def bars(entries: list[tuple[str, Any, str]]) -> list[tuple[str, float, str]]:
+        return [(label, float(value), kind) for label, value, kind in entries if value]
+
+    reading = bars(
+        [
+            ("pg_recvlogical (to /dev/null)", results.get("recvlogical_events_per_s"), CHANGES_KIND),
+            ("cdc-source", results.get("source_events_per_s"), CHANGES_KIND),
+            ("cdc-source", dig(systems, "cdc_source", "events_per_s"), DEBEZIUM_KIND),
+            *(
+                (label, dig(systems, key, "events_per_s"), DEBEZIUM_KIND)
+                for key, label in DEBEZIUM_SYSTEMS
+                if key.startswith("debezium_source")
+            ),
+        ]
+    )
+    applying = bars(
+        [
+            ("native logical replication", results.get("native_lr_rows_per_s"), CHANGES_KIND),
+            ("cdc-sink", results.get("sink_events_per_s"), CHANGES_KIND),
+            ("cdc-sink", dig(systems, "cdc_sink", "events_per_s"), DEBEZIUM_KIND),
+            ("Debezium JDBC sink", dig(systems, "debezium_jdbc_sink", "events_per_s"), DEBEZIUM_KIND),
+        ]
+    )
+    return [
+        (name, panel)
+        for name, panel in (("reading the WAL (into Kafka)", reading), ("applying to the target", applying))
+        if panel
+    ]
 
 
 def machine_line(results: dict[str, Any]) -> str:
@@ -611,7 +660,10 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", "## Source transactions applied whole (scenario 8)", "", *transactions_table(results)]
     if results.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()]
-    lines += ["", "Latency over time and its histogram: bench/results/latency.png", ""]
+    lines += ["", "Latency over time and its histogram: bench/results/latency.png"]
+    if results.get("throughput_plot"):
+        lines += [f"Events/s per system: {results['throughput_plot']}"]
+    lines += [""]
     return "\n".join(lines)
 
 

@@ -41,7 +41,7 @@ from bench.context import Context
 from bench.kafka import admin
 from bench.machine import describe
 from bench.pg import connect
-from bench.plot import latency_png
+from bench.plot import latency_png, throughput_of
 from bench.scenarios import changes, growth, latency, snapshot, transactions
 
 log = logging.getLogger("bench")
@@ -164,6 +164,9 @@ def execute(plan: Plan, endpoints: Endpoints) -> dict[str, Any]:
             RESULTS_DIR / "latency.png",
         )
         results["latency_plot"] = str(path.relative_to(RESULTS_DIR.parent.parent))
+    drawn = throughput_of(results)
+    if drawn:
+        results["throughput_plot"] = str(drawn.relative_to(RESULTS_DIR.parent.parent))
     return results
 
 
