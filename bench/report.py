@@ -305,6 +305,8 @@ def main_table(results: dict[str, Any]) -> list[str]:
             for label, part in (
                 ("source commit to Kafka (cdc-source)", stages.get("commit_to_kafka")),
                 ("Kafka to target (broker, cdc-sink)", stages.get("kafka_to_target")),
+                ("Kafka to readable by a plain consumer (linger, broker, fetch)", stages.get("kafka_to_readable")),
+                ("readable to target (cdc-sink, the target poll)", stages.get("readable_to_target")),
             )
             if part
         ),

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 import psycopg2
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 from psycopg2 import sql
 
 from bench.config import scenario_tag
@@ -38,6 +38,7 @@ class Probes:
 
     committed: dict[int, float] = field(default_factory=dict)
     arrived: dict[int, float] = field(default_factory=dict)
+    received: dict[int, float] = field(default_factory=dict)  # by a plain consumer of the probe topic
     lock: threading.Lock = field(default_factory=threading.Lock)
     errors: list[str] = field(default_factory=list)
 
@@ -78,6 +79,39 @@ def _arrival_poller(dsn: str, probes: Probes, first_id: int, interval: float, st
         probes.errors.append(f"arrival poller: {exc}")
 
 
+def _topic_watcher(
+    bootstrap: str, topic: str, probes: Probes, ready: threading.Event, stop: threading.Event
+) -> None:
+    """A plain consumer of the probe topic beside cdc-sink (librdkafka's defaults): when each probe's
+    event could first be read from Kafka."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "cdc-bench-watch",
+            "enable.auto.commit": False,
+            "log_level": 3,
+        }
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in metadata.topics[topic].partitions])
+        ready.set()
+        while not stop.is_set():
+            message = consumer.poll(0.1)  # returns at the first message (consume(n) would wait for n)
+            now = time.time()
+            if message is None or message.error() is not None:
+                continue
+            key, value = message.key(), message.value()
+            if key is not None and value is not None and orjson.loads(value).get("op") == "c":
+                with probes.lock:
+                    probes.received.setdefault(int(orjson.loads(key)["id"]), now)
+    except Exception as exc:  # the figures of this split are left out, the rest stands
+        log.warning("topic watcher: %s (Kafka -> target is not split further)", exc)
+    finally:
+        ready.set()
+        consumer.close()
+
+
 def _wait_for(condition: Any, timeout: float, what: str, procs: tuple[Proc, ...]) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -106,11 +140,12 @@ def _probe(
     seconds: float,
     watched: tuple[Proc, ...],
     procs: list[Proc],
+    topic: str | None = None,
 ) -> tuple[dict[str, Any], Probes]:
     """cdc-writer at the plan's rate on the source for `seconds`, a probe row every probe interval,
     the target polled for their arrival: the latency figures and samples, and the probes' times.
     `watched`: the programs that must keep running (the last one's log tail is given when no probe
-    arrives)."""
+    arrives); `topic`: the probes' topic, watched by a plain consumer as well."""
     plan = ctx.plan
     writer = Proc(
         f"cdc-writer-{tag}",
@@ -132,7 +167,7 @@ def _probe(
     procs.append(writer)
     stop_probes, stop_poll = threading.Event(), threading.Event()
     try:
-        return _probes(ctx, source_dsn, target_dsn, seconds, watched, writer, stop_probes, stop_poll)
+        return _probes(ctx, source_dsn, target_dsn, seconds, watched, writer, stop_probes, stop_poll, topic)
     finally:
         stop_probes.set()
         stop_poll.set()
@@ -147,10 +182,17 @@ def _probes(
     writer: Proc,
     stop_probes: threading.Event,
     stop_poll: threading.Event,
+    topic: str | None,
 ) -> tuple[dict[str, Any], Probes]:
     plan = ctx.plan
     time.sleep(2.0)  # the writer connects and reaches its rate
     probes = Probes()
+    if topic is not None:
+        ready = threading.Event()
+        threading.Thread(
+            target=_topic_watcher, args=(ctx.bootstrap, topic, probes, ready, stop_poll), daemon=True
+        ).start()
+        ready.wait(30)
     threads = [
         threading.Thread(
             target=_arrival_poller, args=(target_dsn, probes, 1, plan.poll_interval, stop_poll), daemon=True
@@ -201,16 +243,25 @@ def _probes(
 def stages(bootstrap: str, topic: str, probes: Probes) -> dict[str, Any]:
     """Each probe's latency split where its event entered Kafka (the message's timestamp, which
     cdc-source's producer sets when it hands the event over): commit -> Kafka is cdc-source's part
-    (wal2json decoding at commit included), Kafka -> target is the broker's and cdc-sink's."""
+    (wal2json decoding at commit included), Kafka -> target is the broker's and cdc-sink's. That
+    part split again where a plain consumer beside cdc-sink read the event: Kafka -> readable
+    (the producer's linger, the broker, a fetch), readable -> target (cdc-sink's batch, its commit,
+    the poll of the target)."""
     entered = probe_timestamps(bootstrap, topic)
-    source, sink = [], []
+    parts: dict[str, list[float]] = {
+        "commit_to_kafka": [],
+        "kafka_to_target": [],
+        "kafka_to_readable": [],
+        "readable_to_target": [],
+    }
     for probe_id, committed in probes.committed.items():
         if probe_id in entered and probe_id in probes.arrived:
-            source.append((entered[probe_id] - committed) * 1000.0)
-            sink.append((probes.arrived[probe_id] - entered[probe_id]) * 1000.0)
-    if not source:
-        return {}
-    return {"commit_to_kafka": summarize(source), "kafka_to_target": summarize(sink)}
+            parts["commit_to_kafka"].append((entered[probe_id] - committed) * 1000.0)
+            parts["kafka_to_target"].append((probes.arrived[probe_id] - entered[probe_id]) * 1000.0)
+            if probe_id in probes.received:
+                parts["kafka_to_readable"].append((probes.received[probe_id] - entered[probe_id]) * 1000.0)
+                parts["readable_to_target"].append((probes.arrived[probe_id] - probes.received[probe_id]) * 1000.0)
+    return {name: summarize(values) for name, values in parts.items() if values}
 
 
 def probe_timestamps(bootstrap: str, topic: str) -> dict[int, float]:
@@ -313,7 +364,7 @@ def pipeline(ctx: Context, seconds: float) -> dict[str, Any]:
         _wait_for(lambda: _target_has(target_dsn, 0), 180, "a first probe row to reach the target", (source, sink))
         log.info("%s: pipeline up; writer at %g/s, probing for %.0f s", tag, plan.writer_rate, seconds)
 
-        figures, probes = _probe(ctx, tag, source_dsn, target_dsn, seconds, (source, sink), procs)
+        figures, probes = _probe(ctx, tag, source_dsn, target_dsn, seconds, (source, sink), procs, probe_topic)
         result = {"tag": tag, **figures}
         result["source"], result["sink"] = source.resources(), sink.resources()
         _log_latency(tag, "cdc-source and cdc-sink", result)
