@@ -5,6 +5,11 @@ never skipped.
 Stack, Databases and admin_client are re-exported here: tests import them from tests.conftest."""
 
 import pytest
+from hypothesis import settings
+
+# Property tests judge values, never time: no per-example deadline (a loaded CI machine is slow).
+settings.register_profile("cdc", deadline=None)
+settings.load_profile("cdc")
 
 # Before the imports below: the plugins' asserts are rewritten like those of the tests.
 pytest.register_assert_rewrite("tests.fixtures")
