@@ -34,6 +34,7 @@ from source_connector.incremental import Incremental, Request, emit
 from source_connector.losses import NanLosses
 from source_connector.metrics import collect
 from source_connector.oversized import PRODUCER_SIZE_SETTINGS
+from source_connector.published_shapes import PublishedShapes, is_shape_key
 from source_connector.publisher import Publisher, SizeLimits
 from source_connector.readback import ReadBack
 from source_connector.replay import Replay
@@ -45,7 +46,15 @@ from source_connector.slot_wait import reporting_waits
 from source_connector.slot_watch import SlotWatch
 from source_connector.snapshot import publish_snapshot
 from source_connector.start import Adopt, Create, Refuse, Restart, Resume, decide
-from source_connector.state import STATE_TOPIC_CONFIG, SourceState, clear_state, read_state, state_key, write_state
+from source_connector.state import (
+    STATE_TOPIC_CONFIG,
+    SourceState,
+    clear_state,
+    decode_state,
+    read_records,
+    state_key,
+    write_state,
+)
 from source_connector.stream import Stream
 from source_connector.table_info import TableInfo
 from source_connector.transactions import TransactionRecords
@@ -158,6 +167,9 @@ class SourceConnector:
         self.records: TransactionRecords | None = None
         self.created_slot = False
         self.snapshotted: set[TableName] = set()  # tables whose topics hold their snapshot (or all changes)
+        self.state_records: dict[bytes, bytes | None] = {}  # the state topic as read at start
+        self.resumed_at: int | None = None  # where streaming resumed an earlier run's slot
+        self.shapes: PublishedShapes | None = None
 
     def run(self) -> None:
         with serving(self.options.metrics_port, lambda: collect(self), self.health):
@@ -188,6 +200,7 @@ class SourceConnector:
             self.records = TransactionRecords(self.settings.topic_prefix, records_topic)
         builder = self.builder = self._builder(source, topics)
         state = self._start(source, builder, publisher, topics, topic)
+        self._published_shapes(source, state, topic)
         topics.ensure(source.infos)
         state, requests = self._added_tables(source, state)
         log.info(
@@ -285,8 +298,22 @@ class SourceConnector:
 
         return read
 
+    def _published_shapes(self, source: Source, state: SourceState, topic: str) -> None:
+        """The tables as their changes were published up to where streaming resumes: the stream is
+        compared with those, so a schema change made while cdc-source was stopped is published too."""
+        shapes = self.shapes = PublishedShapes(self.producer, topic, state)
+        shapes.load(self.state_records)
+        self.state_records = {}
+        for info in source.infos:
+            published = shapes.as_published(info, self.resumed_at)
+            if published is not info:
+                source.catalog.known(published)
+        shapes.flush()
+
     def _seen(self, info: TableInfo) -> None:
         """A table first met in the stream was created while streaming: the stream holds all its rows."""
+        if self.shapes is not None and info.name not in self.shapes.histories:
+            self.shapes.record(info, 0)
         if info.name not in self.snapshotted and self.incremental is not None:
             if any(r.table == info.name for r in self.incremental.queue):
                 return
@@ -327,11 +354,16 @@ class SourceConnector:
             partition_truncated,
             lambda table, xid: readback.catalog(lambda conn: table_now(conn, table), xid, table),
             source.catalog.remember,
-            lambda old, new, change: self._schema_changed(source, old, new, change),
+            lambda old, new, change, lsn: self._schema_changed(source, old, new, change, lsn),
         )
 
-    def _schema_changed(self, source: Source, old: TableInfo, new: TableInfo, change: SchemaChange) -> None:
-        """A schema-change event was built: say what changed; a rewritten table is snapshotted again."""
+    def _schema_changed(
+        self, source: Source, old: TableInfo, new: TableInfo, change: SchemaChange, lsn: int | None
+    ) -> None:
+        """A schema-change event was built (in the transaction committed at `lsn`): keep the new shape,
+        say what changed; a rewritten table is snapshotted again."""
+        if self.shapes is not None and lsn is not None:
+            self.shapes.record(new, lsn)
         parts = [f"renamed {r['from']} -> {r['to']}" for r in change["renamed"]]
         parts += [f"retyped {r['name']} {r['from']} -> {r['to']}" for r in change["retyped"]]
         parts += [f"dropped {n}" for n in change["dropped"]]
@@ -370,13 +402,15 @@ class SourceConnector:
     ) -> SourceState:
         """Carry out the start decision: resume, adopt, or create the slot (and snapshot)."""
         name, server = self.options.slot, source.server
-        state = read_state(self.settings, topic, state_key(server.system_id, server.database, name))
+        self.state_records = read_records(self.settings, topic)
+        state = decode_state(self.state_records.get(state_key(server.system_id, server.database, name)))
         decision = decide(name, get_slot(source.session.conn, name), state, server.database, server.system_id)
         if isinstance(decision, Refuse):
             raise SourceError(decision.reason)
         if isinstance(decision, Resume | Adopt):
             builder.stream = stream_id(server.system_id, name, decision.state.snapshot_lsn)
         if isinstance(decision, Resume):
+            self.resumed_at = decision.at
             log.info("resuming slot %s from %s", name, int_to_lsn(decision.at), extra={"slot": name})
             return decision.state
         if isinstance(decision, Adopt):
@@ -501,7 +535,15 @@ def drop(settings: Settings, options: SourceOptions, stop: StopFlag) -> bool:
         topic = state_topic(settings.topic_prefix)
         if topic in admin.list_topics(timeout=10).topics:
             producer = Producer(settings.kafka_config(**{"client.id": "cdc-source", "logger": KAFKA_CLIENT_LOG}))
-            clear_state(producer, topic, state_key(server.system_id, server.database, options.slot))
+            key = state_key(server.system_id, server.database, options.slot)
+            records = read_records(settings, topic)
+            state = decode_state(records.get(key))
+            shapes = (
+                []
+                if state is None
+                else [k for k, v in records.items() if v is not None and is_shape_key(k, state)]
+            )
+            clear_state(producer, topic, key, shapes)
     finally:
         conn.close()
     return dropped

@@ -56,9 +56,10 @@ SkippedTruncate = Callable[[TableInfo, TableName], None]
 # (table, key values, columns) -> those columns' current values in the table, or None (row gone)
 Refetch = Callable[[TableInfo, dict[str, Any], list[str], int | None], dict[str, Any] | None]
 # The catalog's facts of a table now, by attnum (None: gone); the new shape after a schema change is
-# remembered with `remember`; `on_schema_change` is told (old, new, change) once its event is built.
+# remembered with `remember`; `on_schema_change` is told (old, new, change, the commit LSN of its
+# transaction) once its event is built.
 ReadNow = Callable[[TableName, int | None], TableNow | None]  # (table, the change's xid)
-SchemaChanged = Callable[[TableInfo, TableInfo, SchemaChange], None]
+SchemaChanged = Callable[[TableInfo, TableInfo, SchemaChange, int | None], None]
 
 
 class TxContext:
@@ -154,7 +155,7 @@ class EventBuilder:
         on_partition_truncate: SkippedTruncate = lambda info, partition: None,
         table_now: ReadNow = lambda table, xid: None,
         remember: Callable[[TableInfo], None] = lambda info: None,
-        on_schema_change: SchemaChanged = lambda old, new, change: None,
+        on_schema_change: SchemaChanged = lambda old, new, change, lsn: None,
     ) -> None:
         self.prefix = prefix
         self.database = database
@@ -345,7 +346,7 @@ class EventBuilder:
         count = self.partitions(new.topic)
         value = self._value(new, "s", None, None, tx, lsn, new.columns_json, partitions=count, change=change)
         tx.seq -= 1
-        self.on_schema_change(info, new, change)
+        self.on_schema_change(info, new, change, tx.commit_lsn)
         return new, [(new.topic, None, value, p, None) for p in range(count)]
 
     def _catalog_now(self, table: TableName, tx: TxContext) -> TableNow | None:

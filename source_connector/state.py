@@ -3,6 +3,7 @@ initial snapshot finished, and how far PostgreSQL may have been told it is confi
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -47,8 +48,8 @@ def decode_state(value: bytes | None) -> SourceState | None:
     return SourceState(**orjson.loads(value))
 
 
-def read_state(settings: Settings, topic: str, key: bytes, timeout: float = 30) -> SourceState | None:
-    """The latest record for `key` (None when there is none or it was cleared)."""
+def read_records(settings: Settings, topic: str, timeout: float = 30) -> dict[bytes, bytes | None]:
+    """The latest value of every key of the topic (None: cleared)."""
     consumer = Consumer(
         settings.kafka_config(
             **{
@@ -62,7 +63,7 @@ def read_state(settings: Settings, topic: str, key: bytes, timeout: float = 30) 
     try:
         metadata = consumer.list_topics(topic, timeout=10)
         partitions = list(metadata.topics[topic].partitions) if topic in metadata.topics else []
-        latest: SourceState | None = None
+        latest: dict[bytes, bytes | None] = {}
         for p in partitions:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
             if high <= low:
@@ -75,8 +76,9 @@ def read_state(settings: Settings, topic: str, key: bytes, timeout: float = 30) 
                     if msg.error():
                         continue
                     position = (msg.offset() or 0) + 1
-                    if msg.key() == key:
-                        latest = decode_state(msg.value())
+                    key = msg.key()
+                    if key is not None:
+                        latest[key] = msg.value()
             consumer.unassign()
         return latest
     finally:
@@ -90,7 +92,9 @@ def write_state(producer: Any, topic: str, state: SourceState, timeout: float = 
         raise SourceError(f"Kafka did not acknowledge the connector's state record within {timeout:.0f} s")
 
 
-def clear_state(producer: Any, topic: str, key: bytes) -> None:
-    """A tombstone: the next start begins from nothing (new slot, new snapshot)."""
-    producer.produce(topic, None, key)
+def clear_state(producer: Any, topic: str, key: bytes, others: Sequence[bytes] = ()) -> None:
+    """A tombstone: the next start begins from nothing (new slot, new snapshot); `others`: the keys of
+    the slot's other records, cleared too."""
+    for k in [*others, key]:
+        producer.produce(topic, None, k)
     producer.flush(30)

@@ -183,7 +183,8 @@ def state_records(bootstrap_servers: str, prefix: str, slot: str) -> list[dict[s
     """The connector's state records for `slot`, oldest first (None for a tombstone)."""
     found: list[dict[str, Any] | None] = []
     for r in read_topics(bootstrap_servers, [state_topic(prefix)], quiet=1.0):
-        if r.key is not None and json.loads(r.key)[2] == slot:
+        key = None if r.key is None else json.loads(r.key)
+        if key is not None and len(key) == 3 and key[2] == slot:  # not the tables' shape records
             found.append(None if r.value is None else json.loads(r.value))
     return found
 

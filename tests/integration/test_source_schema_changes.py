@@ -9,7 +9,7 @@ from typing import Any
 
 from tests.conftest import Databases
 from tests.helpers import psql_rows
-from tests.pipeline import BIG_TEXT, execute, start_source
+from tests.pipeline import BIG_TEXT, assert_same_rows, execute, run_sink, start_source
 from tests.source_events import Event, EventReader, describe, new_slot, on, topic_of
 
 ITEM_COLUMNS = {"id": "integer", "label": "text", "qty": "integer", "note": "text"}
@@ -247,4 +247,51 @@ def test_quick_alters_are_each_published(dbs: Databases, topic_prefix: str, read
     assert second.env["schema_change"]["renamed"] == [{"from": "title", "to": "name"}]
     assert second.env["schema_change"]["retyped"] == [{"name": "qty", "from": "integer", "to": "bigint"}]
     assert c2.env["columns"] == {"id": "integer", "name": "text", "qty": "bigint"}
+    reader.assert_valid()
+
+
+def test_a_ddl_made_while_cdc_source_is_stopped_is_published_with_the_next_change(
+    dbs: Databases, topic_prefix: str, reader: EventReader
+) -> None:
+    """No change of the table older than the ALTERs is left in the slot: the restarted source still
+    compares the stream with the shape it published (kept in its state topic), not with the catalog,
+    and the sink applied before and after ends equal to the source."""
+    execute(dbs.source_dsn, "CREATE TABLE item (id int PRIMARY KEY, label text NOT NULL, qty int, note text)")
+    slot, group = new_slot(), f"g_{new_slot()}"
+    items = topic_of(topic_prefix, "item")
+    process = start_source(dbs, topic_prefix, slot, streaming=True)
+    execute(dbs.source_dsn, "INSERT INTO item SELECT i, 'item ' || i, i, 'n' FROM generate_series(1, 3) i")
+    reader.wait_then_stop([items], lambda ev: len([e for e in ev if e.op in ("c", "r")]) >= 3, "3 rows", process)
+    first = run_sink(dbs, topic_prefix, slot, group, "--once", "--schema-changes", "drop")
+    assert first.returncode == 0, first.stderr
+    assert_same_rows(dbs, ["public.item"])
+
+    execute(
+        dbs.source_dsn,
+        "ALTER TABLE item RENAME COLUMN label TO title",
+        "ALTER TABLE item DROP COLUMN note",
+        "ALTER TABLE item ADD COLUMN score int NOT NULL DEFAULT 5",
+        "INSERT INTO item VALUES (4, 'four', 4, 9)",
+        "UPDATE item SET qty = 11 WHERE id = 1",
+        separately=True,
+    )
+    process = start_source(dbs, topic_prefix, slot, streaming=True)
+    events = reader.wait_then_stop(
+        [items], lambda ev: any(e.op == "u" for e in ev), "the insert and update after the ALTERs", process
+    )
+    stderr = process.stderr_text()
+    assert "public.item changed since cdc-source last published it" in stderr, stderr
+    [schema_event] = [e for e in events if e.op == "s"]
+    assert schema_event.env["schema_change"] == no_change(
+        renamed=[{"from": "label", "to": "title"}],
+        dropped=["note"],
+        added=[{"name": "score", "type": "integer", "not_null": True, "default": "5", "missing": "5"}],
+    )
+    assert schema_event.env["columns"] == {"id": "integer", "title": "text", "qty": "integer", "score": "integer"}
+    inserted = next(e for e in events if e.op == "c" and e.after and e.after["id"] == 4)
+    assert position(schema_event) < position(inserted)
+
+    second = run_sink(dbs, topic_prefix, slot, group, "--once", "--schema-changes", "drop")
+    assert second.returncode == 0, second.stderr
+    assert_same_rows(dbs, ["public.item"])
     reader.assert_valid()

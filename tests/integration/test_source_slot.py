@@ -8,12 +8,14 @@ import psycopg2
 from psycopg2 import sql
 
 from pg_kafka_cdc.common.lsn import lsn_to_int
+from schemas.topics import state_topic
 from tests.conftest import Databases, Stack
 from tests.helpers import psql_rows, run_cli, stop_process, wait_until
 from tests.pipeline import (
     error_line,
     execute,
     partition_ends,
+    read_all,
     source_args,
     start_source,
     start_writer,
@@ -235,6 +237,10 @@ def test_drop_slot_then_new_snapshot(stack: Stack, dbs: Databases, topic_prefix:
     assert state_records(stack.bootstrap_servers, topic_prefix, slot)[-1] is None, (
         "the state record is cleared by a tombstone"
     )
+    shape_records = [
+        r for r in read_all(stack.bootstrap_servers, state_topic(topic_prefix)) if b'"shape"' in (r.key() or b"")
+    ]
+    assert [r.value() is None for r in shape_records] == [False, True], "item's shape record, then its tombstone"
 
     process = start_source(dbs, topic_prefix, slot, streaming=True)
     events = reader.wait_then_stop([items], count(items, 7), "the new snapshot", process)

@@ -72,7 +72,7 @@ class FakeTables:
     def remember(self, info: TableInfo) -> None:
         self.infos[(info.name.schema, info.name.name)] = info
 
-    def changed(self, old: TableInfo, new: TableInfo, change: SchemaChange) -> None:
+    def changed(self, old: TableInfo, new: TableInfo, change: SchemaChange, lsn: int | None) -> None:
         self.changes.append((old, new, change))
 
     def __call__(self, schema: str, name: str, refresh: bool) -> TableInfo | None:
