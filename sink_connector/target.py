@@ -13,6 +13,7 @@ from pg_kafka_cdc.common.catalog import (
     ColumnFill,
     TableDef,
     column_fills,
+    column_storage,
     read_table,
 )
 from pg_kafka_cdc.common.errors import SinkError
@@ -152,6 +153,14 @@ def create_from_source(source_conn: Any, conn: Any, definition: TableDef) -> Tar
                 sql.SQL(", ").join(map(sql.Identifier, definition.key)),
             )
         )
+        # the source's storage of each column that has another than its type's (large values kept
+        # inline and uncompressed, say), so that the target stores its rows as the source does
+        for name, storage in column_storage(source_conn, table).items():
+            cur.execute(
+                sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STORAGE {}").format(
+                    sql.Identifier(table.schema, table.name), sql.Identifier(name), sql.SQL(storage)
+                )
+            )
     log.info("created target table %s from the source catalog", table, extra={"table": str(table)})
     created = load(conn, table)
     assert created is not None

@@ -323,6 +323,27 @@ def column_fills(conn: Any, table: TableName, names: Iterable[str] | None = None
     }
 
 
+STORAGE = {"p": "PLAIN", "e": "EXTERNAL", "m": "MAIN", "x": "EXTENDED"}
+_STORAGE = """
+SELECT a.attname, a.attstorage
+FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_type t ON t.oid = a.atttypid
+WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped AND a.attstorage <> t.typstorage
+ORDER BY a.attnum
+"""
+
+
+def column_storage(conn: Any, table: TableName) -> dict[str, str]:
+    """The columns whose storage (ALTER COLUMN ... SET STORAGE) is not their type's default, and the
+    storage they have: PLAIN, EXTERNAL, MAIN or EXTENDED."""
+    with conn.cursor() as cur:
+        cur.execute(_STORAGE, (table.schema, table.name))
+        rows = cur.fetchall()
+    return {name: STORAGE[storage] for name, storage in rows if storage in STORAGE}
+
+
 def enum_labels(conn: Any, type_oid: int) -> list[str]:
     with conn.cursor() as cur:
         cur.execute("SELECT enumlabel FROM pg_enum WHERE enumtypid = %s ORDER BY enumsortorder", (type_oid,))

@@ -274,3 +274,27 @@ def test_a_table_created_from_the_source_catalog_gets_the_missing_values_as_defa
         "SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef WHERE adrelid = 't'::regclass AND adnum = 4",
     )
     assert default.endswith("::timestamp with time zone"), default
+
+
+def test_a_table_created_from_the_source_stores_its_columns_as_the_source_does(dbs: Databases) -> None:
+    execute(
+        dbs.source_dsn,
+        "CREATE TABLE stored (id int PRIMARY KEY, pad text, doc jsonb, note text, n numeric)",
+        "ALTER TABLE stored ALTER COLUMN pad SET STORAGE PLAIN",
+        "ALTER TABLE stored ALTER COLUMN doc SET STORAGE EXTERNAL",
+        "ALTER TABLE stored ALTER COLUMN n SET STORAGE EXTENDED",  # numeric's own default is MAIN
+        separately=True,
+    )
+    source = connect_source(dbs.source_dsn, application_name="test")
+    target = connect_target(dbs.target_dsn, application_name="test", autocommit=False)
+    try:
+        definition = read_table(source, TableName("public", "stored"))
+        assert definition is not None
+        create_from_source(source, target, definition)
+        target.commit()
+    finally:
+        source.close()
+        target.close()
+    query = "SELECT attname, attstorage FROM pg_attribute WHERE attrelid = 'stored'::regclass AND attnum > 0"
+    assert psql_rows(dbs.target_dsn, query) == psql_rows(dbs.source_dsn, query)
+    assert dict(psql_rows(dbs.target_dsn, query)) == {"id": "p", "pad": "p", "doc": "e", "note": "x", "n": "x"}
