@@ -79,6 +79,14 @@ def _arrival_poller(dsn: str, probes: Probes, first_id: int, interval: float, st
         probes.errors.append(f"arrival poller: {exc}")
 
 
+def _inserted_probe(message: Any) -> int | None:
+    """The probe id of a probe's insert event (None for any other message)."""
+    key, value = message.key(), message.value()
+    if key is None or value is None or orjson.loads(value).get("op") != "c":
+        return None
+    return int(orjson.loads(key)["id"])
+
+
 def _topic_watcher(
     bootstrap: str, topic: str, probes: Probes, ready: threading.Event, stop: threading.Event
 ) -> None:
@@ -101,10 +109,10 @@ def _topic_watcher(
             now = time.time()
             if message is None or message.error() is not None:
                 continue
-            key, value = message.key(), message.value()
-            if key is not None and value is not None and orjson.loads(value).get("op") == "c":
+            probe_id = _inserted_probe(message)
+            if probe_id is not None:
                 with probes.lock:
-                    probes.received.setdefault(int(orjson.loads(key)["id"]), now)
+                    probes.received.setdefault(probe_id, now)
     except Exception as exc:  # the figures of this split are left out, the rest stands
         log.warning("topic watcher: %s (Kafka -> target is not split further)", exc)
     finally:
@@ -289,12 +297,9 @@ def probe_timestamps(bootstrap: str, topic: str) -> dict[int, float]:
                 partition, offset = message.partition() or 0, message.offset() or 0
                 if offset + 1 >= ends[partition]:
                     done.add(partition)
-                key, value = message.key(), message.value()
-                if key is None or value is None:
-                    continue
-                event = orjson.loads(value)
-                if event.get("op") == "c":
-                    found[int(orjson.loads(key)["id"])] = message.timestamp()[1] / 1000.0
+                probe_id = _inserted_probe(message)
+                if probe_id is not None:
+                    found[probe_id] = message.timestamp()[1] / 1000.0
     finally:
         consumer.close()
     return found

@@ -341,7 +341,7 @@ def column_storage(conn: Any, table: TableName) -> dict[str, str]:
     with conn.cursor() as cur:
         cur.execute(_STORAGE, (table.schema, table.name))
         rows = cur.fetchall()
-    return {name: STORAGE[storage] for name, storage in rows if storage in STORAGE}
+    return {name: STORAGE[storage] for name, storage in rows}
 
 
 def enum_labels(conn: Any, type_oid: int) -> list[str]:

@@ -237,6 +237,20 @@ def test_a_refused_snapshot_request_names_the_command_that_fixes_the_rows(
         execute(dbs.source_dsn, sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
+def created_from_source(dbs: Databases, table: TableName) -> None:
+    """What the sink does with a table the target lacks: CREATE TABLE from the source's catalog."""
+    source = connect_source(dbs.source_dsn, application_name="test")
+    target = connect_target(dbs.target_dsn, application_name="test", autocommit=False)
+    try:
+        definition = read_table(source, table)
+        assert definition is not None
+        create_from_source(source, target, definition)
+        target.commit()
+    finally:
+        source.close()
+        target.close()
+
+
 def test_a_table_created_from_the_source_catalog_gets_the_missing_values_as_defaults(
     stack: Stack, dbs: Databases
 ) -> None:
@@ -252,19 +266,8 @@ def test_a_table_created_from_the_source_catalog_gets_the_missing_values_as_defa
         "ALTER TABLE t ALTER COLUMN later SET DEFAULT 7",  # no missing value: the rows hold NULL
         separately=True,
     )
-    source = connect_source(dbs.source_dsn, application_name="test")
-    target = connect_target(dbs.target_dsn, application_name="test", autocommit=False)
-    try:
-        definition = read_table(source, TableName("public", "t"))
-        assert definition is not None
-        create_from_source(source, target, definition)
-        target.commit()
-        with target.cursor() as cur:
-            cur.execute("INSERT INTO t (id) VALUES (1), (2)")  # as inserts replayed from before the ALTERs
-        target.commit()
-    finally:
-        source.close()
-        target.close()
+    created_from_source(dbs, TableName("public", "t"))
+    execute(dbs.target_dsn, "INSERT INTO t (id) VALUES (1), (2)")  # as inserts replayed from before the ALTERs
     assert_same_rows(dbs, ["public.t"])
     assert column_of(dbs.target_dsn, "t", "label") == (True, "'a,b \"q\" \\ {x}'::text")
     assert column_of(dbs.target_dsn, "t", "plain") == (False, None)
@@ -285,16 +288,7 @@ def test_a_table_created_from_the_source_stores_its_columns_as_the_source_does(d
         "ALTER TABLE stored ALTER COLUMN n SET STORAGE EXTENDED",  # numeric's own default is MAIN
         separately=True,
     )
-    source = connect_source(dbs.source_dsn, application_name="test")
-    target = connect_target(dbs.target_dsn, application_name="test", autocommit=False)
-    try:
-        definition = read_table(source, TableName("public", "stored"))
-        assert definition is not None
-        create_from_source(source, target, definition)
-        target.commit()
-    finally:
-        source.close()
-        target.close()
+    created_from_source(dbs, TableName("public", "stored"))
     query = "SELECT attname, attstorage FROM pg_attribute WHERE attrelid = 'stored'::regclass AND attnum > 0"
     assert psql_rows(dbs.target_dsn, query) == psql_rows(dbs.source_dsn, query)
     assert dict(psql_rows(dbs.target_dsn, query)) == {"id": "p", "pad": "p", "doc": "e", "note": "x", "n": "x"}

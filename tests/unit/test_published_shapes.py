@@ -1,8 +1,6 @@
 """The shapes kept per table in the state topic (source_connector/published_shapes.py): which one a
 restart compares the stream with, and the records produced."""
 
-from typing import Any
-
 import pytest
 
 from pg_kafka_cdc.common.tables import TableName
@@ -21,23 +19,14 @@ from source_connector.published_shapes import (
 )
 from source_connector.state import SourceState, state_key
 from source_connector.table_info import TableInfo
+from tests.unit.test_shape_changes import info
 
-ITEM = TableName("public", "item")
+ITEM = TableName("public", "t")  # the table of tests.unit.test_shape_changes.info
 STATE = SourceState("cdc_slot", "shop", "7431", "done", 1000, 5000, 5000)
 
 
 def item(*columns: tuple[int, str, str], key: tuple[str, ...] = ("id",)) -> TableInfo:
-    return TableInfo(
-        name=ITEM,
-        topic="cdc.public.item",
-        columns=tuple(name for _, name, _ in columns),
-        types={name: type_ for _, name, type_ in columns},
-        key=key,
-        replica_identity="d",
-        not_null=frozenset({"id"}),
-        attnums=tuple(attnum for attnum, _, _ in columns),
-        relfilenode=16400,
-    )
+    return info(list(columns), key, relfilenode=16400)
 
 
 BEFORE = item((1, "id", "integer"), (2, "label", "text"))
@@ -129,7 +118,7 @@ def test_a_restart_compares_the_stream_with_the_shape_published_before_a_ddl_mad
     with caplog.at_level("INFO"):
         published = shapes.as_published(RENAMED, resumed_at=5000)
     assert fields_of(published) == fields_of(BEFORE)
-    assert "public.item changed since cdc-source last published it" in caplog.text
+    assert "public.t changed since cdc-source last published it" in caplog.text
     assert "label text" in caplog.text and "title text" in caplog.text
 
 
@@ -168,13 +157,9 @@ def test_the_catalog_is_taken_when_no_kept_shape_is_old_enough() -> None:
     assert shapes.as_published(ADDED, resumed_at=100) is ADDED
 
 
-def fields_keys() -> Any:
-    return set(fields_of(BEFORE))
-
-
 def test_every_field_of_a_table_info_is_kept() -> None:
     # name and topic come from the catalog; the derived fields from these
-    assert fields_keys() == {
+    assert set(fields_of(BEFORE)) == {
         "columns",
         "types",
         "key",
