@@ -31,6 +31,7 @@ class Confirmer:
         self.received_lsn = start
         self.low_start = NO_START  # lowest data_start of a BEGIN since the last observation
         self.last_feedback = 0.0
+        self.acked_to = 0  # where the tracker stood at the last step: Kafka acknowledged everything before it
 
     def begin_seen(self, data_start: int) -> None:
         """A BEGIN arrived (its transaction may be older than the ones confirmed)."""
@@ -39,7 +40,7 @@ class Confirmer:
     def step(self, cur: ReplicationCursor, last_start: int | None, idle: bool) -> None:
         """While streaming: `last_start` is the newest message read (None: none yet), `idle` that the
         last read found nothing, so the server's WAL end is safe once nothing is in flight."""
-        target = self.tracker.flushed_lsn
+        target = self.acked_to = self.tracker.flushed_lsn
         if idle:
             target = self.tracker.caught_up_to(cur.wal_end)
         if last_start is not None:
@@ -50,6 +51,11 @@ class Confirmer:
         if bound is not None and not self._write_state(target, bound):
             self.gate.requested = requested  # the producer's queue is full: ask again next time
         self._send(cur, target)
+
+    def settling(self) -> bool:
+        """Transactions read are not all confirmed yet: some are in flight, or acknowledged and not
+        yet sent (a state record covering them may still be on its way)."""
+        return bool(self.tracker.pending) or self.gate.sent < self.acked_to
 
     def final(self, cur: ReplicationCursor, flush_timeout: float = 30) -> None:
         """At a stop, once everything read was acknowledged: confirm as far as that goes."""

@@ -165,7 +165,9 @@ class SourceConnector:
         self.publisher: Publisher | None = None
         self.incremental: Incremental | None = None
         self.records: TransactionRecords | None = None
-        self.created_slot = False
+        # This process began the slot's stream (created the slot, or adopted one no cdc-source had
+        # streamed from): no earlier process can have messages of it still on their way to Kafka.
+        self.began_stream = False
         self.snapshotted: set[TableName] = set()  # tables whose topics hold their snapshot (or all changes)
         self.state_records: dict[bytes, bytes | None] = {}  # the state topic as read at start
         self.resumed_at: int | None = None  # where streaming resumed an earlier run's slot
@@ -289,7 +291,7 @@ class SourceConnector:
     def _held(self, topics: ChangeTopics) -> Callable[[], Replay]:
         """What the topics hold, read before each start of streaming; the first time, on a slot an
         earlier process streamed from, once they stopped growing (held.wait_settled)."""
-        first = [not self.created_slot]  # a slot this process created: no earlier cdc-source wrote its stream
+        first = [not self.began_stream]
 
         def read() -> Replay:
             replay = replay_of(self.settings, topics.counts, topics.partitions, settle=first[0])
@@ -421,7 +423,8 @@ class SourceConnector:
                 int_to_lsn(decision.state.confirmed_lsn),
                 extra={"slot": name},
             )
-            write_state(self.producer, topic, decision.state)
+            write_state(self.producer, topic, decision.state)  # acknowledged before anything is streamed
+            self.began_stream = True
             return decision.state
         if isinstance(decision, Restart):
             log.info("the initial snapshot did not finish last time: dropping slot %s and starting over", name)
@@ -455,7 +458,7 @@ class SourceConnector:
             consistent,
         )
         builder.stream = stream_id(server.system_id, name, consistent)
-        self.created_slot = True
+        self.began_stream = True
         log.info("created slot %s at %s", name, int_to_lsn(consistent), extra={"slot": name})
         if initial:
             write_state(self.producer, topic, state)

@@ -52,6 +52,9 @@ log = logging.getLogger("source.stream")
 CHANGE_KINDS = frozenset({b"I", b"U", b"D", b"T"})  # a row change, or a TRUNCATE
 HOUSEKEEPING_EVERY = 512  # messages between producer polls and feedback checks
 CONFIRM_INTERVAL = 0.5  # seconds between attempts to confirm a new position
+# ... once the stream has run dry with transactions read and not yet confirmed: the slot then
+# catches up with what Kafka holds within tens of milliseconds, not half a second or two.
+SETTLE_CONFIRM_INTERVAL = 0.05
 PERIODIC_INTERVAL = 30.0
 
 
@@ -82,7 +85,7 @@ class Stream:
         self.decoder = Decoder()
         self.numbers_as_strings: bool | None = None  # probed on the first start
         self.heartbeats_seen = self.transactions = self.messages = 0
-        self.next_confirm = self.next_periodic = 0.0
+        self.next_confirm = self.next_periodic = self.last_confirm = 0.0
         self.wal_end = 0  # the server's WAL end, as last reported
         self.last_commit_us: int | None = None  # source commit time of the newest transaction read
         self.periodic: Callable[[], None] | None = None  # called every PERIODIC_INTERVAL (slot checks)
@@ -200,7 +203,7 @@ class Stream:
             if msg is None:
                 self._housekeeping(cur, idle=True)
                 if tx is None:
-                    select.select([cur], [], [], 0.2)
+                    select.select([cur], [], [], SETTLE_CONFIRM_INTERVAL if confirmer.settling() else 0.2)
                 continue
             self.last = msg
             payload = msg.payload
@@ -302,9 +305,12 @@ class Stream:
         if self.periodic is not None and now >= self.next_periodic:
             self.next_periodic = now + PERIODIC_INTERVAL
             self.periodic()
-        if now < self.next_confirm:
+        if now < self.next_confirm and not (
+            idle and now >= self.last_confirm + SETTLE_CONFIRM_INTERVAL and self.confirmer.settling()
+        ):
             return
         self.next_confirm = now + CONFIRM_INTERVAL
+        self.last_confirm = now
         self.wal_end = cur.wal_end
         self.confirmer.step(cur, None if self.last is None else self.last.data_start, idle)
 

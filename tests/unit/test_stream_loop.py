@@ -218,3 +218,33 @@ def test_a_transaction_without_row_changes_is_reported() -> None:
     stream.empty_commit = lambda: seen.append(stream.transactions)
     run(stream, cursor)
     assert seen == [1], "once, for the second transaction only"
+
+
+def test_a_read_transaction_is_settling_until_its_commit_is_confirmed() -> None:
+    """What makes the stream confirm at once when it runs dry, instead of at its half-second pace."""
+    producer = FakeProducer(paused=True)
+    confirmer = Confirmer(
+        producer, SourceState("cdc_slot", "shop", "1", "done", 0x1000, 0x1000, 0x1000), STATE_TOPIC
+    )
+    cursor = FakeCursor([], lambda: None)
+    try:
+        settles(confirmer, producer, cursor)
+    finally:
+        FakeConnection(cursor).close()
+
+
+def settles(confirmer: Confirmer, producer: FakeProducer, cursor: FakeCursor) -> None:
+    assert not confirmer.settling()
+    tx = confirmer.tracker.begin(731, 0x2100)
+    tx.outstanding += 1
+    producer.produce("cdc.public.probe", b"{}", b"{}", on_delivery=tx.ack)
+    confirmer.tracker.commit(tx)
+    assert confirmer.settling(), "in flight"
+    producer.paused = False
+    producer.poll()
+    confirmer.step(cursor, 0x2090, idle=True)  # queues the state record covering 0/2100
+    assert confirmer.settling(), "acknowledged, not yet confirmed"
+    producer.poll()
+    confirmer.step(cursor, 0x2090, idle=True)
+    assert cursor.flushed()[-1] == 0x2100
+    assert not confirmer.settling()
