@@ -41,6 +41,7 @@ from schemas.envelope import (
     TombstoneSource,
 )
 from schemas.values import json_row
+from source_connector.row_match import HEAD, RowShape, match_entries
 from source_connector.shapes import ShapeDiff, compare, next_info, schema_change
 from source_connector.table_info import TableInfo, wal2json_type
 from source_connector.wal2json import timestamp_to_us
@@ -176,6 +177,8 @@ class EventBuilder:
         self.bytes: Counter[str] = Counter()
         self.stream = ""  # schemas.envelope.stream_id of the slot, once the connector knows it
         self.envelopes = Envelopes(self)
+        self.numbers_as_strings = False  # wal2json's numeric-data-types-as-string (see row_match.py)
+        self.row_shapes: dict[tuple[int, bool], tuple[TableInfo, RowShape]] = {}
 
     # --- envelope -------------------------------------------------------------------------
 
@@ -194,7 +197,6 @@ class EventBuilder:
         partitions: int | None = None,
         change: SchemaChange | None = None,
     ) -> bytes:
-        ts_ms = int(time.time() * 1000)
         if (
             columns is info.columns_json
             and lsn is not None
@@ -203,35 +205,61 @@ class EventBuilder:
             and partitions is None
             and change is None
         ):
-            value = self.envelopes.template(info, op, snapshot) % (
+            return self._encoded(
+                info,
+                op,
                 b"null" if before is None else orjson.dumps(before),
                 b"null" if after is None else orjson.dumps(after),
-                ts_ms,
+                tx,
                 lsn,
-                tx.source_part,
-                tx.seq,
+                snapshot,
             )
-        else:
-            source: Source = {
-                "version": ENVELOPE_VERSION,
-                "connector": CONNECTOR,
-                "name": self.prefix,
-                "db": self.database,
-                "schema": info.name.schema,
-                "table": info.name.name,
-                "slot": self.slot,
-                "lsn": lsn,
-                "commit_lsn": tx.commit_lsn,
-                "txId": tx.xid,
-                "ts_ms": tx.ts_ms,
-                "ts_us": tx.ts_us,
-                "seq": tx.seq,
-                "snapshot": snapshot,
-                "stream": self.stream,
-            }
-            value = encode(
-                before, after, op, ts_ms, source, columns, info.key_json, unchanged, refetched, partitions, change
-            )
+        source: Source = {
+            "version": ENVELOPE_VERSION,
+            "connector": CONNECTOR,
+            "name": self.prefix,
+            "db": self.database,
+            "schema": info.name.schema,
+            "table": info.name.name,
+            "slot": self.slot,
+            "lsn": lsn,
+            "commit_lsn": tx.commit_lsn,
+            "txId": tx.xid,
+            "ts_ms": tx.ts_ms,
+            "ts_us": tx.ts_us,
+            "seq": tx.seq,
+            "snapshot": snapshot,
+            "stream": self.stream,
+        }
+        value = encode(
+            before,
+            after,
+            op,
+            int(time.time() * 1000),
+            source,
+            columns,
+            info.key_json,
+            unchanged,
+            refetched,
+            partitions,
+            change,
+        )
+        self.events[(info.label, op)] += 1
+        self.bytes[info.label] += len(value)
+        return value
+
+    def _encoded(
+        self, info: TableInfo, op: Op, before: bytes, after: bytes, tx: TxContext, lsn: int, snapshot: bool = False
+    ) -> bytes:
+        """The value of an event without extras, its rows given as JSON."""
+        value = self.envelopes.template(info, op, snapshot) % (
+            before,
+            after,
+            int(time.time() * 1000),
+            lsn,
+            tx.source_part,
+            tx.seq,
+        )
         self.events[(info.label, op)] += 1
         self.bytes[info.label] += len(value)
         return value
@@ -242,6 +270,41 @@ class EventBuilder:
         return encode_key(row, info.key)
 
     # --- row changes ------------------------------------------------------------------------
+
+    def row_payload(self, payload: bytes, tx: TxContext) -> list[Message] | None:
+        """The messages of a wal2json I, U or D message whose table has the shape it had last, read
+        without decoding it (see row_match.py); None: it needs decoding, then `row`."""
+        head = HEAD.match(payload)
+        if head is None:
+            return None
+        try:
+            schema, table = head[4].decode(), head[5].decode()
+        except UnicodeDecodeError:
+            return None
+        info = self.tables(schema, table, False)
+        if info is None or info.name.name != table or info.name.schema != schema:
+            return None
+        cache_key = (id(info), self.numbers_as_strings)
+        found = self.row_shapes.get(cache_key)
+        if found is None or found[0] is not info:
+            if len(self.row_shapes) > 4096:
+                self.row_shapes.clear()
+            found = self.row_shapes[cache_key] = (info, RowShape(info, self.numbers_as_strings))
+        action = head[1]
+        matched = match_entries(found[1], action, payload, head.end())
+        if matched is None:
+            return None
+        after, before, key, old_key = matched
+        if old_key is not None and old_key != key:
+            return None  # a key change: a delete and a create (see _update)
+        lsn = (int(head[2], 16) << 32) | int(head[3], 16)
+        tx.seq += 1
+        if action == b"I":
+            return [(info.topic, key, self._encoded(info, "c", b"null", after or b"null", tx, lsn), None, None)]
+        if action == b"U":
+            value = self._encoded(info, "u", before or b"null", after or b"null", tx, lsn)
+            return [(info.topic, key, value, None, None)]
+        return self._deleted(info, before or b"null", key, tx, lsn)
 
     def row(self, doc: dict[str, Any], tx: TxContext) -> list[Message]:
         """The messages for one wal2json I, U or D message (an `s` event on every partition first
@@ -401,8 +464,13 @@ class EventBuilder:
     def _delete(
         self, info: TableInfo, before: dict[str, Any], tx: TxContext, lsn: int, key: bytes | None = None
     ) -> list[Message]:
-        key = key if key is not None else self.key(info, before)
-        value = self._value(info, "d", before, None, tx, lsn, info.columns_json)
+        return self._deleted(
+            info, orjson.dumps(before), key if key is not None else self.key(info, before), tx, lsn
+        )
+
+    def _deleted(self, info: TableInfo, before: bytes, key: bytes, tx: TxContext, lsn: int) -> list[Message]:
+        """A `d` event of the old row `before` (as JSON), then its tombstone."""
+        value = self._encoded(info, "d", before, b"null", tx, lsn)
         position: TombstoneSource = {
             "txId": tx.xid,
             "lsn": lsn,

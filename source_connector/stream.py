@@ -142,6 +142,7 @@ class Stream:
                     "in numeric, real and double precision columns arrive as null"
                 )
         self.decoder = Decoder(numbers_as_strings=numbers_as_strings)
+        self.builder.numbers_as_strings = numbers_as_strings
         log.info("streaming from slot %s at %s", self.slot, int_to_lsn(start_lsn), extra={"slot": self.slot})
 
     def run(self, conn: Any | None = None) -> None:
@@ -187,6 +188,7 @@ class Stream:
         read = cur.read_message
         decode = self.decoder.decode
         row = self.builder.row
+        row_payload = self.builder.row_payload
         records = self.records
         publish = self.publisher.publish
         if records is not None:  # each change message is counted, and follows its transaction's BEGIN
@@ -212,8 +214,12 @@ class Stream:
                 if tx is None or ctx is None:
                     raise outside_transaction(payload)
                 changed = True
-                doc = decode(payload)
-                messages = row(doc, ctx) if kind != b"T" else self.builder.truncate(doc, ctx)
+                found = row_payload(payload, ctx) if kind != b"T" else None
+                if found is not None:
+                    messages = found
+                else:
+                    doc = decode(payload)
+                    messages = row(doc, ctx) if kind != b"T" else self.builder.truncate(doc, ctx)
                 if incremental is not None and (incremental.window is not None or incremental.chunk is not None):
                     messages_seen(incremental, messages, kind == b"T")
                 for message in messages:
