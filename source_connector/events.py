@@ -41,7 +41,7 @@ from schemas.envelope import (
     TombstoneSource,
 )
 from schemas.values import json_row
-from source_connector.row_match import HEAD, RowShape, match_entries
+from source_connector.row_match import HEAD, RowShape
 from source_connector.shapes import ShapeDiff, compare, next_info, schema_change
 from source_connector.table_info import TableInfo, wal2json_type
 from source_connector.wal2json import timestamp_to_us
@@ -178,7 +178,8 @@ class EventBuilder:
         self.stream = ""  # schemas.envelope.stream_id of the slot, once the connector knows it
         self.envelopes = Envelopes(self)
         self.numbers_as_strings = False  # wal2json's numeric-data-types-as-string (see row_match.py)
-        self.row_shapes: dict[tuple[int, bool], tuple[TableInfo, RowShape]] = {}
+        self.row_shapes: dict[tuple[int, bool], RowShape] = {}
+        self.last_shape: RowShape | None = None
 
     # --- envelope -------------------------------------------------------------------------
 
@@ -274,6 +275,34 @@ class EventBuilder:
     def row_payload(self, payload: bytes, tx: TxContext) -> list[Message] | None:
         """The messages of a wal2json I, U or D message whose table has the shape it had last, read
         without decoding it (see row_match.py); None: it needs decoding, then `row`."""
+        action = payload[11:12]  # {"action":"I"
+        shape = self.last_shape  # that of the last change read so: most often the same table's
+        found = None if shape is None else shape.match(action, payload)
+        if (
+            found is None
+            or shape is None
+            or self.tables(shape.info.name.schema, shape.info.name.name, False) is not shape.info
+        ):
+            shape = self._row_shape(payload)
+            found = None if shape is None else shape.match(action, payload)
+            if found is None or shape is None:
+                return None
+            self.last_shape = shape
+        info = shape.info
+        lsn, after, before, key, old_key = found
+        if old_key is not None and old_key != key:
+            return None  # a key change: a delete and a create (see _update)
+        tx.seq += 1
+        if action == b"I":
+            return [(info.topic, key, self._encoded(info, "c", b"null", after or b"null", tx, lsn), None, None)]
+        if action == b"U":
+            value = self._encoded(info, "u", before or b"null", after or b"null", tx, lsn)
+            return [(info.topic, key, value, None, None)]
+        return self._deleted(info, before or b"null", key, tx, lsn)
+
+    def _row_shape(self, payload: bytes) -> RowShape | None:
+        """The patterns of the shape the message's table has now (None: a table not published under
+        its own name, or one whose name needs escapes)."""
         head = HEAD.match(payload)
         if head is None:
             return None
@@ -286,25 +315,17 @@ class EventBuilder:
             return None
         cache_key = (id(info), self.numbers_as_strings)
         found = self.row_shapes.get(cache_key)
-        if found is None or found[0] is not info:
+        if found is None or found.info is not info:
             if len(self.row_shapes) > 4096:
                 self.row_shapes.clear()
-            found = self.row_shapes[cache_key] = (info, RowShape(info, self.numbers_as_strings))
-        action = head[1]
-        matched = match_entries(found[1], action, payload, head.end())
-        if matched is None:
-            return None
-        after, before, key, old_key = matched
-        if old_key is not None and old_key != key:
-            return None  # a key change: a delete and a create (see _update)
-        lsn = (int(head[2], 16) << 32) | int(head[3], 16)
-        tx.seq += 1
-        if action == b"I":
-            return [(info.topic, key, self._encoded(info, "c", b"null", after or b"null", tx, lsn), None, None)]
-        if action == b"U":
-            value = self._encoded(info, "u", before or b"null", after or b"null", tx, lsn)
-            return [(info.topic, key, value, None, None)]
-        return self._deleted(info, before or b"null", key, tx, lsn)
+            found = self.row_shapes[cache_key] = RowShape(info, self.numbers_as_strings)
+        return found
+
+    def wal2json_numbers(self, as_strings: bool) -> None:
+        """Whether wal2json prints every number as a string (numeric-data-types-as-string)."""
+        if as_strings != self.numbers_as_strings:
+            self.numbers_as_strings = as_strings
+            self.last_shape = None
 
     def row(self, doc: dict[str, Any], tx: TxContext) -> list[Message]:
         """The messages for one wal2json I, U or D message (an `s` event on every partition first

@@ -19,44 +19,43 @@ How each value is matched and written (wal2json 2.5; with numeric-data-types-as-
 
 import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
 from schemas.values import BOOLEAN_TYPE, INTEGER_TYPES
 from source_connector.table_info import TableInfo, is_decimal
 
-_STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
+_STRING = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'  # possessive: what a JSON string took, it keeps
 # {"action":"U","xid":1,"timestamp":"...","lsn":"1/4546","schema":"public","table":"person",
 HEAD = re.compile(
-    rb'\{"action":"([IUD])","xid":[0-9]+,"timestamp":"[^"\\]*","lsn":"([0-9A-F]+)/([0-9A-F]+)",'
-    rb'"schema":"([^"\\]*)","table":"([^"\\]*)",'
+    rb'\{"action":"([IUD])","xid":[0-9]++,"timestamp":"[^"\\]*+","lsn":"([0-9A-F]++)/([0-9A-F]++)",'
+    rb'"schema":"([^"\\]*+)","table":"([^"\\]*+)",'
 )
-# What may follow the columns and identity of a change: wal2json's list of the key columns, or the end.
-_TAIL = re.compile(rb'(?:,"pk":\[[^\]]*\])?\}\Z')
+# What follows the columns and identity of a change: wal2json's list of the key columns, and the end.
+_TAIL = rb'(?:,"pk":\[[^\]]*+\])?\}\Z'
 
 
 def _value_form(wal2json_type: str, numbers_as_strings: bool) -> tuple[bytes, bytes, bytes]:
     """(pattern of the value with one group, text before the group's text, text after it)."""
     if wal2json_type in INTEGER_TYPES:
-        return (rb'"(-?[0-9]+)"', b"", b"") if numbers_as_strings else (rb"(-?[0-9]+|null)", b"", b"")
+        return (rb'"(-?[0-9]++)"', b"", b"") if numbers_as_strings else (rb"(-?[0-9]++|null)", b"", b"")
     if is_decimal(wal2json_type):
-        return (rb'("[^"\\]*")', b"", b"") if numbers_as_strings else (rb"(-?[0-9][0-9.eE+-]*)", b'"', b'"')
+        return (rb'("[^"\\]*+")', b"", b"") if numbers_as_strings else (rb"(-?[0-9][0-9.eE+-]*+)", b'"', b'"')
     if wal2json_type == BOOLEAN_TYPE:
         return rb"(true|false|null)", b"", b""
     if wal2json_type == "bytea":
-        return rb'"([0-9a-f]*)"', b'"\\\\x', b'"'
+        return rb'"([0-9a-f]*+)"', b'"\\\\x', b'"'
     return b"(" + _STRING + rb"|null)", b"", b""
 
 
 @dataclass(frozen=True)
 class Entries:
-    """A list of column entries (`"columns":[...]` or `"identity":[...]`) of one shape: the pattern,
-    and the JSON object of the values it captures as a %-template."""
+    """A list of column entries (`"columns":[...]` or `"identity":[...]`) of one shape: the pattern
+    (one group per value), and the JSON object of the values it captures as a %-template."""
 
-    pattern: re.Pattern[bytes]
+    pattern: bytes
     template: bytes
     names: tuple[str, ...]
 
@@ -71,23 +70,46 @@ def _entries(label: bytes, columns: Sequence[tuple[str, str, int | None]], numbe
         tail = b"}" if position is None else b',"position":%d}' % position
         patterns.append(re.escape(head) + value + re.escape(tail))
         template.append(orjson.dumps(name).replace(b"%", b"%%") + b":" + before + b"%s" + after)
-    pattern = re.compile(b'"' + label + b'":\\[' + b",".join(patterns) + b"\\]")
+    pattern = b'"' + label + b'":\\[' + b",".join(patterns) + b"\\]"
     return Entries(pattern, b"{" + b",".join(template) + b"}", tuple(c[0] for c in columns))
 
 
+# (LSN, the new row, the old row, the key, an update's old key), each row and key as JSON
+Match = tuple[int, bytes | None, bytes | None, bytes, bytes | None]
+
+
 class RowShape:
-    """The patterns of one table shape: its columns, its identity (the key's columns, or all of them
-    under REPLICA IDENTITY FULL), and how to write the key from either."""
+    """A table shape's patterns of a whole insert, update and delete (the update's and delete's
+    identity: the key's columns, or all of them under REPLICA IDENTITY FULL), the templates of their
+    rows, and where their keys are."""
 
     def __init__(self, info: TableInfo, numbers_as_strings: bool) -> None:
         shape = info.shape
-        self.key_names = info.key
-        self.columns = _entries(b"columns", [(n, t, a) for a, n, t in shape], numbers_as_strings)
-        identity = [(n, t, None) for _, n, t in shape if info.full_identity or n in info.key]
-        self.identity = _entries(b"identity", identity, numbers_as_strings)
+        self.info = info
+        columns = _entries(b"columns", [(n, t, a) for a, n, t in shape], numbers_as_strings)
+        identity = _entries(
+            b"identity",
+            [(n, t, None) for _, n, t in shape if info.full_identity or n in info.key],
+            numbers_as_strings,
+        )
+        self.after, self.before = columns.template, identity.template
+        self.columns = len(columns.names)
+        name = re.escape(
+            b'"schema":' + orjson.dumps(info.name.schema) + b',"table":' + orjson.dumps(info.name.name) + b","
+        )
+
+        def head(action: bytes) -> bytes:
+            return (
+                rb'\{"action":"' + action + rb'","xid":[0-9]++,"timestamp":"[^"\\]*+",'
+                rb'"lsn":"([0-9A-F]++)/([0-9A-F]++)",' + name
+            )
+
+        self.insert = re.compile(head(b"I") + columns.pattern + _TAIL)
+        self.update = re.compile(head(b"U") + columns.pattern + b"," + identity.pattern + _TAIL)
+        self.delete = re.compile(head(b"D") + identity.pattern + _TAIL)
         # The key's JSON object as a %-template of the key columns' captured texts
         forms = [_value_form(info.wal2json_types[info.columns.index(k)], numbers_as_strings) for k in info.key]
-        self.key_template = (
+        self.key = (
             b"{"
             + b",".join(
                 orjson.dumps(k).replace(b"%", b"%%") + b":" + before + b"%s" + after
@@ -95,46 +117,37 @@ class RowShape:
             )
             + b"}"
         )
-        self.key_in_columns = self._key_of(self.columns)
-        self.key_in_identity = self._key_of(self.identity)
+        # The key columns' captured texts among a match's groups (the LSN's two come first)
+        self.new_key = operator.itemgetter(*(2 + columns.names.index(k) for k in info.key))
+        at = [2 + identity.names.index(k) for k in info.key if k in identity.names]
+        known = len(at) == len(info.key)
+        self.old_key = operator.itemgetter(*at) if known else None
+        self.updated_old_key = operator.itemgetter(*(self.columns + i for i in at)) if known else None
 
-    def _key_of(self, entries: Entries) -> Callable[[tuple[bytes, ...]], Any] | None:
-        """The key columns' captured texts out of the entries' groups (None: not all there)."""
-        names = entries.names
-        if not all(k in names for k in self.key_names):
-            return None
-        where = [names.index(k) for k in self.key_names]
-        return operator.itemgetter(*where) if len(where) > 1 else lambda groups: (groups[where[0]],)
-
-    def key(self, groups: tuple[bytes, ...], of: Callable[[tuple[bytes, ...]], Any]) -> bytes:
-        key: bytes = self.key_template % of(groups)
-        return key
-
-
-def match_entries(
-    shape: RowShape, action: bytes, payload: bytes, at: int
-) -> tuple[bytes | None, bytes | None, bytes, bytes | None] | None:
-    """(after, before, key, old key) of the change whose entries start at `at`; None: no match."""
-    after = before = old_key = None
-    if action != b"D":
-        found = shape.columns.pattern.match(payload, at)
-        if found is None or shape.key_in_columns is None:
-            return None
-        groups = found.groups()
-        after = shape.columns.template % groups
-        key = shape.key(groups, shape.key_in_columns)
-        at = found.end()
+    def match(self, action: bytes, payload: bytes) -> Match | None:
+        """The change if `payload` is a whole I, U or D message of this shape, else None."""
         if action == b"I":
-            return (after, None, key, None) if _TAIL.match(payload, at) else None
-        if payload[at : at + 1] != b",":
+            found = self.insert.match(payload)
+            if found is None:
+                return None
+            g = found.groups()
+            return _lsn(g), self.after % g[2:], None, self.key % self.new_key(g), None
+        if self.old_key is None or self.updated_old_key is None:
             return None
-        at += 1
-    found = shape.identity.pattern.match(payload, at)
-    if found is None or shape.key_in_identity is None or not _TAIL.match(payload, found.end()):
-        return None
-    groups = found.groups()
-    before = shape.identity.template % groups
-    if action == b"D":
-        return None, before, shape.key(groups, shape.key_in_identity), None
-    old_key = shape.key(groups, shape.key_in_identity)
-    return after, before, key, old_key
+        if action == b"U":
+            found = self.update.match(payload)
+            if found is None:
+                return None
+            g = found.groups()
+            end = 2 + self.columns
+            after, before = self.after % g[2:end], self.before % g[end:]
+            return _lsn(g), after, before, self.key % self.new_key(g), self.key % self.updated_old_key(g)
+        found = self.delete.match(payload) if action == b"D" else None
+        if found is None:
+            return None
+        g = found.groups()
+        return _lsn(g), None, self.before % g[2:], self.key % self.old_key(g), None
+
+
+def _lsn(groups: tuple[bytes, ...]) -> int:
+    return (int(groups[0], 16) << 32) | int(groups[1], 16)

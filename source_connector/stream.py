@@ -142,7 +142,7 @@ class Stream:
                     "in numeric, real and double precision columns arrive as null"
                 )
         self.decoder = Decoder(numbers_as_strings=numbers_as_strings)
-        self.builder.numbers_as_strings = numbers_as_strings
+        self.builder.wal2json_numbers(numbers_as_strings)
         log.info("streaming from slot %s at %s", self.slot, int_to_lsn(start_lsn), extra={"slot": self.slot})
 
     def run(self, conn: Any | None = None) -> None:

@@ -65,7 +65,7 @@ def both(
     """(the messages read without decoding, or None; the messages of the general path)."""
     fast, _ = builder(info)
     slow, _ = builder(info)
-    fast.numbers_as_strings = numbers_as_strings
+    fast.wal2json_numbers(numbers_as_strings)
     fast_tx, slow_tx = TxContext(730, 0x1927B78, 1), TxContext(730, 0x1927B78, 1)
     found = fast.row_payload(payload, fast_tx)
     general = slow.row(Decoder(numbers_as_strings).decode(payload), slow_tx)
@@ -145,3 +145,24 @@ def test_what_the_matcher_does_not_know_takes_the_general_path() -> None:
     quoted = table(name='pro"be')
     found, general, _ = both(quoted, change("I", columns=probe_row(), table='pro"be'))
     assert found is None and len(general) == 1
+
+
+def test_changes_of_two_tables_in_turn_and_a_table_known_anew_each_get_their_own_shape() -> None:
+    probe, other = table(), table(name="other", columns=(("id", "bigint"), ("s", "text")))
+    fast, tables = builder(probe, other)
+    ctx = TxContext(730, 0x1927B78, 1)
+    other_row: list[Column] = [("id", "bigint", bare(1)), ("s", "text", text("a"))]
+    for payload, topic in (
+        (change("I", columns=probe_row()), probe.topic),
+        (change("I", columns=other_row, table="other"), other.topic),
+        (change("I", columns=probe_row()), probe.topic),
+    ):
+        found = fast.row_payload(payload, ctx)
+        assert found is not None and [m[0] for m in found] == [topic]
+    tables.remember(table())  # the catalog's answer is now another TableInfo of the same shape
+    found = fast.row_payload(change("I", columns=probe_row()), ctx)
+    assert (
+        found is not None
+        and fast.last_shape is not None
+        and fast.last_shape.info is tables.infos[("public", "probe")]
+    )
