@@ -28,11 +28,10 @@ from schemas.values import BOOLEAN_TYPE, INTEGER_TYPES
 from source_connector.table_info import TableInfo, is_decimal
 
 _STRING = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'  # possessive: what a JSON string took, it keeps
-# {"action":"U","xid":1,"timestamp":"...","lsn":"1/4546","schema":"public","table":"person",
-HEAD = re.compile(
-    rb'\{"action":"([IUD])","xid":[0-9]++,"timestamp":"[^"\\]*+","lsn":"([0-9A-F]++)/([0-9A-F]++)",'
-    rb'"schema":"([^"\\]*+)","table":"([^"\\]*+)",'
-)
+# {"action":"U","xid":1,"timestamp":"...","lsn":"1/4546", with the action in place of %s
+_ACTION_HEAD = rb'\{"action":"%s","xid":[0-9]++,"timestamp":"[^"\\]*+","lsn":"([0-9A-F]++)/([0-9A-F]++)",'
+# ... and "schema":"public","table":"person", of any table whose names need no escapes
+HEAD = re.compile(_ACTION_HEAD % rb"([IUD])" + rb'"schema":"([^"\\]*+)","table":"([^"\\]*+)",')
 # What follows the columns and identity of a change: wal2json's list of the key columns, and the end.
 _TAIL = rb'(?:,"pk":\[[^\]]*+\])?\}\Z'
 
@@ -99,10 +98,7 @@ class RowShape:
         )
 
         def head(action: bytes) -> bytes:
-            return (
-                rb'\{"action":"' + action + rb'","xid":[0-9]++,"timestamp":"[^"\\]*+",'
-                rb'"lsn":"([0-9A-F]++)/([0-9A-F]++)",' + name
-            )
+            return _ACTION_HEAD % action + name
 
         self.insert = re.compile(head(b"I") + columns.pattern + _TAIL)
         self.update = re.compile(head(b"U") + columns.pattern + b"," + identity.pattern + _TAIL)
