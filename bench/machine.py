@@ -48,6 +48,26 @@ def kafka_version() -> str | None:
     return os.environ.get("KAFKA_VERSION")
 
 
+class Steal:
+    """How much of the CPU time the machine's programs wanted its host gave to others (a virtual
+    machine's `steal`), between `start` and `share`: a run measured while the host was busy is
+    slower, and its latency tails longer, for reasons outside the programs measured."""
+
+    def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        self.times = psutil.cpu_times()
+
+    def share(self) -> float | None:
+        """Percent of the non-idle CPU time since `start` (None where the system reports no steal)."""
+        now, then = psutil.cpu_times(), self.times
+        if not hasattr(now, "steal"):
+            return None
+        wanted = (sum(now) - now.idle - now.iowait) - (sum(then) - then.idle - then.iowait)
+        return round(100 * (now.steal - then.steal) / wanted, 1) if wanted > 0 else 0.0
+
+
 def git_info() -> dict[str, Any]:
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"]) or ""
     modified = [line[3:] for line in status.splitlines() if line[3:] and not line[3:].startswith("bench/")]

@@ -430,8 +430,17 @@ def machine_line(results: dict[str, Any]) -> str:
         f"{m['cores_logical']} cores ({m['cpu_model']}), {m['ram_gb']} GB RAM; PostgreSQL {m['postgresql_source']}, "
         f"wal2json {m['wal2json']}, Kafka {m['kafka']}, Python {m['python']}, confluent-kafka "
         f"{m['confluent_kafka']} / librdkafka {m['librdkafka']}; commit {m['git']['short']}{dirty}; "
-        f"load average at start {', '.join(str(x) for x in m['load_average_at_start'])}"
+        f"load average at start {', '.join(str(x) for x in m['load_average_at_start'])}{_steal(m)}"
     )
+
+
+def _steal(machine: dict[str, Any]) -> str:
+    """The CPU time the host took (runs recorded before it was measured have none)."""
+    shares = machine.get("cpu_steal_pct") or {}
+    if shares.get("run") is None:
+        return ""
+    parts = ", ".join(f"{k} {v:g} %" for k, v in shares.items() if k != "run" and v is not None)
+    return f"; busy CPU time the host took (steal): {shares['run']:g} % over the run ({parts})"
 
 
 def workload_lines(results: dict[str, Any]) -> list[str]:

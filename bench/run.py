@@ -39,7 +39,7 @@ from bench.config import (
 )
 from bench.context import Context
 from bench.kafka import admin
-from bench.machine import describe
+from bench.machine import Steal, describe
 from bench.pg import connect
 from bench.plot import latency_png, throughput_of
 from bench.scenarios import changes, growth, latency, snapshot, transactions
@@ -140,18 +140,23 @@ def execute(plan: Plan, endpoints: Endpoints) -> dict[str, Any]:
         ("transactions", lambda: transactions.run(ctx, plan.tpcb)),
         ("debezium", lambda: debezium.run(ctx, plan.changes)),
     ]
+    whole, steal = Steal(), Steal()
+    stolen: dict[str, float | None] = {}
     for name, step in steps:
         if name not in plan.scenarios:
             continue
         log.info("scenario %s: starting (%.0f s into the run)", name, time.monotonic() - started)
         step_started = time.monotonic()
+        steal.start()
         try:
             scenarios[name] = step()
         except Exception as exc:
             log.error("scenario %s failed: %s", name, exc)
             log.debug("%s", traceback.format_exc())
             errors[name] = str(exc)
-        log.info("scenario %s: %.0f s", name, time.monotonic() - step_started)
+        stolen[name] = steal.share()
+        log.info("scenario %s: %.0f s (CPU steal %s %%)", name, time.monotonic() - step_started, stolen[name])
+    machine["cpu_steal_pct"] = {"run": whole.share(), **stolen}
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results = report.assemble(plan, machine, scenarios, errors, time.monotonic() - started, log_dir)
     lat = scenarios.get("latency")
