@@ -22,15 +22,20 @@ def _run(args: list[str]) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def cpu_model() -> str:
+def cpu_info(field: str) -> str | None:
+    """A field of the first CPU in /proc/cpuinfo ("model name", "cpu MHz", "cache size")."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
-                if line.startswith("model name"):
+                if line.split(":", 1)[0].strip() == field:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def cpu_model() -> str:
+    return cpu_info("model name") or platform.processor() or "unknown"
 
 
 def wal2json_version(pg_version: str) -> str | None:
@@ -86,6 +91,9 @@ def describe(endpoints: Endpoints) -> dict[str, Any]:
         "hostname": platform.node(),
         "os": platform.platform(),
         "cpu_model": cpu_model(),
+        # a virtual machine's model name can hide its host's CPU: clock and cache tell two apart
+        "cpu_mhz": cpu_info("cpu MHz"),
+        "cpu_cache": cpu_info("cache size"),
         "cores_logical": os.cpu_count(),
         "cores_physical": psutil.cpu_count(logical=False),
         "ram_gb": round(memory.total / 1024**3, 1),

@@ -427,11 +427,16 @@ def machine_line(results: dict[str, Any]) -> str:
     m = results["machine"]
     dirty = f" + {len(m['git']['modified_files'])} modified files" if m["git"]["modified_files"] else ""
     return (
-        f"{m['cores_logical']} cores ({m['cpu_model']}), {m['ram_gb']} GB RAM; PostgreSQL {m['postgresql_source']}, "
+        f"{m['cores_logical']} cores ({m['cpu_model']}{_clock(m)}), {m['ram_gb']} GB RAM; PostgreSQL {m['postgresql_source']}, "
         f"wal2json {m['wal2json']}, Kafka {m['kafka']}, Python {m['python']}, confluent-kafka "
         f"{m['confluent_kafka']} / librdkafka {m['librdkafka']}; commit {m['git']['short']}{dirty}; "
         f"load average at start {', '.join(str(x) for x in m['load_average_at_start'])}{_steal(m)}"
     )
+
+
+def _clock(machine: dict[str, Any]) -> str:
+    mhz, cache = machine.get("cpu_mhz"), machine.get("cpu_cache")
+    return f", {float(mhz):.0f} MHz, {cache} cache" if mhz and cache else ""
 
 
 def _steal(machine: dict[str, Any]) -> str:
